@@ -1,0 +1,420 @@
+"""
+Speed and memory of our model.py against transformers' ChameleonForConditionalGeneration, side by side in one run
+(same weights, config, dtype and torch threads). Not part of the paper: it checks that the from-scratch model is a
+usable base for the paper's training (Sec. 3-4) and best-of-N image generation (the world model's samples).
+
+Measured, for ours and the reference (HF):
+  - train step: tokens/s of forward + cross-entropy + backward + AdamW step on (train_batch, train_len) tokens;
+  - decode: image tokens/s of KV-cached sampling of n image tokens after a short prompt, batch 1 and 8
+    (ours: generate_image; HF: generate(do_sample=True, min_new_tokens=n) with a LogitsProcessor that keeps only
+    the image ids, HF's own image-logit mask lifted: both sample from the same distribution; ours computes only the
+    image rows of lm_head, HF the full vocabulary);
+  - best-of-N: time of N candidates (one batch) + scoring them (one teacher-forced forward) over N = 1;
+  - peak memory of each measurement.
+
+Method: warm-up, then `reps` timed runs, ours and HF alternating (background load hits both alike), median reported.
+Peak memory on CPU: each implementation runs every measurement once more in its own fresh subprocess; before each,
+free heap is returned to the OS (malloc_trim) and the RSS high-water mark is reset (/proc/self/clear_refs = 5); the
+peak is VmHWM - VmRSS-before (Linux; elsewhere ru_maxrss growth, which cannot be reset: an upper-bound-ish guess).
+So it counts activations, KV cache, logits and gradients, not the weights or (after warm-up) the optimizer state.
+On CUDA: torch.cuda.max_memory_allocated growth over the allocated memory before the measurement.
+MFU (CUDA only): training FLOPs per token = 6 * N (non-embedding params + lm_head) + 12 * n_layer * T * n_embd
+(attention scores, forward + backward), times tokens/s, over --peak_flops (H100 dense bf16 = 989e12).
+
+Usage:
+  python bench.py                                    # "small" config (the synthetic-world model size), CPU fp32
+  python bench.py --config=small,base                # + a larger config for a more realistic ratio
+  python bench.py --quick --config=micro             # seconds; what tests/test_bench.py runs
+  python bench.py --device=cuda --dtype=bfloat16 --config=small,base --preset=chameleon-7b   # on a GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import Chameleon, ChameleonConfig, generate_image
+
+# name -> (n_embd, n_layer, n_head, n_inner, vocab_size, n_image_codes). Image ids are the LAST n_image_codes ids.
+CONFIGS = {
+    "micro": (64, 2, 4, 176, 300, 64),  # for the smoke test
+    "small": (256, 4, 4, 688, 1000, 256),  # the "tiny" preset at the synthetic world's size (256-code VQ)
+    "base": (512, 8, 8, 1376, 1000, 256),  # 4x the width x depth: matmuls dominate more, like real models
+}
+PROMPT_LEN = 8  # text prompt before BOI; the last prompt token is BOI (id 3)
+BOI = 3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--config", default="small", help=f"comma-separated subset of {list(CONFIGS)}")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (bf16 is meant for cuda)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (both sides)")
+    p.add_argument("--quick", action="store_true", help="short decodes (16/64 tokens), 1 rep: a smoke run")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--decode_lens", default="64,1024", help="image tokens per decode measurement")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes")
+    p.add_argument("--best_of", type=int, default=8, help="N of the best-of-N row (vs N = 1), 64-token images")
+    p.add_argument("--train_batch", type=int, default=8, help="sequences per training step")
+    p.add_argument("--train_len", type=int, default=128, help="tokens per training sequence")
+    p.add_argument("--hf_attn", default="sdpa", help="reference attn_implementation: sdpa (default) or eager")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--preset", default="", help="also time decode of this ChameleonConfig preset (chameleon-7b), "
+                                                "random weights, ours only (cuda)")
+    p.add_argument("--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s for MFU (cuda)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", default="out/bench.jsonl", help="append one JSON line per run here ('' = don't)")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: memory subprocess (ours|ref)
+    p.add_argument("--ckpt", default="", help=argparse.SUPPRESS)  # internal: checkpoint dir for the worker
+    args = p.parse_args(argv)
+    if args.quick:
+        args.decode_lens, args.reps = "16,64", 1
+    for name in args.config.split(","):
+        if name not in CONFIGS:
+            p.error(f"unknown config {name!r}; choose from {list(CONFIGS)}")
+    return args
+
+
+def make_config(name: str) -> ChameleonConfig:
+    C, L, H, inner, V, n_img = CONFIGS[name]
+    return ChameleonConfig.preset("tiny", vocab_size=V, n_embd=C, n_layer=L, n_head=H, n_kv_head=H, n_inner=inner,
+                                  max_seq_len=PROMPT_LEN + 1024 + 16, image_token_start=V - n_img,
+                                  image_token_end=V)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the measured workloads: each returns a closure doing one run (warm-up and timing call it repeatedly)
+
+
+def train_step_fn(model, ref: bool, args, device):
+    """forward + CE loss + backward + AdamW step on a fixed random batch. Both mask image logits (HF always does)."""
+    V = model.config.vocab_size
+    idx = torch.randint(0, V, (args.train_batch, args.train_len), device=device,
+                        generator=torch.Generator(device).manual_seed(args.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def run():
+        if ref:
+            loss = model(input_ids=idx, labels=idx).loss  # HF shifts the labels itself
+        else:
+            logits = model(idx)  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
+class ImageOnly:
+    """HF LogitsProcessor: every non-image id -> -inf (what generate_image does by computing image rows only)."""
+
+    def __init__(self, lo, hi, V, device):
+        self.drop = torch.ones(V, dtype=torch.bool, device=device)
+        self.drop[lo:hi] = False
+
+    def __call__(self, input_ids, scores):
+        return scores.masked_fill(self.drop, float("-inf"))
+
+
+def decode_fn(model, ref: bool, n: int, B: int, args, device, score: bool = False):
+    """Sample n image tokens for B copies of one prompt (ending in BOI) with a KV cache. With score: then one
+    teacher-forced forward over prompt + candidates and pick the candidate with the highest log-likelihood."""
+    cfg = make_config(args.config_name) if ref else model.config
+    lo, hi, V = cfg.image_token_start, cfg.image_token_end, cfg.vocab_size
+    prompt = torch.randint(4, lo, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(args.seed))
+    prompt[:, -1] = BOI
+    idx = prompt.expand(B, -1).contiguous().to(device)
+    model.eval()
+    if ref:
+        from transformers import LogitsProcessorList
+
+        procs = LogitsProcessorList([ImageOnly(lo, hi, V, device)])
+
+    @torch.no_grad()
+    def run():
+        torch.manual_seed(args.seed)
+        if ref:
+            out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0, logits_processor=procs,
+                                 pad_token_id=0)[:, idx.shape[1]:]
+        else:
+            out = generate_image(model, idx, n, boi_id=BOI)
+        assert out.shape == (B, n) and bool(((out >= lo) & (out < hi)).all()), "decode left the image-id block"
+        if score:
+            seq = torch.cat([idx, out], dim=1)  # (B, T + n)
+            logits = model(seq).logits if ref else model(seq, mask_image_logits=False)
+            logits = logits[:, PROMPT_LEN - 1:-1, lo:hi].float()  # (B, n, n_codes): logits predicting each candidate
+            ll = torch.log_softmax(logits, -1).gather(-1, (out - lo)[..., None]).sum((1, 2))  # (B,)
+            return out[ll.argmax()]
+        return out
+
+    return run
+
+
+def workloads(args):
+    """(row name, builder(model, ref, device) -> run closure), in table order."""
+    rows = [(f"train step ({args.train_batch}x{args.train_len})",
+             lambda m, ref, d: train_step_fn(m, ref, args, d))]
+    for n in [int(x) for x in args.decode_lens.split(",")]:
+        for B in [int(x) for x in args.batches.split(",")]:
+            rows.append((f"decode {n} b{B}", lambda m, ref, d, n=n, B=B: decode_fn(m, ref, n, B, args, d)))
+    for N in (1, args.best_of):
+        rows.append((f"best-of-{N} (64 tok)", lambda m, ref, d, N=N: decode_fn(m, ref, 64, N, args, d, score=True)))
+    return rows
+
+
+def tokens_per_run(name: str, args) -> int:
+    if name.startswith("train"):
+        return args.train_batch * args.train_len
+    if name.startswith("decode"):
+        n, b = name.split()[1:]
+        return int(n) * int(b[1:])
+    return 0  # best-of rows report seconds
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def warm(run, device):
+    run()
+    run()
+    sync(device)
+
+
+def timed(run, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    run()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_mib(run, device) -> float:
+    """Peak memory growth (MiB) during one run (see the module docstring for the method)."""
+    gc.collect()
+    if device.startswith("cuda"):
+        sync(device)
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so the baseline is what is really live
+        base = _proc_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        run()
+        return (_proc_kb("VmHWM") - base) / 1024
+    except OSError:  # not Linux: ru_maxrss only grows, so this is the growth of the process-wide high-water mark
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def load(ckpt, ref: bool, args, device, dtype):
+    if not ref:
+        return Chameleon.from_pretrained(ckpt, dtype=dtype, device=device)
+    from transformers import ChameleonForConditionalGeneration
+
+    hf = ChameleonForConditionalGeneration.from_pretrained(ckpt, dtype=dtype, attn_implementation=args.hf_attn)
+    # lift HF's image-logit mask (Anole's recipe; ImageOnly then keeps only image ids): image_tokens is a
+    # cached_property, so an instance entry overrides it and `logits[:, :, []] = min` is a no-op
+    hf.model.vocabulary_mapping.__dict__["image_tokens"] = []
+    return hf.to(device)
+
+
+def worker(args):
+    """Memory subprocess: one implementation, every workload once after a warm-up; prints {row: MiB} as JSON."""
+    torch.set_num_threads(args.threads)
+    ref = args.worker == "ref"
+    device, dtype = args.device, getattr(torch, args.dtype)
+    model = load(args.ckpt, ref, args, device, dtype)
+    out = {}
+    for name, build in workloads(args):
+        run = build(model, ref, device)
+        run()  # warm-up: one-off allocations (optimizer state, kernel caches) are not per-step peaks
+        out[name] = round(peak_mib(run, device), 1)
+        del run
+    print("MEMORY " + json.dumps(out), flush=True)
+
+
+def memory(args, ckpt, which: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={which}", f"--ckpt={ckpt}"]
+    cmd += [f"--{k}={v}" for k, v in vars(args).items()
+            if k not in ("worker", "ckpt", "quick", "no_memory", "config_name") and v is not None]
+    cmd += ["--quick"] * args.quick
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    for line in res.stdout.splitlines():
+        if line.startswith("MEMORY "):
+            return json.loads(line[len("MEMORY "):])
+    raise RuntimeError(f"memory worker ({which}) failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def bench_config(args, name: str) -> list[dict]:
+    args.config_name = name
+    device, dtype = args.device, getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    ckpt = tempfile.mkdtemp(prefix="bench_")
+    Chameleon(make_config(name)).to(dtype).save_pretrained(ckpt)  # the same weights for both
+    ours, hf = load(ckpt, False, args, device, dtype), load(ckpt, True, args, device, dtype)
+    rows = []
+    for row, build in workloads(args):
+        runs = {"ours": build(ours, False, device), "ref": build(hf, True, device)}
+        for run in runs.values():
+            warm(run, device)
+        times = {"ours": [], "ref": []}
+        for _ in range(args.reps):  # alternate, so background load drifts hit both sides alike
+            for k, run in runs.items():
+                times[k].append(timed(run, device))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append(dict(row=row, tokens=tokens_per_run(row, args), s_ours=med["ours"], s_ref=med["ref"]))
+        del runs
+        gc.collect()
+    if args.device.startswith("cuda"):
+        mfu_row(args, ours, rows)
+    del ours, hf
+    if not args.no_memory:
+        mem = {k: memory(args, ckpt, k) for k in ("ours", "ref")}
+        for r in rows:
+            r["mib_ours"], r["mib_ref"] = mem["ours"].get(r["row"]), mem["ref"].get(r["row"])
+    return rows
+
+
+def mfu_row(args, model, rows):
+    c = model.config
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "vqmodel" not in n)
+    flops_per_tok = 6 * n_params + 12 * c.n_layer * args.train_len * c.n_embd
+    r = rows[0]
+    for side in ("ours", "ref"):
+        r[f"mfu_{side}"] = r["tokens"] / r[f"s_{side}"] * flops_per_tok / args.peak_flops
+
+
+def preset_decode(args) -> dict:
+    """Decode tokens/s of a full-size preset with random weights built directly on the device (ours only: the HF
+    reference would need a second copy of the weights plus its load; not run)."""
+    device, dtype = args.device, getattr(torch, args.dtype)
+    cfg = ChameleonConfig.preset(args.preset, vq=None, max_seq_len=PROMPT_LEN + 1024 + 16)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Chameleon(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model._init_rope()  # RoPE tables in fp32, as from_pretrained builds them
+    args.config_name = None
+    out = {}
+    for n in [int(x) for x in args.decode_lens.split(",")]:
+        for B in [int(x) for x in args.batches.split(",")]:
+            run = decode_fn(model, False, n, B, args, device)
+            warm(run, device)
+            s = statistics.median(timed(run, device) for _ in range(args.reps))
+            out[f"decode {n} b{B}"] = n * B / s
+    return out
+
+
+def fmt_table(name: str, rows: list[dict], args) -> str:
+    has_mfu = "mfu_ours" in rows[0]
+    lines = [f"config {name}: {CONFIGS[name]} (n_embd, n_layer, n_head, n_inner, vocab, image codes); "
+             f"{args.device} {args.dtype}, {args.threads} threads, HF attn {args.hf_attn}",
+             "",
+             "| measurement | ours | reference (HF) | ratio | target | peak MiB ours | peak MiB ref |",
+             "|---|---|---|---|---|---|---|"]
+    by = {r["row"]: r for r in rows}
+    for r in rows:
+        mem = f"| {r.get('mib_ours', '-')} | {r.get('mib_ref', '-')} |"
+        if r["tokens"]:  # throughput: ratio = ours / ref tok/s, higher is better
+            o, h = r["tokens"] / r["s_ours"], r["tokens"] / r["s_ref"]
+            r["tok_s_ours"], r["tok_s_ref"], r["ratio"] = o, h, o / h
+            target = 1.25 if r["row"].startswith("train") else 2.0
+            ok = "ok" if r["ratio"] >= target else ("MISS" if r["ratio"] >= 1.0 else "MISS (slower)")
+            lines.append(f"| {r['row']} tok/s | {o:,.0f} | {h:,.0f} | {r['ratio']:.2f}x | >= {target}x {ok} {mem}")
+        else:
+            lines.append(f"| {r['row']} seconds | {r['s_ours']:.3f} | {r['s_ref']:.3f} | "
+                         f"{r['s_ref'] / r['s_ours']:.2f}x | | {mem}")
+            r["ratio"] = r["s_ref"] / r["s_ours"]
+    one, big = by.get("best-of-1 (64 tok)"), by.get(f"best-of-{args.best_of} (64 tok)")
+    if one and big and args.best_of != 1:
+        co, cr = big["s_ours"] / one["s_ours"], big["s_ref"] / one["s_ref"]
+        ok = "ok" if co <= 3 else "MISS"
+        lines.append(f"| best-of-{args.best_of} / best-of-1 cost | {co:.2f}x | {cr:.2f}x | {co / cr:.2f} "
+                     f"(lower better) | <= 3x {ok} | | |")
+        big["cost_vs_1_ours"], big["cost_vs_1_ref"] = co, cr
+    if has_mfu:
+        r = rows[0]
+        lines.append(f"| train MFU ({args.dtype}, peak {args.peak_flops:.3g}) | {r['mfu_ours']:.1%} | "
+                     f"{r['mfu_ref']:.1%} | {r['mfu_ours'] / r['mfu_ref']:.2f}x | | | |")
+    lines.append("")
+    lines.append("ratio = ours / reference throughput (seconds rows: reference / ours); higher is better.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    t0 = time.time()
+    record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), command="python bench.py " + " ".join(sys.argv[1:]),
+                  device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+                  cpu=platform.processor() or platform.machine(), dtype=args.dtype, threads=args.threads,
+                  torch=torch.__version__, transformers=transformers.__version__, hf_attn=args.hf_attn,
+                  reps=args.reps, configs={})
+    for name in args.config.split(","):
+        rows = bench_config(args, name)
+        print(fmt_table(name, rows, args), flush=True)
+        print(flush=True)
+        record["configs"][name] = dict(config=make_config(name).to_dict(), rows=rows)
+    if args.preset:
+        record["preset"] = {args.preset: preset_decode(args)}
+        for k, v in record["preset"][args.preset].items():
+            print(f"{args.preset} {k}: {v:,.1f} tok/s (ours, {args.device} {args.dtype}, random weights)")
+    record["wall_s"] = round(time.time() - t0, 1)
+    if args.results:
+        os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    print(f"bench wall time {record['wall_s']} s; appended to {args.results or '(nothing)'}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

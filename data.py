@@ -1,0 +1,268 @@
+"""Data plumbing: Aurora-Bench / AURORA JSON files, image loading, and unlabelled frame pairs from videos.
+
+Benchmark files (paper Sec. 5, Aurora-Bench from McGill-NLP/AURORA): a JSON list of dicts (JSON lines also accepted)
+with `input` (source image path), `instruction` (AURORA's training files) or `prompt` (the released Aurora-Bench
+test.json says `prompt`), `task` (subset name), and `output` (target image) only where a ground truth exists -- items
+without it are kept for generation but flagged not scorable. Other fields (`mask`, `pos`, `neg`, `type`, our world's
+`src_scene`/`action`, ...) are kept in `Item.extra`.
+
+Image paths are relative. AURORA writes them from the repository root (`data/something/images/<id>/first.jpg`) while
+the JSON files sit either at that root (test.json) or deeper (data/magicbrush/train.json). So the image root is, unless
+given: the JSON's folder if the first item's input exists there, else the nearest parent folder where it exists, else
+the JSON's folder (and the missing images are reported per item).
+
+Video pairs (paper Sec. 3.2 / Algorithm 1): the paper picks key frames by optical-flow magnitude, the top K_f = 6 with
+a minimum spacing of I_f = 20 frames. Our stand-in for flow magnitude is the mean absolute pixel difference between a
+frame and the previous one (a synthetic video has no camera motion, so any pixel change is object motion). Each key
+frame i gives the pair (frame i-1, frame i): the frame just before the change and the frame just after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class Item:
+    id: str  # the item's `id`, else "<task>-<index>"
+    input_path: Path  # absolute path of the source image
+    instruction: str  # the action text (`instruction` or `prompt` in the JSON)
+    output_path: Path | None  # absolute path of the target image; None = not scorable (generation only)
+    task: str  # subset name (Aurora-Bench: magicbrush, ag, something, ...; our world: world, world_comp)
+    extra: dict = field(default_factory=dict)  # every other field of the JSON item, unchanged
+
+    @property
+    def scorable(self) -> bool:
+        return self.output_path is not None
+
+
+class BenchmarkError(ValueError):
+    pass
+
+
+def _read_records(path: Path) -> list:
+    """A JSON list (or a single JSON object per line); errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BenchmarkError(f"{path}: cannot read ({e})") from e
+    if text.lstrip().startswith("["):
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{path}:{e.lineno}: malformed JSON at line {e.lineno}, column {e.colno}: "
+                                 f"{e.msg}") from e
+        return recs
+    recs = []
+    for lineno, line in enumerate(text.splitlines(), 1):  # JSON lines
+        if line.strip():
+            try:
+                recs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BenchmarkError(f"{path}:{lineno}: malformed JSON at line {lineno}: {e.msg}") from e
+    return recs
+
+
+def _image_root(json_path: Path, recs: list) -> Path:
+    first = next((r["input"] for r in recs if isinstance(r, dict) and isinstance(r.get("input"), str)), None)
+    here = json_path.parent
+    if first is None or Path(first).is_absolute():
+        return here
+    for root in (here, *here.parents):
+        if (root / first).exists():
+            return root
+    return here
+
+
+def _check_image(path: Path, verify: bool) -> str | None:
+    if not path.is_file():
+        return f"missing image file '{path}'"
+    if verify:
+        try:
+            with Image.open(path) as im:  # the header, plus PNG chunk checksums: cheap
+                im.verify()
+        except Exception as e:  # PIL raises several types for corrupt files
+            return f"unreadable image file '{path}' ({type(e).__name__})"
+    return None
+
+
+def load_benchmark(json_path, image_root=None, strict: bool = False, verify_images: bool = True,
+                   log=None) -> list[Item]:
+    """Read an Aurora-Bench / AURORA JSON file into Items, with paths resolved against image_root (see the module
+    docstring for the default). Invalid items (not a dict, no `input`, no/empty instruction, missing or unreadable
+    image) raise BenchmarkError when strict, else are skipped with one warning line (to `log`, default stderr)
+    naming each item's index, id and the field or file."""
+    json_path = Path(json_path)
+    recs = _read_records(json_path)
+    if not isinstance(recs, list):
+        raise BenchmarkError(f"{json_path}: expected a JSON list of items, got {type(recs).__name__}")
+    root = Path(image_root) if image_root is not None else _image_root(json_path, recs)
+    items, problems = [], []
+    for i, r in enumerate(recs):
+        where = f"item {i}"
+        if not isinstance(r, dict):
+            problems.append(f"{where}: not a JSON object")
+            continue
+        task = str(r.get("task", ""))
+        iid = str(r["id"]) if r.get("id") is not None else f"{task or 'item'}-{i}"
+        where = f"item {i} (id {iid})"
+        instr = r.get("instruction", r.get("prompt"))
+        if "input" not in r or not isinstance(r["input"], str) or not r["input"]:
+            problems.append(f"{where}: missing field 'input'")
+            continue
+        if instr is None:
+            problems.append(f"{where}: missing field 'instruction' (or 'prompt')")
+            continue
+        if not isinstance(instr, str) or not instr.strip():
+            problems.append(f"{where}: empty instruction")
+            continue
+        # absolute, normalised paths: one image has one name, whichever JSON file points at it
+        inp = Path(os.path.abspath(root / r["input"]))
+        out = Path(os.path.abspath(root / r["output"])) if isinstance(r.get("output"), str) and r["output"] else None
+        bad = _check_image(inp, verify_images) or (_check_image(out, verify_images) if out is not None else None)
+        if bad:
+            problems.append(f"{where}: {bad}")
+            continue
+        extra = {k: v for k, v in r.items() if k not in ("id", "input", "output", "instruction", "prompt", "task")}
+        items.append(Item(iid, inp, instr.strip(), out, task, extra))
+    if problems:
+        msg = f"{json_path}: {len(problems)} of {len(recs)} items invalid: " + "; ".join(problems)
+        if strict:
+            raise BenchmarkError(msg)
+        print("warning: skipped " + msg, file=log or sys.stderr)
+    return items
+
+
+def write_benchmark(items: list[Item], json_path, image_root=None) -> None:
+    """Write Items as an Aurora-Bench JSON list; image paths relative to image_root (default: the JSON's folder),
+    so load_benchmark(json_path) reads the same Items back."""
+    json_path = Path(json_path)
+    root = Path(image_root) if image_root is not None else json_path.parent
+    rel = lambda p: Path(os.path.relpath(Path(p).resolve(), root.resolve())).as_posix()
+    recs = []
+    for it in items:
+        d = dict(id=it.id, input=rel(it.input_path), instruction=it.instruction, task=it.task)
+        if it.output_path is not None:
+            d["output"] = rel(it.output_path)
+        recs.append({**d, **it.extra})
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(recs, indent=1))
+
+
+# -----------------------------------------------------------------------------
+# images
+
+
+def load_image(path, size: int | None = None) -> Image.Image:
+    """Open an image as RGB (transparency composited onto white, as HF's Chameleon processor does); with `size`,
+    resize the shortest side to size (LANCZOS) and centre-crop to size x size. Errors name the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.copy()  # detached from the file: close() would invalidate `im`
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image file not found: '{path}'") from e
+    except Exception as e:  # PIL raises several types for corrupt files
+        raise ValueError(f"cannot read image file '{path}': {e}") from e
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    img = img.convert("RGB")
+    if size is not None and img.size != (size, size):
+        w, h = img.size
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def image_tensor(path, size: int):
+    """(3, size, size) float tensor in [-1, 1]: tokenizer.preprocess_image (HF's Chameleon preprocessing) when that
+    module exists, else the same steps here (load_image, then x * 0.0078 - 1 as HF). Errors name the file."""
+    import torch
+
+    img = load_image(path)  # opened here so that a bad file gives our error naming it
+    try:
+        from tokenizer import preprocess_image
+    except ImportError:
+        x = torch.from_numpy(np.asarray(load_image(path, size), np.float32).copy())  # (H, W, 3)
+        return x.permute(2, 0, 1) * 0.0078 - 1.0  # (3, H, W)
+    return preprocess_image(img, size)
+
+
+# -----------------------------------------------------------------------------
+# video pairs
+
+
+@dataclass
+class VideoPair:
+    video: str  # the video's folder name
+    src_index: int  # frame index of the source (the frame just before the change)
+    tgt_index: int  # frame index of the key frame (src_index + 1)
+    src_path: Path
+    tgt_path: Path
+    diff: float  # mean absolute pixel difference between the two, in [0, 1]
+
+
+def list_frames(video_dir) -> list[Path]:
+    video_dir = Path(video_dir)
+    if not video_dir.is_dir():
+        raise FileNotFoundError(f"video folder not found: '{video_dir}'")
+    return sorted(p for p in video_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def frame_diffs(frames: list[Path], size: int | None = None) -> np.ndarray:
+    """(n,) mean |frame_i - frame_{i-1}| in [0,1]; entry 0 is 0. Errors name the unreadable or mis-sized frame."""
+    diffs, prev = np.zeros(len(frames), np.float64), None
+    for i, f in enumerate(frames):
+        x = np.asarray(load_image(f, size), np.float32) / 255.0  # (H, W, 3)
+        if prev is not None:
+            if x.shape != prev.shape:
+                raise ValueError(f"frame '{f}' has shape {x.shape}, the previous frame {prev.shape}")
+            diffs[i] = float(np.abs(x - prev).mean())
+        prev = x
+    return diffs
+
+
+def select_keyframes(diffs, k: int = 6, spacing: int = 20, min_diff: float = 1e-3) -> list[int]:
+    """Greedy top-k: frames by decreasing difference (ties: earlier first), a frame is kept if it changed
+    (diff > min_diff) and is at least `spacing` frames from every frame kept so far. Returned in frame order."""
+    order = sorted((i for i in range(1, len(diffs)) if diffs[i] > min_diff), key=lambda i: (-diffs[i], i))
+    kept: list[int] = []
+    for i in order:
+        if len(kept) == k:
+            break
+        if all(abs(i - j) >= spacing for j in kept):
+            kept.append(i)
+    return sorted(kept)
+
+
+def video_pairs(video_dir, k: int = 6, spacing: int = 20, min_diff: float = 1e-3,
+                size: int | None = None) -> list[VideoPair]:
+    """Unlabelled (frame before the change, key frame) pairs from one folder of frames (sorted by name).
+    Defaults are the paper's K_f = 6, I_f = 20 (30 fps video); our 9-frame synthetic videos want spacing ~1
+    (world.WorldConfig.video_k / video_spacing, stored in the data's manifest.json)."""
+    frames = list_frames(video_dir)
+    diffs = frame_diffs(frames, size)
+    name = Path(video_dir).name
+    return [VideoPair(name, i - 1, i, frames[i - 1], frames[i], float(diffs[i]))
+            for i in select_keyframes(diffs, k, spacing, min_diff)]
+
+
+def all_video_pairs(videos_root, **kw) -> list[VideoPair]:
+    """video_pairs over every sub-folder of videos_root (sorted), e.g. out/data/videos."""
+    root = Path(videos_root)
+    return [p for d in sorted(x for x in root.iterdir() if x.is_dir()) for p in video_pairs(d, **kw)]

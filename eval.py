@@ -1,0 +1,384 @@
+"""Evaluation: action-centric image editing (Aurora-Bench protocol, paper Sec. 4) and dynamics-model text metrics.
+
+World model: for every benchmark item the WM (optionally with DM-verified best-of-N, search.py) edits the source
+image following the instruction. Scores per subset (`task`):
+- synthetic world: the programmatic judge of world.py reads the generated image back into a symbolic scene and
+  gives two 0-10 scores, editing success and minimal editing; the per-sample score is their min, averaged per
+  subset: the paper's GPT-4o protocol with a judge that cannot be fooled. Plus pixel L1 to the target.
+- real Aurora-Bench: pixel L1, and optionally an LLM judge through an OpenAI-compatible HTTP API asked the paper's
+  two questions (prompt below); set JUDGE_BASE_URL, JUDGE_MODEL and JUDGE_API_KEY. Without them the LLM columns
+  are skipped with a message and the offline metrics still run. Items without `output` are generated, not scored.
+Every table has the copy-the-source baseline (must score 0 success) and the ground truth (the real target, and the
+target passed through the VQ tokenizer: the best a WM that writes VQ tokens can do).
+
+Dynamics model: exact action match (synthetic world: the judge checks that the target is a valid outcome of the
+predicted action, so paraphrases count), and BLEU-4 / ROUGE-L against the reference text (both implemented below).
+
+Run:  python eval.py --wm=out/wm/ckpt --data=out/data/test.json [--dm=out/dm/ckpt --n=4] [--llm_judge=true]
+      python eval.py --dm=out/dm/ckpt --data=out/data/test.json --task=dm
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import re
+import urllib.request
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+
+from train import encode_images, load_items, load_model, load_tokenizers, parse_config
+from train_dynamics import predict_actions
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image grids a person can look at
+
+
+def _as_pil(x, scale: int) -> Image.Image:
+    if isinstance(x, Image.Image):
+        img = x.convert("RGB")
+    else:
+        arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        img = Image.fromarray(arr)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+
+
+def save_grid(rows: list[list], labels: list[list[str]] | None, path: str, title: str | None = None,
+              row_titles: list[str] | None = None, scale: int = 0):
+    """Write a PNG grid: rows of images (PIL or (3, H, W) tensors in [-1, 1]) with a caption under each image and an
+    optional text line above each row (e.g. the action). Small images are enlarged (nearest) to be readable."""
+    first = rows[0][0]
+    h = first.height if isinstance(first, Image.Image) else first.shape[-2]
+    scale = scale or max(1, 128 // h)
+    cells = [[_as_pil(x, scale) for x in row] for row in rows]
+    cw, ch = max(c.width for r in cells for c in r), max(c.height for r in cells for c in r)
+    cap, head, pad = 14, (14 if row_titles else 0), 4
+    top = 18 if title else 0
+    W = pad + max(len(r) for r in cells) * (cw + pad)
+    H = top + len(cells) * (head + ch + cap + pad) + pad
+    canvas = Image.new("RGB", (max(W, 200), H), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 3), title[:160], fill="black")
+    y = top + pad
+    for r, row in enumerate(cells):
+        if row_titles:
+            draw.text((pad, y), row_titles[r][:160], fill="black")
+        for c, img in enumerate(row):
+            x = pad + c * (cw + pad)
+            canvas.paste(img, (x, y + head))
+            if labels and labels[r][c]:
+                draw.text((x, y + head + ch + 1), labels[r][c][: max(4, cw // 6)], fill="black")
+        y += head + ch + cap + pad
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path)
+
+
+def save_triplet_grid(items, samples: torch.Tensor, path: str, extra: dict[str, torch.Tensor] | None = None):
+    """One row per item: source | generated sample(s) | target, with the instruction above the row."""
+    from tokenizer import preprocess_image
+
+    size = samples.shape[-1]
+    rows, labels = [], []
+    for i, it in enumerate(items):
+        row = [preprocess_image(it.input_path, size), samples[i]]
+        lab = ["source", "sample"]
+        for name, imgs in (extra or {}).items():
+            row.append(imgs[i])
+            lab.append(name)
+        if it.output_path:
+            row.append(preprocess_image(it.output_path, size))
+            lab.append("target")
+        rows.append(row)
+        labels.append(lab)
+    save_grid(rows, labels, path, row_titles=[it.instruction for it in items])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring generated images
+
+
+def pixel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean absolute difference of two images in [-1, 1], reported on the 0-1 pixel scale like the paper's L1."""
+    return ((a.float() - b.float()).abs().mean() / 2).item()
+
+
+def judge_items(items, images: torch.Tensor) -> dict:
+    """Score generated images (N, 3, H, W) against items: world judge where the item carries its symbolic action,
+    pixel L1 where it has a target. Returns means: success, minimal, score (min of the two), l1, n_judged."""
+    from tokenizer import preprocess_image, to_pil
+
+    size = images.shape[-1]
+    sums, n_judged, n_l1 = defaultdict(float), 0, 0
+    for it, img in zip(items, images):
+        if world_judgeable(it):
+            s = world_judge(it, to_pil(img))
+            for k in ("success", "minimal", "score"):
+                sums[k] += s[k]
+            n_judged += 1
+        if it.output_path:
+            sums["l1"] += pixel_l1(img, preprocess_image(it.output_path, size))
+            n_l1 += 1
+    out = {k: sums[k] / n_judged for k in ("success", "minimal", "score") if n_judged}
+    if n_l1:
+        out["l1"] = sums["l1"] / n_l1
+    out["n"] = len(items)
+    return out
+
+
+def world_judgeable(item) -> bool:
+    return "action" in item.extra and "src_scene" in item.extra
+
+
+def world_judge(item, image: Image.Image) -> dict:
+    """The synthetic world's programmatic judge on one item (world.py documents the scoring rules)."""
+    import world
+
+    return world.judge_item(item.extra, image)
+
+
+def aggregate(per_item: list[dict]) -> dict:
+    """Mean of each numeric key over items."""
+    keys = {k for d in per_item for k in d}
+    return {k: sum(d[k] for d in per_item if k in d) / max(1, sum(k in d for d in per_item)) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optional LLM judge (the paper's GPT-4o protocol) through any OpenAI-compatible chat-completions endpoint
+
+LLM_JUDGE_PROMPT = """You are judging an image edit. The first image is the original, the second is the edited \
+image, and the instruction was: "{instruction}".
+Give two integer scores from 0 to 10:
+1. editing_success: how well the edited image carries out the instruction (0 = not at all, 10 = perfectly).
+2. minimal_editing: how well everything the instruction does not ask to change is left unchanged (0 = the image was \
+changed completely or not edited at all, 10 = only the requested change was made).
+An edited image that is identical to the original gets editing_success 0.
+Answer with JSON only: {{"editing_success": <int>, "minimal_editing": <int>}}"""
+
+
+def _data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def llm_judge_config() -> tuple[str, str, str] | None:
+    """(base_url, model, key) from JUDGE_BASE_URL / JUDGE_MODEL / JUDGE_API_KEY, or None with a message."""
+    env = {k: os.environ.get(k, "") for k in ("JUDGE_BASE_URL", "JUDGE_MODEL", "JUDGE_API_KEY")}
+    missing = [k for k, v in env.items() if not v]
+    if missing:
+        print(f"LLM judge skipped: set {', '.join(missing)} (an OpenAI-compatible endpoint); offline metrics still run")
+        return None
+    return env["JUDGE_BASE_URL"].rstrip("/"), env["JUDGE_MODEL"], env["JUDGE_API_KEY"]
+
+
+def llm_judge(source: Image.Image, edited: Image.Image, instruction: str, conf: tuple[str, str, str],
+              timeout: float = 60.0) -> dict:
+    """Ask the judge model for the two 0-10 scores; score = min(success, minimal) as in the paper."""
+    base_url, model, key = conf
+    body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": LLM_JUDGE_PROMPT.format(instruction=instruction)},
+        {"type": "image_url", "image_url": {"url": _data_url(source)}},
+        {"type": "image_url", "image_url": {"url": _data_url(edited)}}]}]}
+    req = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        text = json.load(r)["choices"][0]["message"]["content"]
+    m = re.search(r"\{.*\}", text, re.S)
+    if not m:
+        raise ValueError(f"LLM judge answered without JSON: {text[:200]!r}")
+    s = json.loads(m.group(0))
+    succ, mini = float(s["editing_success"]), float(s["minimal_editing"])
+    return {"llm_success": succ, "llm_minimal": mini, "llm_score": min(succ, mini)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text metrics for the dynamics model (no extra package)
+
+
+def _ngrams(words, n):
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> float:
+    """Corpus BLEU-4 (Papineni et al.): clipped n-gram precisions, geometric mean, brevity penalty; 0-1."""
+    match, total = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for h, r in zip(hypotheses, references):
+        hw, rw = h.lower().split(), r.lower().split()
+        hyp_len, ref_len = hyp_len + len(hw), ref_len + len(rw)
+        for n in range(1, max_n + 1):
+            hc, rc = _ngrams(hw, n), _ngrams(rw, n)
+            match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
+            total[n - 1] += max(0, len(hw) - n + 1)
+    if min(match) == 0 or hyp_len == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / max_n
+    bp = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
+    return bp * math.exp(log_p)
+
+
+def rouge_l(hypotheses: list[str], references: list[str]) -> float:
+    """Mean sentence ROUGE-L F1 (longest common subsequence of words); 0-1."""
+    scores = []
+    for h, r in zip(hypotheses, references):
+        hw, rw = h.lower().split(), r.lower().split()
+        if not hw or not rw:
+            scores.append(0.0)
+            continue
+        prev = [0] * (len(rw) + 1)
+        for a in hw:  # LCS by dynamic programming, one row at a time
+            cur = [0]
+            for j, b in enumerate(rw):
+                cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
+            prev = cur
+        lcs = prev[-1]
+        p, rc = lcs / len(hw), lcs / len(rw)
+        scores.append(0.0 if lcs == 0 else 2 * p * rc / (p + rc))
+    return sum(scores) / max(1, len(scores))
+
+
+def eval_dm(dm, tok, items, codes) -> dict:
+    """Greedy DM actions for labelled pairs: accuracy (world judge where possible, else exact text), BLEU, ROUGE-L."""
+    from train_dynamics import normalise_action
+
+    items = [it for it in items if it.output_path]
+    src = torch.stack([codes[str(it.input_path)][0] for it in items])
+    tgt = torch.stack([codes[str(it.output_path)][0] for it in items])
+    pred = predict_actions(dm, tok, src, tgt)
+    refs = [it.instruction for it in items]
+    hits = []
+    for p, it in zip(pred, items):
+        if world_judgeable(it):
+            import world
+
+            src, tgt = world.Scene.from_json(it.extra["src_scene"]), world.Scene.from_json(it.extra["tgt_scene"])
+            hits.append(world.consistent(src, world.parse_action(p), tgt))  # any paraphrase of a valid action
+        else:
+            hits.append(normalise_action(p) == normalise_action(it.instruction))
+    return {"action_acc": sum(hits) / max(1, len(hits)), "bleu": bleu(pred, refs), "rougeL": rouge_l(pred, refs),
+            "n": len(items), "predictions": pred}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# World-model evaluation over a benchmark, per subset
+
+
+@torch.no_grad()
+def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0, temperature: float = 1.0,
+            top_k: int | None = None, cfg_scale: float | None = None, llm: tuple | None = None):
+    """Edit every item with the WM (best-of-n verified by `dm` when n > 1). Returns ({task: metrics}, images)."""
+    from search import best_of_n
+    from tokenizer import to_pil
+    from train_world import generate_targets
+
+    g = torch.Generator().manual_seed(seed)
+    src = torch.stack([codes[str(it.input_path)][0] for it in items])
+    actions = [it.instruction for it in items]
+    if n > 1:
+        if dm is None:
+            raise ValueError("best-of-n (n > 1) needs a dynamics model as the verifier")
+        cands, _ = best_of_n(wm, dm, tok, src, actions, n, temperature, top_k, cfg_scale, g)
+        best = cands[:, 0]
+    else:
+        best = generate_targets(wm, tok, src, actions, 1, temperature, top_k, cfg_scale=cfg_scale, generator=g)[:, 0]
+    images = image_tok.decode(best)  # (N, 3, H, W)
+    return score_by_task(items, images, llm, to_pil), images
+
+
+def score_by_task(items, images, llm=None, to_pil=None) -> dict:
+    """{task: metrics} plus "all" (mean over scored items)."""
+    by_task = defaultdict(list)
+    for i, it in enumerate(items):
+        by_task[it.task].append(i)
+    out = {}
+    for task, idx in sorted(by_task.items()):
+        out[task] = judge_items([items[i] for i in idx], images[idx])
+        if llm is not None:
+            from tokenizer import preprocess_image
+
+            scored = [i for i in idx if items[i].output_path]
+            res = [llm_judge(to_pil(preprocess_image(items[i].input_path, images.shape[-1])), to_pil(images[i]),
+                             items[i].instruction, llm) for i in scored]
+            out[task].update({k: v for k, v in aggregate(res).items()})
+    out["all"] = judge_items(items, images)
+    return out
+
+
+def baselines(items, codes, image_tok, size: int) -> dict:
+    """Copy-the-source, ground-truth target, and ground truth through the VQ tokenizer (the WM's ceiling)."""
+    from tokenizer import preprocess_image
+
+    scored = [it for it in items if it.output_path]
+    copy = torch.stack([preprocess_image(it.input_path, size) for it in scored])
+    truth = torch.stack([preprocess_image(it.output_path, size) for it in scored])
+    vq = image_tok.decode(torch.stack([codes[str(it.output_path)][0] for it in scored]))
+    return {name: score_by_task(scored, imgs) for name, imgs in
+            (("copy source", copy), ("ground truth", truth), ("ground truth (VQ)", vq))}
+
+
+def markdown_table(rows: dict[str, dict], columns: list[str], digits: int = 2) -> str:
+    """{row name: {column: value}} -> a Markdown table; missing values print as '-'."""
+    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, vals in rows.items():
+        cells = [f"{vals[c]:.{digits}f}" if isinstance(vals.get(c), (int, float)) else str(vals.get(c, "-"))
+                 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalConfig:
+    task: str = "wm"  # "wm" (image editing) or "dm" (action prediction text metrics)
+    data: str = "out/data/test.json"  # benchmark JSON(s) in Aurora-Bench form, comma-separated
+    tokenizer_dir: str = "out/tok"  # image + text tokenizers
+    wm: str = ""  # world model checkpoint folder (task=wm)
+    dm: str = ""  # dynamics model checkpoint folder (task=dm, or the verifier when n > 1)
+    n: int = 1  # best-of-n candidates verified by the DM (1 = plain WM)
+    temperature: float = 1.0  # WM sampling temperature
+    top_k: int = 0  # WM top-k (0 = off)
+    cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
+    image_size: int = 32  # preprocessing size before VQ encoding (512 for Chameleon/Anole)
+    llm_judge: bool = False  # also ask an OpenAI-compatible LLM judge (env JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)
+    seed: int = 0  # sampling seed
+    out: str = "out/eval"  # where the grid PNG and results.json go
+
+
+def main(argv=None):
+    cfg = parse_config(EvalConfig, argv, description="Score a world model (or a dynamics model) on a benchmark.")
+    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
+    items = load_items(cfg.data)
+    paths = [p for it in items for p in (it.input_path, it.output_path) if p]
+    codes = encode_images(image_tok, paths, cfg.image_size)
+    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.task == "dm":
+        dm, _ = load_model(cfg.dm)
+        res = eval_dm(dm, tok, items, codes)
+        print(markdown_table({"dynamics model": res}, ["action_acc", "bleu", "rougeL", "n"]))
+        results = {k: v for k, v in res.items() if k != "predictions"}
+    else:
+        wm, _ = load_model(cfg.wm)
+        dm = load_model(cfg.dm)[0] if cfg.dm and cfg.n > 1 else None
+        llm = llm_judge_config() if cfg.llm_judge else None
+        res, images = eval_wm(wm, tok, image_tok, items, codes, dm, cfg.n, cfg.seed, cfg.temperature,
+                              cfg.top_k or None, cfg.cfg_scale or None, llm)
+        base = baselines(items, codes, image_tok, cfg.image_size)
+        cols = ["score", "success", "minimal", "l1"] + (["llm_score"] if llm else [])
+        for task in res:
+            rows = {f"WM (n={cfg.n})": res[task], **{k: v.get(task, {}) for k, v in base.items()}}
+            print(f"\n### {task}\n" + markdown_table(rows, cols))
+        save_triplet_grid(items[:8], images[:8], os.path.join(cfg.out, "samples.png"))
+        results = {"wm": res, "baselines": base}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"results -> {os.path.join(cfg.out, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,614 @@
+"""
+The base model of the paper: a decoder-only Chameleon transformer (Sec. 3 of arXiv 2506.06006, which builds on
+Chameleon-7B / Anole-7B), written from scratch in the style of nanoGPT.
+
+Chameleon is a plain Llama-style decoder over ONE vocabulary that holds both BPE text tokens and the discrete codes of
+a VQ image tokenizer (ids image_token_start..image_token_end-1). Its differences from Llama:
+  - QK-norm: a LayerNorm over head_dim on queries and keys, with a per-head weight AND bias (stabilises training);
+  - an optional "swin_norm" ordering (norm after attention/MLP instead of before);
+  - the VQ image encoder lives inside the checkpoint as `model.vqmodel` (see tokenizer.py);
+  - the released checkpoint cannot draw images: HF sets the logits of all image ids to the dtype min. We keep that
+    as the default (`mask_image_logits=True`) for parity, and generate_image() always lifts it (Anole's recipe).
+
+State-dict keys are exactly those of transformers' ChameleonForConditionalGeneration (checked against 5.24.0, which
+still uses `model.layers.{i}...`, the same layout as the published Chameleon/Anole safetensors, so no key mapping is
+needed), so `Chameleon.from_pretrained` reads HF checkpoint directories directly, and `save_pretrained` writes ones HF
+can read back.
+
+Contents: ChameleonConfig, RMSNorm, QKNorm, Attention, MLP, Block, KVCache, Chameleon (+ from_pretrained /
+save_pretrained), and the pure functions sample(), token_logprobs(), generate_text(), generate_image().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ChameleonConfig:
+    vocab_size: int = 0  # text + special + image ids (tiny: filled in by the caller from the text tokenizer)
+    n_layer: int = 4  # number of transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 4  # key/value heads (< n_head = grouped-query attention; must divide n_head)
+    n_embd: int = 256  # model width; head_dim = n_embd // n_head
+    n_inner: int = 688  # SwiGLU hidden width (Llama's ~8/3 * n_embd)
+    max_seq_len: int = 256  # longest sequence (size of the RoPE tables and of a default KV cache)
+    rope_theta: float = 10000.0  # RoPE base, applied to all head dims
+    norm_eps: float = 1e-5  # RMSNorm epsilon (the QK LayerNorm eps is hard-coded 1e-5 like HF)
+    swin_norm: bool = False  # Chameleon's swin-norm variant: x + norm(attn(x)) instead of x + attn(norm(x))
+    image_token_start: int = 0  # first image id (Chameleon: 4)
+    image_token_end: int = 0  # one past the last image id (Chameleon: 8196); start == end means no image ids
+    mask_image_logits: bool = True  # HF behaviour: image-id logits set to the dtype min on every forward
+    vq: Any = None  # tokenizer.VQConfig or None; when set the model owns `model.vqmodel` (the frozen VQ encoder)
+    gradient_checkpointing: bool = False  # recompute each block in backward (training mode only) to save memory
+    init_std: float = 0.02  # std of the normal init of Linear/Embedding weights (HF initializer_range)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ChameleonConfig:
+        if name == "tiny":
+            # CPU-trainable; the caller sets vocab_size / image range from its TextTokenizer
+            cfg = dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, n_inner=688, max_seq_len=256)
+        elif name == "chameleon-7b":
+            from tokenizer import VQConfig  # lazy: model.py is usable without the tokenizer module
+
+            cfg = dict(vocab_size=65536, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, n_inner=11008,
+                       max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5, image_token_start=4,
+                       image_token_end=8196, vq=VQConfig.chameleon())
+        else:
+            raise ValueError(f"unknown preset {name!r}; expected 'tiny' or 'chameleon-7b'")
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["vq"] = None if self.vq is None else dataclasses.asdict(self.vq)
+        return json.loads(json.dumps(d))  # JSON-able (tuples become lists)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChameleonConfig:
+        d = dict(d)
+        if d.get("vq") is not None:
+            d["vq"] = _vq_config_from_dict(d["vq"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ChameleonConfig:
+        """Map an HF ChameleonConfig JSON (config.json) onto our field names, refusing what we don't implement."""
+        unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                       "tie_word_embeddings": False}
+        for k, want in unsupported.items():
+            if hf.get(k, want) != want:
+                raise NotImplementedError(f"config.json has {k}={hf[k]!r}; only {want!r} is implemented")
+        # rope: transformers <5 writes rope_theta/rope_scaling, 5.x writes rope_parameters={rope_type, rope_theta}
+        rope = hf.get("rope_parameters") or {}
+        if (rope.get("rope_type") or "default") != "default" or hf.get("rope_scaling"):
+            raise NotImplementedError("only plain RoPE is implemented (no rope scaling)")
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        # image ids = every vocabulary_map entry named IMGIMG... (what HF masks); we need them contiguous
+        vmap = hf.get("vocabulary_map") or {}
+        img = sorted(v for k, v in vmap.items() if k.startswith("IMGIMG"))
+        start, end = (img[0], img[-1] + 1) if img else (0, 0)
+        if len(img) != end - start:
+            raise NotImplementedError("image ids in vocabulary_map are not one contiguous range")
+        n_head = hf.get("num_attention_heads", 32)
+        return cls(
+            vocab_size=hf.get("vocab_size", 65536),
+            n_layer=hf.get("num_hidden_layers", 32),
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=hf.get("hidden_size", 4096),
+            n_inner=hf.get("intermediate_size", 11008),
+            max_seq_len=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(rope_theta),
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            swin_norm=bool(hf.get("swin_norm", False)),
+            image_token_start=start,
+            image_token_end=end,
+            vq=_vq_config_from_dict(hf["vq_config"]) if hf.get("vq_config") is not None else None,
+        )
+
+    def to_hf(self) -> dict:
+        """The HF config.json for this config (so transformers can load what save_pretrained writes)."""
+        # HF only knows the image ids through vocabulary_map names; code c is named IMGIMG + digits(c as A..J) + Z
+        vmap = {"IMGIMG" + "".join(chr(ord("A") + int(ch)) for ch in str(i - self.image_token_start)) + "Z": i
+                for i in range(self.image_token_start, self.image_token_end)}
+        d = dict(model_type="chameleon", architectures=["ChameleonForConditionalGeneration"],
+                 vocab_size=self.vocab_size, hidden_size=self.n_embd, intermediate_size=self.n_inner,
+                 num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                 num_key_value_heads=self.n_kv_head, max_position_embeddings=self.max_seq_len,
+                 rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                 swin_norm=self.swin_norm, tie_word_embeddings=False, vocabulary_map=vmap)
+        if self.vq is not None:
+            d["vq_config"] = dataclasses.asdict(self.vq)
+        return json.loads(json.dumps(d))
+
+
+def _vq_config_from_dict(d: dict):
+    """tokenizer.VQConfig from a dict (ours, or HF's vq_config); fields VQConfig doesn't have are dropped."""
+    from tokenizer import VQConfig
+
+    known = {f.name for f in dataclasses.fields(VQConfig)}
+    return VQConfig(**{k: v for k, v in d.items() if k in known})  # (HF's initializer_range etc. are dropped)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # nothing to cast: the fused kernel does the same arithmetic in one op (fewer launches, cheaper backward)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # normalise in fp32 (bf16 sums of squares are too coarse), cast back, THEN scale: the order HF uses
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """Chameleon's QK-norm: LayerNorm over head_dim only, then a separate weight and bias for every head."""
+
+    def __init__(self, n_head: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_head, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_head, head_dim))
+
+    def forward(self, x):  # x: (B, T, n_head, head_dim)
+        x = F.layer_norm(x, (x.shape[-1],), eps=1e-5)  # statistics per head (not over all heads)
+        return torch.addcmul(self.bias, x, self.weight)  # x * weight + bias in one op
+
+
+def apply_rope(x, cos, sin):  # x: (B, n_head, T, head_dim); cos/sin: (T, head_dim)
+    """x * cos + rotate_half(x) * sin, where rotate_half (x1, x2) -> (-x2, x1) on the two halves of the last dim
+    (the HF/Meta convention; weights pre-permuted). `sin` comes with its first half negated (Chameleon.rope_sin), so
+    rotate_half is a plain roll by head_dim/2: 3 ops instead of chunk + neg + cat + 3 (exact: negation is exact)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, for batched prefill-then-decode.
+
+    All sequences of a batch share one position counter, so prompts in a batch must have equal length (no padding
+    support: it keeps RoPE positions and the causal mask trivial). `pos` = number of tokens already cached.
+    """
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device=None, dtype=None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: Chameleon, batch_size: int, max_len: int | None = None) -> KVCache:
+        c = model.config
+        w = model.lm_head.weight
+        return cls(c.n_layer, batch_size, c.n_kv_head, max_len or c.max_seq_len, c.head_dim, w.device, w.dtype)
+
+    def update(self, layer: int, k, v):
+        """Write k, v (B, n_kv_head, T, head_dim) at pos..pos+T; return all cached keys/values up to pos+T."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {T} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.k[layer][:, :, :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ChameleonConfig, layer_idx: int):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C = config.n_embd
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        self.q_norm = QKNorm(self.n_head, self.head_dim)
+        self.k_norm = QKNorm(self.n_kv_head, self.head_dim)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+        B, T, C = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim))  # (B, T, n_head, head_dim)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim))  # (B, T, n_kv_head, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, n_kv_head, head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE after QK-norm, as in HF
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim), S = past + T
+        # GQA: each kv head serves n_head // n_kv_head consecutive query heads (HF's repeat_kv)
+        rep = self.n_head // self.n_kv_head
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)  # (B, n_head, S, head_dim)
+            v = v.repeat_interleave(rep, dim=1)  # (B, n_head, S, head_dim)
+        S = k.shape[2]
+        if S == T:  # no past: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new token sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # a chunk after a past: query t (absolute S-T+t) sees keys <= S-T+t (is_causal would be top-left)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_head * head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChameleonConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
+        self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: ChameleonConfig, layer_idx: int):
+        super().__init__()
+        self.swin_norm = config.swin_norm
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
+        if self.swin_norm:  # norms on the branch outputs (same parameter names, different place)
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, kv_cache))
+            return x + self.post_attention_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: lists every missing / unexpected / mis-shaped key at once."""
+
+
+class Chameleon(nn.Module):
+    def __init__(self, config: ChameleonConfig):
+        super().__init__()
+        self.config = config
+        # `model.` prefix and names exactly as HF's ChameleonModel, so state-dict keys match HF checkpoints
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        if config.vq is not None:
+            from tokenizer import ImageTokenizer
+
+            # the VQ encoder ships inside Chameleon checkpoints; it is frozen (never trained with the LM)
+            self.model.vqmodel = ImageTokenizer(config.vq, with_decoder=False)
+            self.model.vqmodel.requires_grad_(False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from embed_tokens
+        self._init_rope()
+        for m in (self.model.embed_tokens, self.model.layers, self.lm_head):  # the VQ model keeps its own init
+            m.apply(self._init_weights)
+
+    def _init_rope(self):
+        """(Re)build the cos/sin tables. Non-persistent buffers: not in checkpoints, so rebuilt after a meta load."""
+        c = self.config
+        device = self.lm_head.weight.device  # meta while from_pretrained builds the skeleton
+        # same arithmetic as HF (fp32 inv_freq, fp32 outer product) so fp32 parity is exact
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float, device=device)
+                                           / c.head_dim))
+        t = torch.arange(c.max_seq_len, dtype=torch.float, device=device)
+        freqs = t[:, None] * inv_freq[None, :]  # (max_seq_len, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, head_dim): rotate_half layout
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        # sin with its first half negated: folds rotate_half's sign flip into the table (see apply_rope)
+        self.register_buffer("rope_sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def num_params(self, exclude_vq: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_vq and "vqmodel" in self.model:
+            n -= sum(p.numel() for p in self.model.vqmodel.parameters())
+        return n
+
+    def forward(self, idx, kv_cache: KVCache | None = None, last_only: bool = False,
+                mask_image_logits: bool | None = None):
+        """idx (B, T) -> fp32 logits (B, T, vocab) (or (B, 1, vocab) with last_only, for decoding).
+
+        With kv_cache, idx continues the cached sequence: positions start at kv_cache.pos, which advances by T.
+        mask_image_logits None follows config.mask_image_logits (HF: image ids get the dtype min).
+        """
+        x = self.hidden(idx, kv_cache)  # (B, T, n_embd)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, n_embd)
+        logits = self.lm_head(x).float()  # (B, T, vocab), fp32 for stable softmax/sampling
+        mask = self.config.mask_image_logits if mask_image_logits is None else mask_image_logits
+        if mask and self.config.image_token_end > self.config.image_token_start:
+            logits[..., self.config.image_token_start:self.config.image_token_end] = torch.finfo(logits.dtype).min
+        return logits
+
+    def hidden(self, idx, kv_cache: KVCache | None = None):
+        """idx (B, T) -> the final-normed hidden states (B, T, n_embd) that lm_head reads (forward without lm_head:
+        generate_image applies only the image rows of lm_head to them)."""
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {pos + T} > max_seq_len {self.config.max_seq_len}")
+        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        cos = self.rope_cos[pos:pos + T].to(x.dtype)  # (T, head_dim)
+        sin = self.rope_sin[pos:pos + T].to(x.dtype)  # (T, head_dim)
+        ckpt = self.config.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
+        for block in self.model.layers:
+            if ckpt:  # keep only each block's input; recompute its activations in backward
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.model.norm(x)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", strict: bool = True) -> Chameleon:
+        """Load an HF-layout directory: config.json + model.safetensors (or model.safetensors.index.json shards).
+
+        The model is built on the meta device (no memory, no init) and each tensor is read from its shard and assigned
+        directly, so peak RAM is about one copy of the weights (a 7B bf16 load needs ~14 GB, not 2x that).
+        dtype None keeps the dtype stored in the file. Key names and shapes are checked BEFORE any tensor is read.
+        """
+        from safetensors import safe_open
+
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        # our own save_pretrained stores the exact ChameleonConfig next to the HF fields
+        config = ChameleonConfig.from_dict(hf["worldboot"]) if "worldboot" in hf else ChameleonConfig.from_hf(hf)
+
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]  # key -> shard file name
+            files = sorted(set(weight_map.values()))
+        else:
+            files = ["model.safetensors"]
+
+        # 1) read only the headers: which key lives in which file, with which shape
+        found = {}  # key -> (file, shape)
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            try:
+                with safe_open(fpath, framework="pt") as f:
+                    for k in f.keys():
+                        found[k] = (fname, tuple(f.get_slice(k).get_shape()))
+            except Exception as e:  # truncated / corrupt / missing file
+                raise CheckpointError(f"cannot read checkpoint file {fpath}: {type(e).__name__}: {e}") from e
+
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        _check_keys(expected, found, path, strict)
+
+        # 2) load shard by shard, tensor by tensor, straight into the (meta) parameters
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            try:
+                with safe_open(fpath, framework="pt") as f:  # memory-mapped: one tensor in RAM at a time
+                    sd = {}
+                    for k in f.keys():
+                        if k not in expected:
+                            continue
+                        t = f.get_tensor(k)
+                        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                        sd[k] = t.to(device)
+                    model.load_state_dict(sd, strict=False, assign=True)
+                    del sd
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"cannot read checkpoint file {fpath}: {type(e).__name__}: {e}") from e
+        model._init_rope()  # non-persistent buffers are still on meta
+        if config.vq is not None:
+            model.model.vqmodel.requires_grad_(False)
+        return model.to(device).eval()
+
+    def save_pretrained(self, path):
+        """Write config.json (HF fields + our exact config under "worldboot") and model.safetensors."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        hf = self.config.to_hf()
+        hf["worldboot"] = self.config.to_dict()
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=1)
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _check_keys(expected: dict, found: dict, path, strict: bool):
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected)) if strict else []
+    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k][1])
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"checkpoint {path} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}):")
+        lines += [f"    {k}  expected shape {list(expected[k])}" for k in missing]
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}):")
+        lines += [f"    {k}  found shape {list(found[k][1])} in {found[k][0]}" for k in unexpected]
+    if mismatched:
+        lines.append(f"  shape mismatches ({len(mismatched)}):")
+        lines += [f"    {k}  expected {list(expected[k])}, found {list(found[k][1])} in {found[k][0]}"
+                  for k in mismatched]
+    raise CheckpointError("\n".join(lines))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# sampling and generation
+
+
+def sample(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None):
+    """logits (B, V) -> token ids (B,). temperature 0 (or top_k 1) = argmax; top-k then top-p (nucleus) filtering.
+
+    The generator must live on the logits' device; pass one for reproducible draws.
+    """
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already hold >= top_p of the mass (the top one always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits, idx):
+    """log p(idx[:, t+1] | idx[:, :t+1]) for t < T-1: logits (B, T, V), idx (B, T) -> (B, T-1) fp32."""
+    B, T, V = logits.shape
+    # cross_entropy avoids materialising a second (B, T, V) log-softmax tensor
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), idx[:, 1:].reshape(-1), reduction="none")
+    return -nll.view(B, T - 1)
+
+
+def _vocab_mask(V: int, allowed, device) -> torch.Tensor:
+    """allowed: (lo, hi) range or a bool mask (V,) -> bool mask (V,) of permitted ids."""
+    if isinstance(allowed, torch.Tensor):
+        return allowed.to(device=device, dtype=torch.bool)
+    lo, hi = allowed
+    mask = torch.zeros(V, dtype=torch.bool, device=device)
+    mask[lo:hi] = True
+    return mask
+
+
+@torch.no_grad()
+def generate_text(model: Chameleon, idx, max_new_tokens: int, eos_id: int | None = None, allowed=None,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None, pad_id: int | None = None):
+    """Continue idx (B, T) (prompts of equal length) with text: returns new tokens (B, n), n <= max_new_tokens.
+
+    allowed: (lo, hi) or bool mask (V,) of permitted ids; default = every non-image id (whatever the model's
+    mask_image_logits). After a row emits eos_id it is filled with pad_id (default eos_id); stops when all rows did.
+    """
+    cfg = model.config
+    B, T = idx.shape
+    V = cfg.vocab_size
+    if allowed is None:
+        keep = torch.ones(V, dtype=torch.bool, device=idx.device)
+        keep[cfg.image_token_start:cfg.image_token_end] = False
+    else:
+        keep = _vocab_mask(V, allowed, idx.device)
+    pad = eos_id if pad_id is None else pad_id
+    cache = KVCache.for_model(model, B, T + max_new_tokens)
+    logits = model(idx, kv_cache=cache, last_only=True)[:, -1]  # (B, V) prefill
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=idx.device)
+    for i in range(max_new_tokens):
+        tok = sample(logits.masked_fill(~keep, float("-inf")), temperature, top_k, top_p, generator)  # (B,)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, pad), tok)
+            done = done | (tok == eos_id)
+        out.append(tok)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        logits = model(tok[:, None], kv_cache=cache)[:, -1]  # (B, V)
+    return torch.stack(out, dim=1) if out else idx.new_zeros(B, 0)
+
+
+@torch.no_grad()
+def generate_image(model: Chameleon, idx, n_tokens: int, boi_id: int, eoi_id: int | None = None,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   generator: torch.Generator | None = None, cfg_scale: float | None = None, uncond_idx=None,
+                   image_idx=None, image_cfg_scale: float = 1.2):
+    """Sample exactly n_tokens image ids after idx (B, T) (+ BOI if it doesn't end with boi_id): returns (B, n_tokens).
+
+    Only ids in [image_token_start, image_token_end) can be drawn (the model's mask_image_logits is ignored here);
+    EOI (eoi_id, unused) is implied after the last token. Classifier-free guidance when cfg_scale is set:
+      2-way:  logits = uncond + cfg_scale * (cond - uncond)
+      3-way (Anole, when image_idx = the prompt with only its image parts is given):
+              logits = uncond + image_cfg_scale * (image - uncond) + cfg_scale * (cond - image)
+    uncond_idx defaults to the first token of idx (BOS); batch-size-1 guide prompts are broadcast. Streams of equal
+    prompt length run as one batch with one KV cache; otherwise each stream gets its own cache.
+    """
+    cfg = model.config
+    B = idx.shape[0]
+
+    def with_boi(p):
+        p = p.expand(B, -1) if p.shape[0] == 1 else p
+        if p.shape[1] == 0 or not bool((p[:, -1] == boi_id).all()):
+            p = torch.cat([p, torch.full((B, 1), boi_id, dtype=p.dtype, device=p.device)], dim=1)
+        return p
+
+    streams = [with_boi(idx)]
+    if cfg_scale is not None:
+        streams.append(with_boi(uncond_idx if uncond_idx is not None else idx[:, :1]))
+        if image_idx is not None:
+            streams.append(with_boi(image_idx))
+    # one batched pass when all prompts have the same length, else one cache per stream
+    groups = [torch.cat(streams)] if len({s.shape[1] for s in streams}) == 1 else streams
+    caches = [KVCache.for_model(model, g.shape[0], g.shape[1] + n_tokens) for g in groups]
+    lo, hi = cfg.image_token_start, cfg.image_token_end
+    # only image ids can be drawn, so only the image rows of lm_head are ever needed: (hi - lo) logits instead of the
+    # whole vocabulary (8192 of 65536 for Chameleon). Sampling among them = sampling the full softmax with every
+    # other id masked to -inf (same distribution; the random draws differ from a full-vocab sampler's).
+    w_img = model.lm_head.weight[lo:hi]  # (n_codes, n_embd)
+
+    def step(inputs):  # list of (b, t) per group -> list of (B, n_codes) last image logits per stream
+        last = [F.linear(model.hidden(x, kv_cache=c)[:, -1], w_img).float() for x, c in zip(inputs, caches)]
+        return (last[0] if len(last) == 1 else torch.cat(last)).split(B)
+
+    logits = step(groups)
+    out = []
+    for i in range(n_tokens):
+        if cfg_scale is None:
+            lg = logits[0]
+        elif image_idx is None:
+            cond, uncond = logits
+            lg = uncond + cfg_scale * (cond - uncond)
+        else:
+            cond, uncond, img = logits
+            lg = uncond + image_cfg_scale * (img - uncond) + cfg_scale * (cond - img)
+        tok = sample(lg, temperature, top_k, top_p, generator) + lo  # (B,) image ids
+        out.append(tok)
+        if i < n_tokens - 1:
+            logits = step([tok[:, None].repeat(g.shape[0] // B, 1) for g in groups])
+    return torch.stack(out, dim=1)
+
+
+__all__ = ["ChameleonConfig", "Chameleon", "KVCache", "CheckpointError", "sample", "token_logprobs",
+           "generate_text", "generate_image"]

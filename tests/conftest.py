@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny text tokenizer with 16 image codes and a tiny model, small enough for CPU tests."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # flat modules at the repo root
+
+torch.set_num_threads(2)
+
+ACTIONS = ["move the red circle left", "remove the blue square", "put the green triangle next to the red circle",
+           "recolour the blue square to yellow", "swap the red circle and the blue square", "add a purple circle"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from tokenizer import TextTokenizer
+
+    corpus = ACTIONS * 4 + [" What action turns the first image into the second? Action:", " Edit:", " Draw:",
+                            " Describe the image:"]
+    return TextTokenizer.train(corpus, vocab_size=400, n_image_codes=16)
+
+
+def tiny_model(tok, seed: int = 0, n_layer: int = 2, n_embd: int = 64):
+    from model import Chameleon, ChameleonConfig
+
+    torch.manual_seed(seed)
+    cfg = ChameleonConfig.preset("tiny", vocab_size=tok.vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=4,
+                                 n_kv_head=2, n_inner=128, max_seq_len=128, image_token_start=tok.image_offset,
+                                 image_token_end=tok.image_offset + tok.n_image_codes)
+    return Chameleon(cfg)
+
+
+def ddp_case():
+    """A fixed model and global batch of 8 WM sequences with unequal loss weights (tests/test_ddp.py)."""
+    from tokenizer import TextTokenizer
+    from train import collate
+    from train_world import wm_example
+
+    tok = TextTokenizer.train(ACTIONS * 4, vocab_size=400, n_image_codes=16)
+    model = tiny_model(tok)
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for i in range(8):
+        src, tgt = torch.randint(0, 16, (4,), generator=g), torch.randint(0, 16, (4,), generator=g)
+        ex.append(wm_example(tok, src, tgt, ACTIONS[i % 6], token_weights=torch.rand(4, generator=g) * 3))
+    ids, weights = collate(ex, tok.pad_id)
+    batch = torch.randperm(8, generator=g)
+    return model, ids, weights, batch

@@ -1,0 +1,228 @@
+"""Training: loss masks, the recognition-weighted loss (Eq. 2), overfitting, exact resume, NaN guard, LoRA."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ACTIONS, tiny_model
+
+from train import (
+    LoRALinear,
+    Sampler,
+    TrainConfig,
+    apply_lora,
+    collate,
+    lr_at,
+    merge_lora,
+    parse_config,
+    recognition_weights,
+    train,
+    weighted_nll,
+)
+from train_dynamics import dm_example, dm_examples, predict_actions, score_actions
+from train_world import wm_example
+
+L = 4  # image tokens per "image" in these tests
+
+
+def codes(seed):
+    return torch.randint(0, 16, (L,), generator=torch.Generator().manual_seed(seed))
+
+
+def quiet_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path), steps=6, batch_size=4, lr=3e-3, warmup=2, eval_every=0, save_every=0,
+                quiet=True, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_dm_loss_touches_only_action_tokens(tiny_tok):
+    tok = tiny_tok
+    ids, w = dm_example(tok, codes(0), codes(1), "move the red circle left")
+    action = tok.encode(" move the red circle left") + [tok.eos_id]
+    n = len(action)
+    assert ids[-n:] == action
+    assert w[-n:] == [1.0] * n and sum(w[:-n]) == 0
+    # gradient check: logits at prompt positions get no gradient
+    x, wt = collate([(ids, w)], tok.pad_id)
+    logits = torch.randn(1, x.shape[1], tok.vocab_size, requires_grad=True)
+    weighted_nll(logits, x, wt).sum().backward()
+    touched = logits.grad.abs().sum(-1)[0] > 0  # position t predicts token t+1
+    assert touched.nonzero().flatten().tolist() == list(range(len(ids) - n - 1, len(ids) - 1))
+
+
+def test_wm_loss_touches_only_target_image_tokens(tiny_tok):
+    tok = tiny_tok
+    tgt = codes(1)
+    ids, w = wm_example(tok, codes(0), tgt, "remove the blue square")
+    pos = [i for i, x in enumerate(w) if x != 0]
+    assert len(pos) == L
+    assert [ids[i] for i in pos] == tok.image_ids(tgt).tolist()
+    assert ids[pos[0] - 1] == tok.boi_id and ids[pos[-1] + 1] == tok.eoi_id
+    assert ids.count(tok.boi_id) == 2  # source and target images
+
+
+def test_recognition_weights_hand_computed():
+    fs = torch.zeros(3, 2, 2)
+    ft = torch.zeros(3, 2, 2)
+    ft[:, 0, 1] = torch.tensor([1.0, 1.0, 0.0])  # ||.||^2 = 2 at raster position 1
+    ft[0, 1, 1] = 1.0  # ||.||^2 = 1 at raster position 3
+    w = recognition_weights(fs, ft)
+    assert torch.allclose(w, torch.tensor([0.0, 2.0, 0.0, 1.0]) / 0.75)  # mean of (0,2,0,1) is 0.75 -> mean 1
+    assert torch.allclose(w.mean(), torch.tensor(1.0))
+    w_mix = recognition_weights(fs, ft, mix=0.5)
+    assert torch.allclose(w_mix, 0.5 * w + 0.5)
+    assert torch.equal(recognition_weights(fs, fs), torch.ones(4))  # no change: uniform
+
+
+def test_weighted_loss_equals_ce_when_uniform_and_upweights_changes():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    ids = torch.tensor([[0, 3, 1, 4, 2]])
+    nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")  # (4,)
+    ones = torch.tensor([[0.0, 1, 1, 1, 1]])
+    assert torch.allclose(weighted_nll(logits, ids, ones) / 4, nll.mean())
+    assert torch.allclose(weighted_nll(logits, ids, 3 * ones) / 12, nll.mean())  # normalised: scale-free
+    w = torch.tensor([[0.0, 0, 4, 0, 0]])  # all weight on the token at position 2 (predicted from position 1)
+    assert torch.allclose(weighted_nll(logits, ids, w) / 4, nll[1])
+
+
+def test_overfit_one_batch_dm(tiny_tok, tmp_path):
+    tok = tiny_tok
+    ex = [dm_example(tok, codes(i), codes(i + 10), ACTIONS[i]) for i in range(4)]
+    model, hist = train(quiet_cfg(tmp_path, task="dm", steps=80, lr=5e-3, warmup=5), ex, tok,
+                        model=tiny_model(tok))
+    assert hist[-1]["loss"] < 0.05 < hist[0]["loss"]
+    src = torch.stack([codes(i) for i in range(4)])
+    tgt = torch.stack([codes(i + 10) for i in range(4)])
+    assert predict_actions(model, tok, src, tgt) == ACTIONS[:4]
+
+
+def test_overfit_one_batch_wm(tiny_tok, tmp_path):
+    from train_world import generate_targets
+
+    tok = tiny_tok
+    ex = [wm_example(tok, codes(i), codes(i + 10), ACTIONS[i]) for i in range(4)]
+    model, hist = train(quiet_cfg(tmp_path, task="wm", steps=80, lr=5e-3, warmup=5), ex, tok, model=tiny_model(tok))
+    assert hist[-1]["loss"] < 0.05 < hist[0]["loss"]
+    src = torch.stack([codes(i) for i in range(4)])
+    out = generate_targets(model, tok, src, ACTIONS[:4], n_samples=2, temperature=0.0)  # (4, 2, L)
+    assert torch.equal(out[:, 0], torch.stack([codes(i + 10) for i in range(4)]))
+
+
+def test_resume_equals_uninterrupted(tiny_tok, tmp_path):
+    tok = tiny_tok
+    ex = [dm_example(tok, codes(i), codes(i + 10), ACTIONS[i % 6]) for i in range(12)]
+    kw = dict(task="dm", steps=8, save_every=2, lora_r=0)
+    _, full = train(quiet_cfg(tmp_path / "a", **kw), ex, tok, model=tiny_model(tok))
+    _, first = train(quiet_cfg(tmp_path / "b", stop_at=5, **kw), ex, tok, model=tiny_model(tok))
+    _, rest = train(quiet_cfg(tmp_path / "b", resume=True, **kw), ex, tok, model=tiny_model(tok, seed=99))
+    assert len(first) == 5 and len(rest) == 3
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]
+    meta = json.load(open(tmp_path / "b" / "ckpt" / "meta.json"))
+    assert meta["step"] == 8 and meta["sampler"]["offset"] > 0
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_tok, tmp_path):
+    tok = tiny_tok
+    ex = [dm_example(tok, codes(i), codes(i + 10), ACTIONS[i]) for i in range(4)]
+    train(quiet_cfg(tmp_path, task="dm", steps=2, save_every=1), ex, tok, model=tiny_model(tok))
+    bad = [(ids, [math.nan if x else 0.0 for x in w]) for ids, w in ex]
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train(quiet_cfg(tmp_path, task="dm", steps=4, save_every=1, resume=True), bad, tok, model=tiny_model(tok))
+    assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 2
+
+
+def test_checkpoint_errors_are_readable(tiny_tok, tmp_path):
+    from train import load_model, save_checkpoint
+
+    tok = tiny_tok
+    model = tiny_model(tok)
+    save_checkpoint(str(tmp_path), model, TrainConfig(), model.config, step=3)
+    loaded, meta = load_model(str(tmp_path))
+    assert meta["step"] == 3
+    with open(tmp_path / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(tiny_tok):
+    tok = tiny_tok
+    model = tiny_model(tok)
+    n = apply_lora(model, r=4, alpha=8, dropout=0.0, targets="q_proj,v_proj")
+    assert n == 2 * 2  # two layers x two targets
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k for k in trainable)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B)  # make the adapters non-trivial
+    x = torch.randint(0, tok.vocab_size, (2, 10))
+    before = model(x)
+    merge_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.allclose(model(x), before, atol=1e-5)
+    with pytest.raises(ValueError, match="matched no"):
+        apply_lora(tiny_model(tok), 4, 8, 0.0, "nothing_here")
+
+
+def test_score_actions_batched_equals_unbatched(tiny_tok):
+    tok = tiny_tok
+    model = tiny_model(tok)
+    src = torch.stack([codes(i) for i in range(5)])
+    tgt = torch.stack([codes(i + 10) for i in range(5)])
+    acts = ACTIONS[:5]
+    s_all, m_all = score_actions(model, tok, src, tgt, acts, batch=5)
+    for i in range(5):
+        s, m = score_actions(model, tok, src[i : i + 1], tgt[i : i + 1], acts[i : i + 1])
+        assert torch.allclose(s, s_all[i : i + 1], atol=1e-4) and torch.allclose(m, m_all[i : i + 1], atol=1e-5)
+    # equals the teacher-forced log-likelihood computed directly from the logits
+    from model import token_logprobs
+
+    ids, w = collate(dm_examples_like(tok, src[:1], tgt[:1], acts[:1]), tok.pad_id)
+    lp = token_logprobs(model(ids), ids)  # (1, T-1)
+    assert torch.allclose((lp * w[:, 1:]).sum(), s_all[0], atol=1e-4)
+
+
+def dm_examples_like(tok, src, tgt, acts):
+    return [dm_example(tok, s, t, a) for s, t, a in zip(src, tgt, acts)]
+
+
+def test_sampler_and_schedule():
+    s = Sampler(10, 4, seed=1)
+    seen = torch.cat([s.next(), s.next()])
+    assert len(set(seen.tolist())) == 8  # no repeats inside an epoch
+    s.next()  # 8 + 4 > 10: a new epoch starts (drop last)
+    assert s.state()["epoch"] == 1
+    cfg = TrainConfig(lr=1.0, warmup=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(60, cfg) == pytest.approx(0.55)
+
+
+def test_parse_config_overrides_and_rejects_unknown():
+    cfg = parse_config(TrainConfig, ["--lr=0.5", "--resume=true", "--task=dm"])
+    assert cfg.lr == 0.5 and cfg.resume is True and cfg.task == "dm"
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--no_such_key=1"])
+
+
+def test_dm_examples_use_item_paths(tiny_tok):
+    from types import SimpleNamespace
+
+    tok = tiny_tok
+    items = [SimpleNamespace(input_path="a", output_path="b", instruction="remove the blue square")]
+    cache = {"a": (codes(0), None), "b": (codes(1), None)}
+    assert dm_examples(items, cache, tok)[0] == dm_example(tok, codes(0), codes(1), "remove the blue square")
+
+
+def test_metrics_file_written(tiny_tok, tmp_path):
+    tok = tiny_tok
+    ex = [dm_example(tok, codes(i), codes(i + 10), ACTIONS[i]) for i in range(4)]
+    train(quiet_cfg(tmp_path, task="dm", steps=3), ex, tok, val_examples=ex, model=tiny_model(tok))
+    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "val_loss" in rows[-1]

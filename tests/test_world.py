@@ -1,0 +1,312 @@
+"""Tests of world.py: rendering, the detector, actions and their language, the judge, the splits, build()."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+import world
+from world import (
+    COLOURS,
+    SHAPES,
+    TEMPLATES,
+    VERBS,
+    Action,
+    Obj,
+    Scene,
+    WorldConfig,
+    apply,
+    candidates,
+    combos,
+    describe,
+    generate,
+    heldout_combos,
+    judge,
+    outcomes,
+    parse,
+    parse_action,
+    render,
+    sample_action,
+    sample_scene,
+)
+
+SMALL = dict(n_train=28, n_val=14, n_test=14, n_comp=21, n_videos=6, n_captions=10)
+
+
+def random_scenes(n, seed=0, **kw):
+    rng = random.Random(seed)
+    return [sample_scene(rng, **kw) for _ in range(n)]
+
+
+def random_triplets(n_per_verb, seed=0):
+    """(scene, action, rng) with n_per_verb actions of every verb."""
+    rng, out = random.Random(seed), []
+    for verb in VERBS:
+        got = 0
+        while got < n_per_verb:
+            s = sample_scene(rng)
+            a = sample_action(s, rng, verbs=(verb,))
+            if a is not None:
+                out.append((s, a))
+                got += 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return generate(WorldConfig(**SMALL))
+
+
+def test_render_deterministic():
+    a = [render(s).tobytes() for s in random_scenes(20, seed=3)]
+    b = [render(s).tobytes() for s in random_scenes(20, seed=3)]
+    assert a == b
+    img = render(random_scenes(1)[0])
+    assert img.size == (32, 32) and img.mode == "RGB"
+    # pixel-exact: only the background and palette colours occur (no anti-aliasing)
+    allowed = {world.BACKGROUND, *COLOURS.values()}
+    assert {tuple(p) for p in np.asarray(img).reshape(-1, 3)} <= allowed
+
+
+def test_shapes_distinct_at_8px():
+    masks = {s: world.shape_mask(s, 8) for s in SHAPES}
+    assert [int(m.sum()) for m in masks.values()] == [36, 24, 24]
+    for a in SHAPES:
+        for b in SHAPES:
+            if a != b:
+                assert (masks[a] != masks[b]).sum() >= 12
+    # margin: the outer ring of every cell is background, so neighbouring objects never touch
+    for m in masks.values():
+        assert not m[0].any() and not m[-1].any() and not m[:, 0].any() and not m[:, -1].any()
+
+
+def test_parse_render_roundtrip_1000():
+    scenes = random_scenes(1000, seed=1, min_objects=1, max_objects=6)
+    assert all(parse(render(s)) == s for s in scenes)
+
+
+@pytest.mark.parametrize("blur, sigma", [(0.6, 0.03), (1.0, 0.06)])
+def test_parse_robust_to_noise_and_blur(blur, sigma):
+    rng = np.random.default_rng(0)
+    bad = 0
+    for s in random_scenes(200, seed=2):
+        img = render(s).filter(ImageFilter.GaussianBlur(blur))
+        x = np.asarray(img, np.float32) / 255 + rng.normal(0, sigma, (32, 32, 3))
+        bad += parse(np.clip(x, 0, 1)) != s
+    assert bad == 0
+
+
+def test_parse_robust_to_down_up_sampling():
+    # a crude stand-in for a VQ reconstruction: half resolution and back
+    for s in random_scenes(100, seed=6):
+        assert parse(render(s).resize((16, 16), Image.BILINEAR).resize((32, 32), Image.BILINEAR)) == s
+
+
+def test_parse_other_sizes():
+    for size, grid in ((48, 4), (64, 8), (36, 6)):
+        for s in random_scenes(50, seed=4, grid=grid):
+            assert parse(render(s, size, grid), grid) == s
+
+
+def test_copy_source_scores_zero_and_ground_truth_ten():
+    for s, a in random_triplets(40):
+        assert judge(s, a, render(s))["success"] == 0, (s, a)
+        assert judge(s, a, s)["score"] == 0
+        for t in outcomes(s, a):  # every valid outcome, through the image path
+            assert judge(s, a, render(t)) == dict(success=10, minimal=10, score=10), (s, a, t)
+
+
+def test_ground_truth_scores_ten_for_every_test_item(small_data):
+    for split in ("test", "test_comp", "val", "train"):
+        for r in small_data[split]:
+            assert judge(r["src"], r["action"], render(r["tgt"]))["score"] == 10
+            assert judge(r["src"], r["action"], render(r["src"]))["success"] == 0
+
+
+def test_judge_partial_scores():
+    r, b, g = ("red", "circle"), ("blue", "square"), ("green", "triangle")
+    s = Scene((Obj(0, 0, *r), Obj(0, 3, *b), Obj(3, 3, *g)))
+    # swap with only one object in place: half success
+    half = Scene((Obj(0, 3, *r), Obj(3, 3, *g)))
+    assert judge(s, Action("swap", r, ref=b), half)["success"] == 5
+    # add at a cell, object drawn elsewhere: 5
+    add = Action("add", ("cyan", "circle"), cell=(2, 2))
+    assert judge(s, add, s.replace(None, Obj(1, 1, "cyan", "circle")))["success"] == 5
+    # correct move but a bystander vanished: minimal 5 (1 of 2 bystanders kept)
+    mv = Action("move", r, direction="down")
+    out = Scene((Obj(1, 0, *r), Obj(3, 3, *g)))
+    assert judge(s, mv, out) == dict(success=10, minimal=5, score=5)
+    # correct move plus a spurious object: 2 kept of (2 bystanders + 1 spurious)
+    out = Scene((Obj(1, 0, *r), Obj(0, 3, *b), Obj(3, 3, *g), Obj(2, 2, "yellow", "square")))
+    assert judge(s, mv, out)["minimal"] == 7
+    # a duplicate of the moved object fails success (the object must be at exactly one cell)
+    dup = Scene((Obj(0, 0, *r), Obj(1, 0, *r), Obj(0, 3, *b), Obj(3, 3, *g)))
+    assert judge(s, mv, dup)["success"] == 0
+    # next_to: the reference object must stay put
+    nt = Action("next_to", r, ref=g)
+    ok = Scene((Obj(2, 3, *r), Obj(0, 3, *b), Obj(3, 3, *g)))
+    assert judge(s, nt, ok)["score"] == 10
+    moved_ref = Scene((Obj(2, 3, *r), Obj(0, 3, *b), Obj(3, 2, *g)))
+    assert judge(s, nt, moved_ref)["minimal"] < 10
+    # blank output
+    assert judge(s, Action("remove", r), Scene())["minimal"] == 0
+    # an action that does not apply to the source (a DM's wrong label) scores 0 success, no crash
+    assert judge(s, Action("remove", ("cyan", "square")), s)["success"] == 0
+    assert judge(s, Action("move", r, direction="up"), s)["success"] == 0
+
+
+def test_consistent_checks_labels():
+    for s, a in random_triplets(10, seed=11):
+        t = apply(s, a, random.Random(0))
+        assert world.consistent(s, a, t) and world.consistent(s, parse_action(describe(a)), t)
+        assert not world.consistent(s, a, s)
+        assert not world.consistent(s, None, t)
+
+
+def test_stochastic_actions_have_several_valid_outcomes():
+    r, b = ("red", "circle"), ("blue", "square")
+    s = Scene((Obj(1, 3, *r), Obj(2, 1, *b)))
+    for a in (Action("move_somewhere", r, direction="left"), Action("next_to", r, ref=b),
+              Action("add", ("green", "triangle"))):
+        outs = {apply(s, a, random.Random(k)) for k in range(60)}
+        assert len(outs) >= 3, a
+        assert outs == set(outcomes(s, a))
+        for t in outs:
+            assert judge(s, a, render(t))["score"] == 10
+    # deterministic actions have exactly one outcome
+    for a in (Action("move", r, direction="up"), Action("remove", r), Action("swap", r, ref=b),
+              Action("recolour", r, colour="cyan"), Action("add", ("green", "triangle"), cell=(0, 0))):
+        assert len(outcomes(s, a)) == 1
+
+
+def test_sample_action_only_applicable():
+    rng = random.Random(5)
+    for s in random_scenes(200, seed=5):
+        a = sample_action(s, rng)
+        assert a is not None and outcomes(s, a)
+        for verb in VERBS:
+            for c in candidates(s, verb):
+                assert outcomes(s, c), c
+
+
+def test_describe_parse_roundtrip_all_templates():
+    for _, a in random_triplets(15, seed=7):
+        key = world._template_key(a)
+        for i in range(len(TEMPLATES[key])):
+            text = describe(a, template=i)
+            assert parse_action(text) == a, (text, a)
+            assert parse_action(text.capitalize() + ".") == a
+    assert parse_action("make it nicer") is None
+    assert parse_action("") is None
+
+
+def test_action_and_scene_json_roundtrip():
+    for s, a in random_triplets(5, seed=8):
+        assert Action.from_json(json.loads(json.dumps(a.to_json()))) == a
+        assert Scene.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+def test_caption_mentions_every_object():
+    for s in random_scenes(50, seed=9):
+        c = world.caption(s, random.Random(0))
+        for o in s.objects:
+            assert f"a {o.colour} {o.shape} at the {world.position_name(o.cell)}" in c
+
+
+def test_compositional_split_is_disjoint(small_data):
+    held = heldout_combos(0)
+    assert len(held) == len(VERBS) and len({(c, s) for c, s, _ in held}) == len(VERBS)
+    seen = set()
+    for split in ("train", "val", "test"):
+        for r in small_data[split]:
+            assert not combos(r["action"]) & held, r
+            seen |= combos(r["action"])
+    for v in small_data["videos"]:
+        for st in v["steps"]:
+            if not st["hold"]:
+                assert not combos(Action.from_json(st["action"])) & held
+    for r in small_data["test_comp"]:
+        assert combos(r["action"]) & held, r
+    assert {r["verb"] for r in small_data["test_comp"]} == set(VERBS)
+    assert all(r["task"] == "world_comp" for r in small_data["test_comp"])
+
+
+def test_heldout_parts_still_seen_in_training():
+    data = generate(WorldConfig(n_train=400, n_val=0, n_test=0, n_comp=0, n_videos=0, n_captions=0))
+    seen = set().union(*(combos(r["action"]) for r in data["train"]))
+    for c, s, v in heldout_combos(0):
+        assert any(x[:2] == (c, s) for x in seen), (c, s)  # the object type occurs with other verbs
+        assert any(x[2] == v for x in seen)
+
+
+def test_splits_deterministic_and_seeded(small_data):
+    key = lambda d: [(r["src"], r["action"], r["tgt"], r["instruction"]) for s in ("train", "test", "test_comp")
+                     for r in d[s]]
+    again = generate(WorldConfig(**SMALL))
+    assert key(again) == key(small_data)
+    assert [v["scenes"] for v in again["videos"]] == [v["scenes"] for v in small_data["videos"]]
+    assert key(generate(WorldConfig(**SMALL, seed=1))) != key(small_data)
+    # no triplet repeats across splits
+    trips = [(r["src"], r["action"]) for s in ("train", "val", "test", "test_comp") for r in small_data[s]]
+    assert len(set(trips)) == len(trips)
+
+
+def test_videos_have_holds_and_changes(small_data):
+    cfg = WorldConfig(**SMALL)
+    for v in small_data["videos"]:
+        assert len(v["scenes"]) == cfg.video_len
+        for st in v["steps"]:
+            a, b = v["scenes"][st["t"] - 1], v["scenes"][st["t"]]
+            if st["hold"]:
+                assert a == b
+            else:
+                assert judge(a, Action.from_json(st["action"]), b)["score"] == 10
+    steps = [st for v in small_data["videos"] for st in v["steps"]]
+    assert any(st["hold"] for st in steps) and any(not st["hold"] for st in steps)
+
+
+def test_build_files_and_idempotent(tmp_path):
+    cfg = WorldConfig(**SMALL)
+    logs = []
+    paths = world.build(tmp_path / "d", cfg, log=logs.append)
+    items = json.loads((tmp_path / "d" / "test.json").read_text())
+    assert len(items) == cfg.n_test
+    for it in items:
+        assert {"id", "input", "instruction", "output", "task", "verb", "src_scene", "action"} <= set(it)
+        assert not it["input"].startswith("/")
+        out = Image.open(tmp_path / "d" / it["output"])
+        assert world.judge_item(it, out)["score"] == 10
+        assert world.judge_item(it, Image.open(tmp_path / "d" / it["input"]))["success"] == 0
+    vids = json.loads((tmp_path / "d" / "videos.json").read_text())
+    assert len(vids) == cfg.n_videos and set(vids[0]) == {"id", "frames"}  # unlabelled: no actions
+    assert all((tmp_path / "d" / f).exists() for f in vids[0]["frames"])
+    hidden = json.loads((tmp_path / "d" / "videos_hidden.json").read_text())
+    assert set(hidden) == {v["id"] for v in vids}
+    assert Image.open(paths["samples"]).size[0] > 100
+    mtime = (tmp_path / "d" / "manifest.json").stat().st_mtime_ns
+    world.build(tmp_path / "d", cfg, log=logs.append)
+    assert "skipping" in logs[-1] and (tmp_path / "d" / "manifest.json").stat().st_mtime_ns == mtime
+    stats = world.stats(paths)
+    assert "| move |" in stats and "held-out" in stats
+
+
+def test_cli_rejects_unknown_keys(capsys):
+    with pytest.raises(SystemExit):
+        world.main(["--out=/tmp/x", "--no_such_key=3"])
+    with pytest.raises(SystemExit):
+        world.main(["--help"])
+    assert "--n_train" in capsys.readouterr().out
+
+
+def test_pixel_l1():
+    s = random_scenes(1)[0]
+    assert world.pixel_l1(render(s), render(s)) == 0.0
+    assert world.pixel_l1(render(s), render(Scene())) > 0.0
+
+
+def test_build_refuses_foreign_folder(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileExistsError):
+        world.build(tmp_path, WorldConfig(**SMALL), log=lambda *a: None)

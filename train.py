@@ -1,0 +1,652 @@
+"""The one training loop of worldboot, shared by pre-training, the dynamics model and the world model.
+
+Paper mapping (arXiv 2506.06006):
+- Sec. 3 / App. H: fine-tuning a Chameleon-style model with a loss on the *completion* only: the action text for the
+  dynamics model (DM), the target image tokens for the world model (WM). Here every training example is a token
+  sequence plus a per-token loss weight; weight 0 = context, weight 1 = plain cross-entropy, other values = the
+  recognition-weighted loss of Eq. 2 (built in train_world.py). One loop serves all tasks.
+- The synthetic world has no foundation model to start from, so this file also pre-trains the tiny transformer on
+  image -> caption and caption -> image pairs (`--task=pretrain`), the role Chameleon/Anole's pre-training plays.
+
+What the loop does: AdamW with cosine schedule and warm-up, gradient clipping, gradient accumulation (gradient
+sync only on the last micro-step), `torchrun` DDP (NCCL on GPU, gloo on CPU) with per-rank shards of one global
+batch, bf16 autocast on GPU, optional gradient checkpointing and LoRA, a NaN/inf guard, periodic validation, a
+metrics JSONL file, and checkpoints that resume exactly (weights, optimizer, config, step, RNG states, data
+position) written atomically as safetensors + JSON.
+
+Loss normalisation (why it is written this way): the loss of a step is sum_i w_i * nll_i / sum_i w_i over the whole
+*global* batch. Every rank knows the global batch's indices, so it can compute the denominator locally; each rank
+then back-propagates its share scaled by world_size (DDP averages gradients). The result is the same gradient as
+one process on the same global batch, whatever the split into ranks and micro-steps (tested in tests/test_ddp.py).
+
+Run:  python train.py --task=pretrain --data=out/data/captions.json --tokenizer_dir=out/tok --out_dir=out/pretrain
+      torchrun --nproc_per_node=2 train_world.py ...   (same flags; see README for 7B on GPUs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from model import Chameleon, ChameleonConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class TrainConfig:
+    task: str = "wm"  # "pretrain" (caption<->image), "dm" (image, image -> action), "wm" (image, action -> image)
+    data: str = ""  # training data: Aurora-Bench-style JSON file(s), comma-separated (Eq. 1: labelled + synthetic)
+    val_data: str = ""  # validation JSON (optional): validation loss and task metrics every eval_every steps
+    tokenizer_dir: str = "out/tok"  # folder with image tokenizer (vq/) and text tokenizer (tokenizer.json)
+    out_dir: str = "out/run"  # checkpoints, metrics.jsonl and sample grids go here
+    init: str = "scratch"  # "scratch" (preset below), a worldboot checkpoint folder, or "hf:<dir>" (Chameleon/Anole)
+    preset: str = "tiny"  # model preset when init=scratch (model.ChameleonConfig.preset)
+    n_layer: int = 0  # override the preset's depth when > 0 (init=scratch only)
+    n_embd: int = 0  # override the preset's width when > 0 (init=scratch only)
+    image_size: int = 32  # images are preprocessed to this square size before VQ encoding (512 for Chameleon)
+    steps: int = 600  # optimizer steps
+    batch_size: int = 32  # global batch size (sequences per optimizer step, over all ranks and micro-steps)
+    grad_accum: int = 1  # micro-steps per optimizer step (gradients sync only on the last one)
+    lr: float = 1e-3  # peak learning rate (paper: 2e-4 DM, 5e-4 WM with LoRA on 7B)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup: int = 50  # linear warm-up steps (paper: 500 DM, 400 WM)
+    weight_decay: float = 0.01  # AdamW weight decay on matrices (not on norms, biases, embeddings)
+    beta2: float = 0.98  # AdamW beta2
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    weighting: str = "none"  # WM token loss: "none" = plain CE, "recognition" = Eq. 2 weights from VQ features
+    weight_mix: float = 0.0  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a floor)
+    lora_r: int = 0  # LoRA rank (0 = full fine-tuning; paper: 16)
+    lora_alpha: float = 32.0  # LoRA scale numerator (paper: 32)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch input (paper: 0.05)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # linear layers that get adapters
+    dropout: float = 0.0  # kept for forks; the Chameleon architecture has no dropout
+    eval_every: int = 200  # validate (and write the sample grid) every N steps; 0 = only at the end
+    eval_items: int = 64  # validation items scored per evaluation (loss) / generated (task metric)
+    save_every: int = 200  # checkpoint every N steps (and at the end); 0 = only at the end
+    seed: int = 1337  # seeds model init, data order and sampling; each rank offsets it by its rank
+    dtype: str = "auto"  # "float32", "bfloat16" (autocast, GPU) or "auto" (bf16 on CUDA, fp32 on CPU)
+    grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
+    resume: bool = False  # continue from out_dir/ckpt exactly where it stopped
+    stop_at: int = 0  # end this invocation after this step, checkpointed (fits a job's time limit); 0 = run to the end
+    max_len: int = 0  # truncate/limit sequences (0 = the model's max_seq_len)
+    quiet: bool = False  # no tqdm bar (tests, reproduce.py's nested runs)
+    extra: dict = field(default_factory=dict)  # free-form notes recorded in the checkpoint (e.g. which stage)
+
+
+def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
+    """--key=value overrides for any config dataclass; --help lists every field with its default; unknown keys fail.
+    `defaults` replaces field defaults (reproduce.py's presets)."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        if f.type in ("dict", dict):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
+        kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})")
+    args = parser.parse_args(argv)  # argparse exits with a message on unknown keys
+    return cls(**vars(args))
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequences: each example is token ids plus, per position, the loss weight for predicting that token
+
+
+def pack(segments: list[tuple[list[int], float | list[float]]]) -> tuple[list[int], list[float]]:
+    """Concatenate (ids, weight) segments; a scalar weight applies to every id of its segment."""
+    ids, weights = [], []
+    for seg_ids, w in segments:
+        ids.extend(int(i) for i in seg_ids)
+        weights.extend([float(w)] * len(seg_ids) if isinstance(w, (int, float)) else [float(x) for x in w])
+    return ids, weights
+
+
+def collate(examples: list[tuple[list[int], list[float]]], pad_id: int, max_len: int = 0):
+    """Right-pad to a common length. Returns ids (N, T) long and weights (N, T) float (0 on padding)."""
+    T = max(len(ids) for ids, _ in examples)
+    if max_len and T > max_len:
+        raise ValueError(f"a sequence of {T} tokens exceeds the model's context of {max_len}")
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    weights = torch.zeros(len(examples), T)
+    for n, (x, w) in enumerate(examples):
+        ids[n, : len(x)] = torch.tensor(x)
+        weights[n, : len(w)] = torch.tensor(w)
+    return ids, weights
+
+
+def weighted_nll(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t * -log p(ids_t | ids_<t) per sequence. logits (B, T, V) from model(ids); returns (B,).
+
+    Position t's logits predict token t+1, so weights/targets are shifted by one. Weight 0 positions cost nothing.
+    """
+    targets = ids[:, 1:]  # (B, T-1)
+    w = weights[:, 1:].to(logits.dtype)  # (B, T-1)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")  # (B, T-1)
+    return (w * nll).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers and images
+
+
+def load_tokenizers(tokenizer_dir: str):
+    """(ImageTokenizer, TextTokenizer) from a folder written by reproduce.py (vq/ + tokenizer.json)."""
+    from tokenizer import ImageTokenizer, TextTokenizer
+
+    text = TextTokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    image = ImageTokenizer.load(os.path.join(tokenizer_dir, "vq"))
+    image.eval()
+    return image, text
+
+
+@torch.no_grad()
+def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache: dict | None = None):
+    """VQ-encode image files. Returns the cache {str(path): (codes (h*w,) long, feats (C, h, w) float)}, filled with
+    every path (look items up with str(path)); pass `cache` to reuse encodings across calls.
+
+    The features are the encoder's pre-quantisation output: the "recognition model" of Eq. 2.
+    """
+    from tokenizer import preprocess_image
+
+    cache = {} if cache is None else cache
+    todo = sorted({str(p) for p in paths} - set(cache))
+    device = next(image_tok.parameters()).device
+    for i in range(0, len(todo), batch):
+        chunk = todo[i : i + batch]
+        x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
+        feats = image_tok.encode_features(x)  # (b, C, h, w)
+        b, C, h, w = feats.shape
+        codes = image_tok.quantize.nearest(feats.permute(0, 2, 3, 1).reshape(-1, C)).view(b, h * w)  # raster order
+        for p, c, f in zip(chunk, codes.cpu(), feats.float().cpu()):
+            cache[p] = (c, f)
+    return cache
+
+
+def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+    """Eq. 2 token weights: w_l = ||z_s^(l) - z_t^(l)||^2 over channels, normalised to mean 1 over the image.
+
+    feats (C, h, w) -> weights (h*w,) in raster order (the order of the VQ codes). The paper does not state the
+    normalisation; mean 1 keeps the loss on the same scale as plain CE, so learning rates transfer. `mix` blends
+    with uniform weights (a floor: every token keeps at least weight `mix`). Identical images -> uniform weights.
+    """
+    d = (feat_src.float() - feat_tgt.float()).pow(2).sum(dim=0).flatten()  # (h*w,)
+    mean = d.mean()
+    w = d / mean if mean > 0 else torch.ones_like(d)
+    return (1.0 - mix) * w + mix
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA (paper App. H: r=16, alpha=32, dropout 0.05 on the linear layers)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x); W frozen, B starts at zero so the wrapped model starts unchanged."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: str) -> int:
+    """Wrap the named linear layers (by attribute name, e.g. q_proj) with adapters and freeze everything else.
+
+    Returns the number of wrapped layers. Only adapters train: the paper fine-tunes Anole-7B this way.
+    """
+    names = {t.strip() for t in targets.split(",") if t.strip()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in names and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha, dropout))
+                wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"lora_targets={targets!r} matched no nn.Linear in the model")
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scale * B A) and restore plain nn.Linear: export format."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight += (child.lora_B @ child.lora_A * child.scale).to(child.base.weight.dtype)
+                child.base.weight.requires_grad_(True)
+                setattr(module, name, child.base)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: <dir>/model.safetensors, optim.safetensors, rng.safetensors, meta.json (written last, atomically)
+
+
+def _atomic(path: str, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg: TrainConfig, model_cfg: ChameleonConfig,
+                    optimizer: torch.optim.Optimizer | None = None, step: int = 0, sampler=None, metrics=None):
+    """Write a resumable checkpoint. Each file is replaced atomically and meta.json, written last, names the step
+    every other file must carry, so a crash mid-save leaves either the old or the new checkpoint readable."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tag = {"step": str(step)}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(os.path.join(ckpt_dir, "model.safetensors"), lambda p: save_file(state, p, metadata=tag))
+    if optimizer is not None:
+        # AdamW state flattened by parameter name, so no pickle is ever needed to resume.
+        names = {id(p): n for n, p in model.named_parameters()}
+        flat = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in optimizer.state.get(p, {}).items():
+                    flat[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        _atomic(os.path.join(ckpt_dir, "optim.safetensors"), lambda p: save_file(flat, p, metadata=tag))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    _atomic(os.path.join(ckpt_dir, "rng.safetensors"), lambda p: save_file(rng, p, metadata=tag))
+    meta = {
+        "step": step,
+        "train_config": dataclasses.asdict(cfg),
+        "model_config": model_cfg.to_dict(),
+        "lora": cfg.lora_r > 0 and any(isinstance(m, LoRALinear) for m in model.modules()),
+        "sampler": sampler.state() if sampler is not None else None,
+        "python_random": _jsonable_random_state(),
+        "numpy_random": _jsonable_numpy_state(),
+        "metrics": metrics or {},
+    }
+    _atomic(os.path.join(ckpt_dir, "meta.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+
+
+def _jsonable_random_state():
+    v, state, gauss = random.getstate()
+    return [v, list(state), gauss]
+
+
+def _jsonable_numpy_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "meta.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no checkpoint here (meta.json missing)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
+
+
+def load_model(ckpt_dir: str, device="cpu", merge: bool = True) -> tuple[Chameleon, dict]:
+    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False."""
+    meta = read_meta(ckpt_dir)
+    mcfg = ChameleonConfig.from_dict(meta["model_config"])
+    model = Chameleon(mcfg)
+    tc = meta["train_config"]
+    if meta.get("lora"):
+        apply_lora(model, tc["lora_r"], tc["lora_alpha"], tc["lora_dropout"], tc["lora_targets"])
+    _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"])
+    if meta.get("lora") and merge:
+        merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.to(device), meta
+
+
+def _load_weights(model: nn.Module, path: str, step: int):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            file_step = (f.metadata() or {}).get("step")
+        state = load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{path}: cannot read checkpoint weights ({e})") from None
+    if file_step is not None and int(file_step) != int(step):
+        raise ValueError(f"{path}: holds step {file_step} but meta.json says {step} (interrupted save?)")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or shapes:
+        lines = [f"{path}: checkpoint does not match the model"]
+        lines += [f"  missing:    {k} {tuple(expected[k].shape)}" for k in missing]
+        lines += [f"  unexpected: {k} {tuple(state[k].shape)}" for k in unexpected]
+        lines += [f"  shape:      {k} file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes]
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order: one seeded permutation per epoch, so the position (epoch, offset) is all a resume needs
+
+
+class Sampler:
+    """Yields global batches of example indices; drop-last per epoch; state() / load() for exact resume."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise ValueError(f"{n} training examples is fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.offset = 0, 0
+
+    def next(self) -> torch.Tensor:
+        if self.offset + self.batch_size > self.n:
+            self.epoch, self.offset = self.epoch + 1, 0
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        batch = perm[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "n": self.n, "seed": self.seed}
+
+    def load(self, s: dict):
+        if s["n"] != self.n:
+            raise ValueError(f"resume: the data has {self.n} examples but the checkpoint was trained on {s['n']}")
+        self.epoch, self.offset = s["epoch"], s["offset"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def setup_distributed():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; NCCL on GPU, gloo on CPU."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, ChameleonConfig]:
+    """Model from scratch, from a worldboot checkpoint or from an HF Chameleon/Anole folder."""
+    if cfg.init == "scratch":
+        overrides = {"vocab_size": vocab_size, "image_token_start": tok.image_offset,
+                     "image_token_end": tok.image_offset + tok.n_image_codes}
+        if cfg.n_layer:
+            overrides["n_layer"] = cfg.n_layer
+        if cfg.n_embd:
+            overrides["n_embd"] = cfg.n_embd
+        mcfg = ChameleonConfig.preset(cfg.preset, **overrides)
+        torch.manual_seed(cfg.seed)
+        model = Chameleon(mcfg)
+    elif cfg.init.startswith("hf:"):
+        dtype = torch.bfloat16 if _use_bf16(cfg) else None
+        model = Chameleon.from_pretrained(cfg.init[3:], dtype=dtype)
+        mcfg = model.config
+    else:
+        model, _ = load_model(cfg.init)
+        mcfg = model.config
+    if mcfg.vocab_size < vocab_size:
+        raise ValueError(f"model vocab {mcfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    return model, mcfg
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available())
+
+
+def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, model=None):
+    """Train on `examples` (list of (ids, weights)); returns (model, history).
+
+    `evaluate(model, step) -> dict` is the task's own metric hook (e.g. DM action accuracy, WM sample grid), called
+    on rank 0 every eval_every steps. `model` may be passed in (tests); otherwise it is built from cfg.init.
+    """
+    rank, world, device = setup_distributed()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    if model is None:
+        model, mcfg = build_model(cfg, tok.vocab_size, tok)
+    else:
+        mcfg = model.config
+    # The DM predicts text: keep HF's image-logit mask so its scores are over text only. Pre-training and the WM
+    # predict image tokens, so the mask must be off for them.
+    mcfg.mask_image_logits = cfg.task == "dm"
+    mcfg.gradient_checkpointing = cfg.grad_checkpoint
+    if cfg.lora_r > 0:
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    model.to(device)
+
+    ids, weights = collate(examples, tok.pad_id, cfg.max_len or mcfg.max_seq_len)
+    sampler = Sampler(len(ids), cfg.batch_size, cfg.seed)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
+    start = 0
+    if cfg.resume and os.path.exists(os.path.join(ckpt_dir, "meta.json")):
+        start = _resume(ckpt_dir, model, optimizer, sampler, cfg)
+    else:
+        torch.manual_seed(cfg.seed + rank)  # per-rank seeds (LoRA dropout); data order is shared on purpose
+
+    raw = model  # save the unwrapped, uncompiled module
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    bf16 = _use_bf16(cfg) and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    history = []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
+               disable=cfg.quiet or rank != 0, dynamic_ncols=True)
+    t0 = time.time()
+    for step in bar:
+        lr = lr_at(step, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
+        model.train()
+        loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        loss = loss_sum.item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is kept in "
+                                     f"{ckpt_dir} (lower --lr or check the data)")
+        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "time": time.time() - t0}
+        last = step + 1 == cfg.steps or step + 1 == cfg.stop_at
+        if val_examples and rank == 0 and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
+            if evaluate is not None:
+                rec.update(evaluate(raw, step + 1))
+        history.append(rec)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+            if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
+        if step + 1 == cfg.stop_at:
+            break
+    if world > 1:
+        dist.barrier()
+    return raw, history
+
+
+def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_accum: int, device, autocast=None):
+    """Accumulate the gradient of one global batch on this rank; returns this rank's share of the loss (a tensor).
+
+    The loss is sum(w * nll) / sum(w) over the *global* batch: each rank takes a contiguous shard of the batch,
+    splits it into grad_accum micro-batches, and scales by world_size because DDP averages gradients over ranks.
+    Gradients are synchronised (all-reduced) only on the last micro-step.
+    """
+    per_rank = len(batch) // world
+    micro = per_rank // grad_accum
+    total_w = weights[batch, 1:].sum().to(device)  # the global normaliser, known locally
+    mine = batch[rank * per_rank : (rank + 1) * per_rank]
+    loss_sum = torch.zeros((), device=device)
+    for k in range(grad_accum):
+        mb = mine[k * micro : (k + 1) * micro]
+        x, w = ids[mb].to(device), weights[mb].to(device)
+        sync = world == 1 or k == grad_accum - 1
+        with (nullcontext() if sync else model.no_sync()), (autocast or nullcontext()):
+            logits = model(x)  # (micro, T, V)
+            part = weighted_nll(logits.float(), x, w).sum() / total_w
+        (part * world).backward()
+        loss_sum += part.detach()
+    return loss_sum
+
+
+def _resume(ckpt_dir, model, optimizer, sampler, cfg) -> int:
+    meta = read_meta(ckpt_dir)
+    _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"])
+    flat = load_file(os.path.join(ckpt_dir, "optim.safetensors"))
+    params = dict(model.named_parameters())
+    for key, v in flat.items():
+        name, k = key.split("::")
+        optimizer.state[params[name]][k] = v.to(params[name].device) if k != "step" else v
+    sampler.load(meta["sampler"])
+    rng = load_file(os.path.join(ckpt_dir, "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    v, state, gauss = meta["python_random"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = meta["numpy_random"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return meta["step"]
+
+
+@torch.no_grad()
+def validation_loss(model, examples, pad_id, device, autocast=None, batch: int = 32) -> float:
+    """Weighted mean NLL over the examples (same normalisation as training)."""
+    model.eval()
+    num, den = 0.0, 0.0
+    for i in range(0, len(examples), batch):
+        x, w = collate(examples[i : i + batch], pad_id)
+        x, w = x.to(device), w.to(device)
+        with autocast or nullcontext():
+            logits = model(x)
+        num += weighted_nll(logits.float(), x, w).sum().item()
+        den += w[:, 1:].sum().item()
+    return num / max(den, 1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-training the tiny "foundation model": image -> caption and caption -> image (what Chameleon already knows)
+
+CAPTION_PROMPT = " Describe the image:"  # image -> caption
+DRAW_PROMPT = " Draw:"  # caption -> image
+
+
+def image_segment(tok, codes) -> list[int]:
+    """BOI, the image's token ids (VQ code + offset), EOI."""
+    return [tok.boi_id, *tok.image_ids(torch.as_tensor(codes)).tolist(), tok.eoi_id]
+
+
+def pretrain_examples(items, codes: dict, tok) -> list:
+    """Both directions for every (image, caption) item; the loss is on the completion only."""
+    out = []
+    for it in items:
+        img = image_segment(tok, codes[str(it.input_path)][0])
+        cap = tok.encode(" " + it.instruction.strip())
+        out.append(pack([([tok.bos_id], 0), (img, 0), (tok.encode(CAPTION_PROMPT), 0), (cap + [tok.eos_id], 1)]))
+        out.append(pack([([tok.bos_id], 0), (tok.encode(DRAW_PROMPT) + cap, 0), ([tok.boi_id], 0),
+                         (img[1:-1], 1), ([tok.eoi_id], 0)]))
+    return out
+
+
+def load_captions(path: str):
+    """Image-caption pairs ([{"image", "caption"}], paths relative to the file) as Items with the caption as text."""
+    from data import Item
+
+    root = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        recs = json.load(f)
+    items = []
+    for i, r in enumerate(recs):
+        if not r.get("image") or not str(r.get("caption", "")).strip():
+            raise ValueError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
+        items.append(Item(id=r.get("id", f"cap-{i}"), input_path=os.path.join(root, r["image"]),
+                          instruction=r["caption"], output_path=None, task="caption"))
+    return items
+
+
+def load_items(paths: str):
+    """Items of one or more Aurora-Bench-style JSON files (comma-separated)."""
+    from data import load_benchmark
+
+    items = []
+    for p in [p for p in paths.split(",") if p]:
+        items.extend(load_benchmark(p))
+    return items
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
+    if cfg.task != "pretrain":
+        raise SystemExit("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
+    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
+    items = load_captions(cfg.data)
+    val = load_captions(cfg.val_data) if cfg.val_data else []
+    codes = encode_images(image_tok, [it.input_path for it in items + val], cfg.image_size)
+    train(cfg, pretrain_examples(items, codes, tok), tok, pretrain_examples(val, codes, tok) if val else None)
+
+
+if __name__ == "__main__":
+    main()

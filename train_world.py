@@ -1,0 +1,139 @@
+"""Fine-tune the world model (WM): p(target image | source image, action). Paper Sec. 3.1-3.2, Eq. 1-2, App. H.
+
+The WM writes the target image as VQ tokens, one token at a time, conditioned on the source image and the action
+text. Two losses over the target image tokens l = 1..L:
+- plain cross-entropy ("C-FT" in the paper): every token counts the same;
+- the recognition-weighted loss of Eq. 2 ("C-FDM"): token l is weighted by w_l = ||z_s^(l) - z_t^(l)||^2, the
+  squared distance between the VQ encoder's pre-quantisation features of source and target at that position
+  (train.recognition_weights; normalised to mean 1 per image, optionally mixed with uniform weights). Most tokens
+  of an edit are copies of the source; the weights move the loss onto the tokens the action changed.
+Bootstrapping (Eq. 1) is simply more data: pass the labelled and the DM-labelled JSON files together in --data.
+
+Sequence (our template; the paper publishes none):
+    <bos> <boi> source <eoi> " Edit: " action <boi> target <eoi>
+Loss on the target's image tokens only. With --uncond_prob > 0 a fraction of examples also appear with the action
+removed (" Edit:" and nothing), which is what classifier-free guidance at sampling time needs.
+
+Run:  python train_world.py --data=out/data/train.json --val_data=out/data/val.json --weighting=recognition
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from itertools import groupby
+
+import torch
+
+from model import generate_image
+from train import (
+    TrainConfig,
+    encode_images,
+    image_segment,
+    load_items,
+    load_tokenizers,
+    pack,
+    parse_config,
+    recognition_weights,
+    train,
+)
+
+WM_PROMPT = " Edit:"
+
+
+@dataclass
+class WorldTrainConfig(TrainConfig):
+    uncond_prob: float = 0.0  # fraction of examples duplicated without their action (for CFG); 0 = off
+    grid_items: int = 8  # items shown in the (source | action | sample | target) grid at each evaluation
+
+
+def wm_prompt(tok, src_codes, action: str | None) -> list[int]:
+    """<bos> source " Edit: <action>"; action None = the unconditional prompt used by classifier-free guidance."""
+    text = WM_PROMPT + (" " + action.strip() if action is not None else "")
+    return [tok.bos_id, *image_segment(tok, src_codes), *tok.encode(text)]
+
+
+def wm_example(tok, src_codes, tgt_codes, action: str | None, token_weights=None):
+    """(ids, weights): the target's image tokens carry the loss (1 each, or the Eq. 2 weights); all else 0."""
+    tgt = image_segment(tok, tgt_codes)
+    w = 1.0 if token_weights is None else [float(x) for x in token_weights]
+    return pack([(wm_prompt(tok, src_codes, action), 0), ([tgt[0]], 0), (tgt[1:-1], w), ([tgt[-1]], 0)])
+
+
+def wm_examples(items, codes: dict, tok, weighting: str = "none", mix: float = 0.0, uncond_prob: float = 0.0,
+                seed: int = 0) -> list:
+    if weighting not in ("none", "recognition"):
+        raise ValueError(f"weighting must be 'none' or 'recognition', got {weighting!r}")
+    rng = random.Random(seed)
+    out = []
+    for it in items:
+        (src, fs), (tgt, ft) = codes[str(it.input_path)], codes[str(it.output_path)]
+        w = recognition_weights(fs, ft, mix) if weighting == "recognition" else None
+        out.append(wm_example(tok, src, tgt, it.instruction, w))
+        if uncond_prob > 0 and rng.random() < uncond_prob:
+            out.append(wm_example(tok, src, tgt, None, w))
+    return out
+
+
+@torch.no_grad()
+def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_samples: int = 1,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     cfg_scale: float | None = None, generator=None, max_batch: int = 64) -> torch.Tensor:
+    """Sample target images from the WM. src_codes (N, L) -> codes (N, n_samples, L).
+
+    The n_samples candidates of one item share its prompt, so they are one batch through the KV cache; items whose
+    prompts have the same length are batched together too (the model's generate needs equal-length prompts).
+    The paper samples at temperature 1: lower temperatures collapse to copying the source.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    L = src_codes.shape[1]
+    out = torch.empty(len(actions), n_samples, L, dtype=torch.long)
+    prompts = [wm_prompt(tok, s, a) for s, a in zip(src_codes, actions)]
+    uncond = [wm_prompt(tok, s, None) for s in src_codes]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per = max(1, max_batch // n_samples)
+    for _, group in groupby(order, key=lambda i: len(prompts[i])):
+        group = list(group)
+        for j in range(0, len(group), per):
+            idx = group[j : j + per]
+            p = torch.tensor([prompts[i] for i in idx]).repeat_interleave(n_samples, 0)  # (b*n, T)
+            u = torch.tensor([uncond[i] for i in idx]).repeat_interleave(n_samples, 0) if cfg_scale else None
+            ids = generate_image(model, p.to(device), n_tokens=L, boi_id=tok.boi_id, eoi_id=tok.eoi_id,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                 cfg_scale=cfg_scale, uncond_idx=None if u is None else u.to(device))
+            out[idx] = tok.image_codes(ids.cpu()).view(len(idx), n_samples, L)  # (b, n, L)
+    return out
+
+
+def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_grid: int = 8, seed: int = 0):
+    """Sample one target per validation item, score it with the world's judge when the item carries a symbolic
+    action, and write the (source | action | sample | target) grid PNG."""
+    from eval import judge_items, save_triplet_grid
+
+    g = torch.Generator().manual_seed(seed)
+    src = torch.stack([codes[str(it.input_path)][0] for it in items])
+    samples = generate_targets(model, tok, src, [it.instruction for it in items], generator=g)[:, 0]  # (N, L)
+    images = image_tok.decode(samples)  # (N, 3, H, W)
+    save_triplet_grid(items[:n_grid], images[:n_grid], os.path.join(out_dir, f"samples_{step:06d}.png"))
+    return judge_items(items, images)
+
+
+def main(argv=None):
+    cfg = parse_config(WorldTrainConfig, argv, description=__doc__.split("\n\n")[0])
+    cfg.task = "wm"
+    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
+    items, val = load_items(cfg.data), load_items(cfg.val_data) if cfg.val_data else []
+    items = [it for it in items if it.output_path]
+    val = [it for it in val if it.output_path][: cfg.eval_items]
+    codes = encode_images(image_tok, [p for it in items + val for p in (it.input_path, it.output_path)], cfg.image_size)
+    examples = wm_examples(items, codes, tok, cfg.weighting, cfg.weight_mix, cfg.uncond_prob, cfg.seed)
+    val_ex = wm_examples(val, codes, tok) if val else None  # validation loss is always the plain CE
+    evaluate = (lambda m, step: wm_evaluate(m, tok, image_tok, val, codes, cfg.out_dir, step, cfg.grid_items)) \
+        if val else None
+    train(cfg, examples, tok, val_ex, evaluate)
+
+
+if __name__ == "__main__":
+    main()
