@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from model import Chameleon, ChameleonConfig, generate_image
+from tokenizer import VQConfig
 
 # name -> (n_embd, n_layer, n_head, n_inner, vocab_size, n_image_codes). Image ids are the LAST n_image_codes ids.
 CONFIGS = {
@@ -94,7 +96,7 @@ def make_config(name: str) -> ChameleonConfig:
     C, L, H, inner, V, n_img = CONFIGS[name]
     return ChameleonConfig.preset("tiny", vocab_size=V, n_embd=C, n_layer=L, n_head=H, n_kv_head=H, n_inner=inner,
                                   max_seq_len=PROMPT_LEN + 1024 + 16, image_token_start=V - n_img,
-                                  image_token_end=V)
+                                  image_token_end=V, vq=VQConfig.world())  # both load the same small VQ encoder
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -260,6 +262,7 @@ def worker(args):
     """Memory subprocess: one implementation, every workload once after a warm-up; prints {row: MiB} as JSON."""
     torch.set_num_threads(args.threads)
     ref = args.worker == "ref"
+    args.config_name = args.config  # memory() passes a single config name
     device, dtype = args.device, getattr(torch, args.dtype)
     model = load(args.ckpt, ref, args, device, dtype)
     out = {}
@@ -272,9 +275,10 @@ def worker(args):
 
 
 def memory(args, ckpt, which: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={which}", f"--ckpt={ckpt}"]
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={which}", f"--ckpt={ckpt}",
+           f"--config={args.config_name}"]
     cmd += [f"--{k}={v}" for k, v in vars(args).items()
-            if k not in ("worker", "ckpt", "quick", "no_memory", "config_name") and v is not None]
+            if k not in ("worker", "ckpt", "quick", "no_memory", "config_name", "config", "preset")]
     cmd += ["--quick"] * args.quick
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     for line in res.stdout.splitlines():
@@ -305,6 +309,7 @@ def bench_config(args, name: str) -> list[dict]:
                 times[k].append(timed(run, device))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(dict(row=row, tokens=tokens_per_run(row, args), s_ours=med["ours"], s_ref=med["ref"]))
+        print(f"  {name} {row}: ours {med['ours']:.3f} s, ref {med['ref']:.3f} s", file=sys.stderr, flush=True)
         del runs
         gc.collect()
     if args.device.startswith("cuda"):
@@ -314,6 +319,7 @@ def bench_config(args, name: str) -> list[dict]:
         mem = {k: memory(args, ckpt, k) for k in ("ours", "ref")}
         for r in rows:
             r["mib_ours"], r["mib_ref"] = mem["ours"].get(r["row"]), mem["ref"].get(r["row"])
+    shutil.rmtree(ckpt, ignore_errors=True)
     return rows
 
 
@@ -367,7 +373,7 @@ def fmt_table(name: str, rows: list[dict], args) -> str:
             lines.append(f"| {r['row']} tok/s | {o:,.0f} | {h:,.0f} | {r['ratio']:.2f}x | >= {target}x {ok} {mem}")
         else:
             lines.append(f"| {r['row']} seconds | {r['s_ours']:.3f} | {r['s_ref']:.3f} | "
-                         f"{r['s_ref'] / r['s_ours']:.2f}x | | {mem}")
+                         f"{r['s_ref'] / r['s_ours']:.2f}x | {mem}")
             r["ratio"] = r["s_ref"] / r["s_ours"]
     one, big = by.get("best-of-1 (64 tok)"), by.get(f"best-of-{args.best_of} (64 tok)")
     if one and big and args.best_of != 1:

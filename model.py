@@ -72,6 +72,9 @@ class ChameleonConfig:
                        image_token_end=8196, vq=VQConfig.chameleon())
         else:
             raise ValueError(f"unknown preset {name!r}; expected 'tiny' or 'chameleon-7b'")
+        if name == "tiny" and "n_embd" in overrides and "n_inner" not in overrides:
+            # keep the SwiGLU width at Llama's ~8/3 of the model width (rounded up to a multiple of 16)
+            cfg["n_inner"] = -(-8 * overrides["n_embd"] // 3 // 16) * 16
         cfg.update(overrides)
         return cls(**cfg)
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -66,13 +67,15 @@ class ReproConfig:
     n_captions: int = 2000  # image-caption pairs for pre-training
     # --- tokenizers
     vq_downsample: int = 8  # 32x32 images -> 4x4 = 16 tokens: one token per grid cell of the world
-    vq_codes: int = 64  # codebook size
-    vq_steps: int = 600  # VQGAN training steps
+    vq_codes: int = 128  # codebook size
+    vq_warmup: int = 800  # VQGAN steps as a plain autoencoder before the codebook is switched on (k-means init)
+    vq_steps: int = 800  # VQGAN steps with the quantiser
     vq_batch: int = 32  # VQGAN batch size
-    bpe_vocab: int = 400  # text vocabulary (specials + image codes + 256 bytes + merges)
+    vq_images: int = 4000  # rendered scenes the VQGAN trains on
+    bpe_vocab: int = 1024  # text vocabulary (specials + image codes + 256 bytes + ~600 merges: words become tokens)
     # --- the transformer
     n_layer: int = 4  # depth of the tiny model
-    n_embd: int = 192  # width of the tiny model
+    n_embd: int = 128  # width of the tiny model
     n_head: int = 4  # attention heads
     pretrain_steps: int = 600  # foundation-model steps (caption <-> image)
     ft_steps: int = 400  # fine-tuning steps of every DM and WM (same compute for all, as the paper compares)
@@ -87,7 +90,8 @@ class ReproConfig:
 
 PRESETS = {
     "laptop": {},
-    "smoke": dict(n_train=56, n_videos=24, n_val=14, n_test=28, n_comp=14, n_captions=120, vq_steps=60,
+    "smoke": dict(n_train=56, n_videos=24, n_val=14, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
+                  vq_images=256,
                   n_layer=2, n_embd=64, pretrain_steps=30, ft_steps=20, batch_size=16, boot_k=60, boot_samples=1,
                   search_n="1,2"),
     "gpu": dict(n_train=2000, n_videos=3000, n_val=200, n_test=700, n_comp=350, n_captions=20000, vq_steps=3000,
@@ -97,6 +101,7 @@ PRESETS = {
 
 # The stage settings that change results; a cached stage is reused only when these match.
 SHARED_KEYS = ("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample", "vq_codes",
+               "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "n_head", "pretrain_steps", "batch_size", "lr")
 
 
@@ -105,27 +110,38 @@ def settings_hash(cfg: ReproConfig, keys) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
+STAGE_KEYS = {
+    "vq": ("vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val"),
+    "bpe": ("n_train", "n_videos", "n_captions", "bpe_vocab", "vq_codes"),
+}
+
+
 class Stages:
-    """Results cache: out/stages/<name>.json holds a stage's results and the hash of the settings it ran with."""
+    """Results cache: out/stages/<name>.json holds a stage's results and the hash of the settings it ran with
+    (STAGE_KEYS for the tokenizers, every result-changing setting for the rest)."""
 
     def __init__(self, root: str, cfg: ReproConfig):
         self.root, self.cfg = os.path.join(root, "stages"), cfg
-        self.hash = settings_hash(cfg, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature"))
         os.makedirs(self.root, exist_ok=True)
+
+    def _hash(self, name: str) -> str:
+        keys = STAGE_KEYS.get(name, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature"))
+        return settings_hash(self.cfg, keys)
 
     def get(self, name: str):
         path = os.path.join(self.root, name + ".json")
         if os.path.exists(path):
             with open(path) as f:
                 rec = json.load(f)
-            if rec.get("hash") == self.hash:
+            if rec.get("hash") == self._hash(name):
                 return rec["result"]
         return None
 
     def put(self, name: str, result):
         path = os.path.join(self.root, name + ".json")
         with open(path + ".tmp", "w") as f:
-            json.dump({"hash": self.hash, "result": result}, f, indent=1)
+            json.dump({"hash": self._hash(name), "result": result}, f, indent=1)
         os.replace(path + ".tmp", path)
         return result
 
@@ -145,49 +161,57 @@ def build_data(cfg: ReproConfig) -> dict:
 
 
 def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages):
-    """VQGAN on every image the world has (captions + labelled + video frames); BPE on all of its text."""
+    """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text)."""
     from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, codebook_usage, preprocess_image, train_vqgan
 
     tok_dir = os.path.join(cfg.out, "tok")
-    done = stages.get("tokenizers")
-    if done is not None:
-        return ImageTokenizer.load(os.path.join(tok_dir, "vq")).eval(), \
-            TextTokenizer.from_file(os.path.join(tok_dir, "tokenizer.json")), done
-    captions = load_captions(paths["captions"])
-    train_items = load_items(paths["train"])
-    images = torch.stack([preprocess_image(it.input_path, 32) for it in captions] +
-                         [preprocess_image(p, 32) for it in train_items for p in (it.input_path, it.output_path)])
-    levels = int(math.log2(cfg.vq_downsample)) + 1
-    vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=cfg.vq_codes,
-                               channel_multiplier=tuple([1, 2, 2, 4, 4][:levels]))
-    log(f"tokenizers: VQGAN on {len(images)} images, {vcfg.resolution}px -> {32 // cfg.vq_downsample}^2 tokens")
-    t0 = time.time()
-    vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, seed=0)
-    vq.eval()
-    with torch.no_grad():
-        codes = torch.cat([vq.encode(images[i : i + 256]) for i in range(0, len(images), 256)])
-        recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
-    usage = codebook_usage(codes, vcfg.num_embeddings)
-    # how much of the world survives the tokenizer: the judge reads scenes back from reconstructions
-    n_check = min(300, len(images))
-    ok = sum(world.parse(to_pil_img(recon[i])) == world.parse(to_pil_img(images[i])) for i in range(n_check))
-    vq.save(os.path.join(tok_dir, "vq"))
-    texts = [it.instruction for it in captions + train_items] + [
-        v["instruction"] for vid in json.load(open(paths["videos_hidden"])).values() for v in vid["steps"]
-        if not v["hold"]]
-    from train import CAPTION_PROMPT, DRAW_PROMPT
-    from train_dynamics import DM_PROMPT
-    from train_world import WM_PROMPT
+    res = stages.get("vq")
+    if res is None:
+        # The VQGAN sees freshly rendered world scenes with 4-8 objects: denser than the task scenes (2-4
+        # objects), so objects are not a rare sliver of pixels next to the background.
+        rng = random.Random(12345)
+        images = torch.stack([preprocess_image(world.render(world.sample_scene(rng, min_objects=4, max_objects=8)),
+                                               32) for _ in range(cfg.vq_images)])
+        check = torch.stack([preprocess_image(p, 32) for it in load_items(paths["val"])
+                             for p in (it.input_path, it.output_path)])
+        levels = int(math.log2(cfg.vq_downsample)) + 1
+        vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=cfg.vq_codes, recon_loss="mse",
+                                   channel_multiplier=(1, 1, 2, 2, 4)[:levels])
+        log(f"tokenizers: VQGAN {vcfg.resolution}px -> {32 // cfg.vq_downsample}^2 tokens, {cfg.vq_codes} codes, "
+            f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
+        t0 = time.time()
+        vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3,
+                               betas=(0.9, 0.99), ae_warmup=cfg.vq_warmup, seed=0)
+        with torch.no_grad():  # checked on held-out task images (the validation split)
+            codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
+            recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
+        usage = codebook_usage(codes, vcfg.num_embeddings)
+        # how much of the world survives the tokenizer: the judge reads scenes back from reconstructions
+        ok = sum(world.parse(to_pil_img(r)) == world.parse(to_pil_img(c)) for r, c in zip(recon, check))
+        vq.save(os.path.join(tok_dir, "vq"))
+        res = stages.put("vq", {"vq_seconds": round(time.time() - t0, 1),
+                                "recon_l1": (recon - check).abs().mean().item() / 2, "scene_recovered": ok / len(check),
+                                **{k: float(v) for k, v in usage.items()}, "final_recon": hist["recon"][-1]})
+        log(f"tokenizers: recon L1 {res['recon_l1']:.4f}, scenes recovered from reconstructions "
+            f"{100 * res['scene_recovered']:.1f}%, codebook usage {usage}")
+    vq = ImageTokenizer.load(os.path.join(tok_dir, "vq")).eval()
 
-    texts += [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
-    text_tok = TextTokenizer.train(texts, vocab_size=cfg.bpe_vocab, n_image_codes=vcfg.num_embeddings)
-    text_tok.save(os.path.join(tok_dir, "tokenizer.json"))
-    result = {"vq_seconds": round(time.time() - t0, 1), "recon_l1": (recon - images).abs().mean().item() / 2,
-              "scene_recovered": ok / n_check, **{k: float(v) for k, v in usage.items()},
-              "final_recon": hist["recon"][-1] if hist["recon"] else None, "vocab": text_tok.vocab_size}
-    log(f"tokenizers: recon L1 {result['recon_l1']:.4f}, scenes recovered from reconstructions "
-        f"{100 * result['scene_recovered']:.1f}%, codebook usage {usage}")
-    return vq, text_tok, stages.put("tokenizers", result)
+    bpe = stages.get("bpe")
+    if bpe is None:
+        from train import CAPTION_PROMPT, DRAW_PROMPT
+        from train_dynamics import DM_PROMPT
+        from train_world import WM_PROMPT
+
+        texts = [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
+        texts += [s["instruction"] for v in json.load(open(paths["videos_hidden"])).values() for s in v["steps"]
+                  if not s["hold"]]  # the videos' text is the world's language, never paired with their frames
+        texts += [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
+        text_tok = TextTokenizer.train(texts, vocab_size=cfg.bpe_vocab, n_image_codes=vq.cfg.num_embeddings)
+        text_tok.save(os.path.join(tok_dir, "tokenizer.json"))
+        lengths = [len(text_tok.encode(t)) for t in texts[:2000]]
+        bpe = stages.put("bpe", {"vocab": text_tok.vocab_size, "mean_tokens": sum(lengths) / len(lengths)})
+    text_tok = TextTokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    return vq, text_tok, {**res, **bpe}
 
 
 def to_pil_img(x):

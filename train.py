@@ -155,13 +155,20 @@ def weighted_nll(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor)
 
 
 def load_tokenizers(tokenizer_dir: str):
-    """(ImageTokenizer, TextTokenizer) from a folder written by reproduce.py (vq/ + tokenizer.json)."""
+    """(ImageTokenizer, TextTokenizer) from either
+    - a folder written by reproduce.py: vq/ (our VQGAN) + tokenizer.json, or
+    - an HF Chameleon/Anole folder: model.safetensors[.index.json] (its `model.vqmodel.*` encoder) + tokenizer.json,
+      plus, to look at generated images, vqgan_decoder.safetensors made by tokenizer.convert_vqgan_ckpt from the
+      original vqgan.ckpt (HF checkpoints carry no decoder)."""
     from tokenizer import ImageTokenizer, TextTokenizer
 
     text = TextTokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
-    image = ImageTokenizer.load(os.path.join(tokenizer_dir, "vq"))
-    image.eval()
-    return image, text
+    if os.path.isdir(os.path.join(tokenizer_dir, "vq")):
+        image = ImageTokenizer.load(os.path.join(tokenizer_dir, "vq"))
+    else:
+        decoder = os.path.join(tokenizer_dir, "vqgan_decoder.safetensors")
+        image = ImageTokenizer.from_pretrained(tokenizer_dir, decoder if os.path.exists(decoder) else None)
+    return image.eval(), text
 
 
 @torch.no_grad()

@@ -304,7 +304,7 @@ def test_train_vqgan_reconstructs_shapes():
     torch.manual_seed(0)
     cfg = VQConfig(embed_dim=16, num_embeddings=64, latent_channels=32, resolution=16, base_channels=32,
                    channel_multiplier=(1, 2), num_res_blocks=1, decoder_num_res_blocks=1)
-    check_training(cfg, steps=80, batch_size=16, max_ratio=0.5, min_usage=0.5)
+    check_training(cfg, steps=60, batch_size=16, max_ratio=0.7, min_usage=0.5)
 
 
 @pytest.mark.slow
