@@ -10,7 +10,7 @@ text. Two losses over the target image tokens l = 1..L:
 Bootstrapping (Eq. 1) is simply more data: pass the labelled and the DM-labelled JSON files together in --data.
 
 Sequence (our template; the paper publishes none):
-    <bos> <boi> source <eoi> " Edit: " action <boi> target <eoi>
+    <bos> " Edit: " action <boi> source <eoi> <boi> target <eoi>
 Loss on the target's image tokens only. With --uncond_prob > 0 a fraction of examples also appear with the action
 removed (" Edit:" and nothing), which is what classifier-free guidance at sampling time needs.
 
@@ -49,9 +49,14 @@ class WorldTrainConfig(TrainConfig):
 
 
 def wm_prompt(tok, src_codes, action: str | None) -> list[int]:
-    """<bos> source " Edit: <action>"; action None = the unconditional prompt used by classifier-free guidance."""
+    """<bos> " Edit: <action>" source; action None = the unconditional prompt used by classifier-free guidance.
+
+    The action comes first so that the source and target images are adjacent: target token l then sits at a
+    fixed distance (one image segment) from source token l, whatever the length of the action text. Most target
+    tokens are copies of the source, and a fixed relative offset is what RoPE attention learns fastest.
+    """
     text = WM_PROMPT + (" " + action.strip() if action is not None else "")
-    return [tok.bos_id, *image_segment(tok, src_codes), *tok.encode(text)]
+    return [tok.bos_id, *tok.encode(text), *image_segment(tok, src_codes)]
 
 
 def wm_example(tok, src_codes, tgt_codes, action: str | None, token_weights=None):
