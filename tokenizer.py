@@ -926,3 +926,20 @@ class TextTokenizer:
             raise ValueError(f"ids outside the image-token block [{self.image_offset}, "
                              f"{self.image_offset + self.n_image_codes})")
         return codes
+
+
+def main(argv=None):
+    """Command line: convert the original Meta/Anole vqgan.ckpt so worldboot can decode Anole's image tokens."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Convert the original vqgan.ckpt (Meta/Anole) to safetensors. Put the "
+                                "output next to an HF Chameleon/Anole checkpoint as vqgan_decoder.safetensors.")
+    p.add_argument("--ckpt", required=True, help="path of vqgan.ckpt (a torch pickle with tensors under state_dict)")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    args = p.parse_args(argv)
+    res = convert_vqgan_ckpt(args.ckpt, args.out)
+    print(f"kept {len(res['kept'])} tensors, dropped {len(res['dropped'])} (e.g. {res['dropped'][:3]}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -644,6 +644,16 @@ def load_items(paths: str):
     return items
 
 
+def prepare_pairs(cfg: TrainConfig):
+    """What the DM and WM scripts share: tokenizers, the scorable (source, target) items of --data and --val_data
+    (validation capped at eval_items) and the VQ codes of every image. Returns (image_tok, tok, items, val, codes)."""
+    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
+    items = [it for it in load_items(cfg.data) if it.output_path]
+    val = [it for it in load_items(cfg.val_data) if it.output_path][: cfg.eval_items] if cfg.val_data else []
+    codes = encode_images(image_tok, [p for it in items + val for p in (it.input_path, it.output_path)], cfg.image_size)
+    return image_tok, tok, items, val, codes
+
+
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
     if cfg.task != "pretrain":

@@ -22,12 +22,10 @@ from model import generate_text
 from train import (
     TrainConfig,
     collate,
-    encode_images,
     image_segment,
-    load_items,
-    load_tokenizers,
     pack,
     parse_config,
+    prepare_pairs,
     train,
     weighted_nll,
 )
@@ -118,13 +116,8 @@ def action_accuracy(model, tok, items, codes, n: int = 0) -> dict:
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
     cfg.task = "dm"
-    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
-    items, val = load_items(cfg.data), load_items(cfg.val_data) if cfg.val_data else []
-    items = [it for it in items if it.output_path]
-    val = [it for it in val if it.output_path]
-    paths = [p for it in items + val for p in (it.input_path, it.output_path)]
-    codes = encode_images(image_tok, paths, cfg.image_size)
-    evaluate = (lambda m, step: action_accuracy(m, tok, val, codes, cfg.eval_items)) if val else None
+    _, tok, items, val, codes = prepare_pairs(cfg)
+    evaluate = (lambda m, step: action_accuracy(m, tok, val, codes)) if val else None
     train(cfg, dm_examples(items, codes, tok), tok, dm_examples(val, codes, tok) if val else None, evaluate)
 
 

@@ -29,12 +29,10 @@ import torch
 from model import generate_image
 from train import (
     TrainConfig,
-    encode_images,
     image_segment,
-    load_items,
-    load_tokenizers,
     pack,
     parse_config,
+    prepare_pairs,
     recognition_weights,
     train,
 )
@@ -128,11 +126,7 @@ def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_
 def main(argv=None):
     cfg = parse_config(WorldTrainConfig, argv, description=__doc__.split("\n\n")[0])
     cfg.task = "wm"
-    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
-    items, val = load_items(cfg.data), load_items(cfg.val_data) if cfg.val_data else []
-    items = [it for it in items if it.output_path]
-    val = [it for it in val if it.output_path][: cfg.eval_items]
-    codes = encode_images(image_tok, [p for it in items + val for p in (it.input_path, it.output_path)], cfg.image_size)
+    image_tok, tok, items, val, codes = prepare_pairs(cfg)
     examples = wm_examples(items, codes, tok, cfg.weighting, cfg.weight_mix, cfg.uncond_prob, cfg.seed)
     val_ex = wm_examples(val, codes, tok) if val else None  # validation loss is always the plain CE
     evaluate = (lambda m, step: wm_evaluate(m, tok, image_tok, val, codes, cfg.out_dir, step, cfg.grid_items)) \
