@@ -33,7 +33,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,7 +76,6 @@ class TrainConfig:
     lora_alpha: float = 32.0  # LoRA scale numerator (paper: 32)
     lora_dropout: float = 0.05  # dropout on the LoRA branch input (paper: 0.05)
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # linear layers that get adapters
-    dropout: float = 0.0  # kept for forks; the Chameleon architecture has no dropout
     eval_every: int = 200  # validate (and write the sample grid) every N steps; 0 = only at the end
     eval_items: int = 64  # validation items scored per evaluation (loss) / generated (task metric)
     save_every: int = 200  # checkpoint every N steps (and at the end); 0 = only at the end
@@ -87,7 +86,6 @@ class TrainConfig:
     stop_at: int = 0  # end this invocation after this step, checkpointed (fits a job's time limit); 0 = run to the end
     max_len: int = 0  # truncate/limit sequences (0 = the model's max_seq_len)
     quiet: bool = False  # no tqdm bar (tests, reproduce.py's nested runs)
-    extra: dict = field(default_factory=dict)  # free-form notes recorded in the checkpoint (e.g. which stage)
 
 
 def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
@@ -95,8 +93,6 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
     `defaults` replaces field defaults (reproduce.py's presets)."""
     parser = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(cls):
-        if f.type in ("dict", dict):
-            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         default = (defaults or {}).get(f.name, default)
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
