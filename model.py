@@ -418,7 +418,7 @@ class Chameleon(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        _check_keys(expected, found, path, strict)
+        check_keys(expected, found, path, strict)
 
         # 2) load shard by shard, tensor by tensor, straight into the (meta) parameters
         for fname in files:
@@ -456,7 +456,9 @@ class Chameleon(nn.Module):
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-def _check_keys(expected: dict, found: dict, path, strict: bool):
+def check_keys(expected: dict, found: dict, path, strict: bool):
+    """Compare a model's {key: shape} with a checkpoint's {key: (file, shape)}; raise one CheckpointError listing
+    every missing, unexpected (when strict) and mis-shaped key, so a bad checkpoint is diagnosed in one read."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected)) if strict else []
     mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k][1])

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model import Chameleon, ChameleonConfig
+from model import Chameleon, ChameleonConfig, check_keys
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -347,16 +347,9 @@ def _load_weights(model: nn.Module, path: str, step: int):
         raise ValueError(f"{path}: cannot read checkpoint weights ({e})") from None
     if file_step is not None and int(file_step) != int(step):
         raise ValueError(f"{path}: holds step {file_step} but meta.json says {step} (interrupted save?)")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or shapes:
-        lines = [f"{path}: checkpoint does not match the model"]
-        lines += [f"  missing:    {k} {tuple(expected[k].shape)}" for k in missing]
-        lines += [f"  unexpected: {k} {tuple(state[k].shape)}" for k in unexpected]
-        lines += [f"  shape:      {k} file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes]
-        raise ValueError("\n".join(lines))
+    # the same key-set / shape report as Chameleon.from_pretrained (one readable error listing every problem)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(expected, {k: (path, tuple(v.shape)) for k, v in state.items()}, path, strict=True)
     model.load_state_dict(state)
 
 
