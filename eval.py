@@ -41,11 +41,9 @@ from train_dynamics import predict_actions
 
 
 def _as_pil(x, scale: int) -> Image.Image:
-    if isinstance(x, Image.Image):
-        img = x.convert("RGB")
-    else:
-        arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        img = Image.fromarray(arr)
+    from tokenizer import to_pil
+
+    img = x.convert("RGB") if isinstance(x, Image.Image) else to_pil(x)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
@@ -275,7 +273,6 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
             top_k: int | None = None, cfg_scale: float | None = None, llm: tuple | None = None):
     """Edit every item with the WM (best-of-n verified by `dm` when n > 1). Returns ({task: metrics}, images)."""
     from search import best_of_n
-    from tokenizer import to_pil
     from train_world import generate_targets
 
     g = torch.Generator().manual_seed(seed)
@@ -289,10 +286,10 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
     else:
         best = generate_targets(wm, tok, src, actions, 1, temperature, top_k, cfg_scale=cfg_scale, generator=g)[:, 0]
     images = image_tok.decode(best)  # (N, 3, H, W)
-    return score_by_task(items, images, llm, to_pil), images
+    return score_by_task(items, images, llm), images
 
 
-def score_by_task(items, images, llm=None, to_pil=None) -> dict:
+def score_by_task(items, images, llm=None) -> dict:
     """{task: metrics} plus "all" (mean over scored items)."""
     by_task = defaultdict(list)
     for i, it in enumerate(items):
@@ -301,7 +298,7 @@ def score_by_task(items, images, llm=None, to_pil=None) -> dict:
     for task, idx in sorted(by_task.items()):
         out[task] = judge_items([items[i] for i in idx], images[idx])
         if llm is not None:
-            from tokenizer import preprocess_image
+            from tokenizer import preprocess_image, to_pil
 
             scored = [i for i in idx if items[i].output_path]
             res = [llm_judge(to_pil(preprocess_image(items[i].input_path, images.shape[-1])), to_pil(images[i]),

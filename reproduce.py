@@ -130,7 +130,7 @@ class Stages:
         self.root, self.cfg = os.path.join(root, "stages"), cfg
         os.makedirs(self.root, exist_ok=True)
 
-    def _hash(self, name: str) -> str:
+    def hash(self, name: str) -> str:
         keys = STAGE_KEYS.get(name, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature", "weight_mix"))
         return settings_hash(self.cfg, keys)
 
@@ -139,14 +139,14 @@ class Stages:
         if os.path.exists(path):
             with open(path) as f:
                 rec = json.load(f)
-            if rec.get("hash") == self._hash(name):
+            if rec.get("hash") == self.hash(name):
                 return rec["result"]
         return None
 
     def put(self, name: str, result):
         path = os.path.join(self.root, name + ".json")
         with open(path + ".tmp", "w") as f:
-            json.dump({"hash": self._hash(name), "result": result}, f, indent=1)
+            json.dump({"hash": self.hash(name), "result": result}, f, indent=1)
         os.replace(path + ".tmp", path)
         return result
 
@@ -167,7 +167,7 @@ def build_data(cfg: ReproConfig) -> dict:
 
 def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages):
     """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text)."""
-    from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, codebook_usage, preprocess_image, train_vqgan
+    from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, codebook_usage, preprocess_image, to_pil, train_vqgan
 
     tok_dir = os.path.join(cfg.out, "tok")
     res = stages.get("vq")
@@ -192,7 +192,7 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages):
             recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
         usage = codebook_usage(codes, vcfg.num_embeddings)
         # how much of the world survives the tokenizer: the judge reads scenes back from reconstructions
-        ok = sum(world.parse(to_pil_img(r)) == world.parse(to_pil_img(c)) for r, c in zip(recon, check))
+        ok = sum(world.parse(to_pil(r)) == world.parse(to_pil(c)) for r, c in zip(recon, check))
         vq.save(os.path.join(tok_dir, "vq"))
         res = stages.put("vq", {"vq_seconds": round(time.time() - t0, 1),
                                 "recon_l1": (recon - check).abs().mean().item() / 2, "scene_recovered": ok / len(check),
@@ -219,12 +219,6 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages):
     return vq, text_tok, {**res, **bpe}
 
 
-def to_pil_img(x):
-    from tokenizer import to_pil
-
-    return to_pil(x)
-
-
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
@@ -239,11 +233,11 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
         return load_model(ckpt, device)[0], done
     # a checkpoint left by an interrupted run resumes only if it was made with the same settings
     marker = os.path.join(tcfg.out_dir, "stage_hash.txt")
-    if os.path.exists(tcfg.out_dir) and (not os.path.exists(marker) or open(marker).read() != stages._hash(name)):
+    if os.path.exists(tcfg.out_dir) and (not os.path.exists(marker) or open(marker).read() != stages.hash(name)):
         shutil.rmtree(tcfg.out_dir)
     os.makedirs(tcfg.out_dir, exist_ok=True)
     with open(marker, "w") as f:
-        f.write(stages._hash(name))
+        f.write(stages.hash(name))
     t0 = time.time()
     start = None
     if init is not None:
@@ -381,9 +375,6 @@ def main(argv=None):
         dm.config.mask_image_logits = True
         res = eval_dm(dm, tok, test_items, cache)
         R["dm"] = {k: v for k, v in res.items() if k != "predictions"}
-        R["dm_by_task"] = {t: {k: v for k, v in eval_dm(dm, tok, [it for it in test_items if it.task == t],
-                                                        cache).items() if k != "predictions"}
-                           for t in sorted({it.task for it in test_items})}
         log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f}")
 
         # bootstrapping: the DM labels the unlabelled video pairs
