@@ -117,7 +117,10 @@ def train_step_fn(model, ref: bool, args, device):
             loss = model(input_ids=idx, labels=idx).loss  # HF shifts the labels itself
         else:
             logits = model(idx)  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+            # the same loss as HF's: labels shifted left, the last position ignored (-100), so the logits are read
+            # in place (a view) instead of copying logits[:, :-1]
+            labels = F.pad(idx[:, 1:], (0, 1), value=-100)  # (B, T)
+            loss = F.cross_entropy(logits.view(-1, V), labels.view(-1))  # mean over the B * (T - 1) real labels
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

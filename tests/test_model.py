@@ -123,6 +123,27 @@ def test_sampler():
     assert draw() == {0, 1, 2, 3}
 
 
+def test_sampler_draws_the_softmax_distribution():
+    # the inverse-CDF draw must match softmax frequencies, and never pick an id of probability 0
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    lg = p.log().repeat(20000, 1)
+    counts = torch.bincount(sample(lg, generator=torch.Generator().manual_seed(0)), minlength=5).float() / 20000
+    torch.testing.assert_close(counts, p, rtol=0, atol=0.015)
+    assert counts[4] == 0
+
+
+def test_weights_stored_input_major_with_hf_shapes(tmp_path):
+    m = tiny()  # decode speed-up: Linear weights are (out, in) views of (in, out) storage
+    w = m.model.layers[0].self_attn.q_proj.weight
+    assert w.shape == (32, 32) and w.t().is_contiguous()
+    assert tuple(m.lm_head.weight.shape) == (V, 32) and m.lm_head.weight.t().is_contiguous()
+    m.save_pretrained(tmp_path)
+    m2 = Chameleon.from_pretrained(tmp_path)
+    assert m2.model.layers[1].mlp.down_proj.weight.t().is_contiguous()  # re-laid out after loading
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
 def test_token_logprobs():
     logits, x = torch.randn(2, 6, V), ids(T=6)
     want = logits[:, :-1].log_softmax(-1).gather(-1, x[:, 1:, None])[..., 0]
