@@ -19,3 +19,32 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     # stages are cached: a second run reuses everything and rewrites the same tables
     reproduce.main(["--preset=smoke", f"--out={out}", "--seeds=0,1"])
     assert (out / "report.md").read_text().split("## Setup")[1] == report.split("## Setup")[1]
+
+
+def test_verdict_needs_a_spread_to_call_an_effect_shown():
+    from reproduce import verdict
+
+    assert verdict([0.5, 0.7], [0.1, 0.2], "x").startswith("**shown**")  # gain 0.45 > spread ~0.15
+    assert verdict([0.5, 0.9], [0.4, 0.5], "x").startswith("**weak**")  # gain 0.25 < spread ~0.29
+    assert verdict([0.2], [0.1], "x").startswith("**suggested (one seed")  # one seed: no spread to compare with
+    assert verdict([0.1], [0.2], "x").startswith("**not shown**")
+
+
+def test_token_locality_on_a_hand_made_pair():
+    import torch
+
+    import world
+    from data import Item
+    from reproduce import token_locality
+
+    src = world.Scene((world.Obj(0, 0, "red", "square"), world.Obj(3, 3, "blue", "circle")))
+    tgt = world.Scene((world.Obj(0, 1, "red", "square"), world.Obj(3, 3, "blue", "circle")))  # moved right
+    it = Item(id="a", input_path="s.png", instruction="move the red square right", output_path="t.png", task="world",
+              extra={"src_scene": src.to_json(), "tgt_scene": tgt.to_json(), "grid": 4})
+    cs, ct = torch.arange(16), torch.arange(16)
+    ct[5] = 99  # one unchanged cell flips its code
+    fs, ft = torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)
+    ft[0, 0, 0] = ft[0, 0, 1] = 1.0  # features differ only on the two changed cells
+    res = token_locality([it], {"s.png": (cs, fs), "t.png": (ct, ft)})
+    assert res["unchanged_code_kept"] == 13 / 14
+    assert res["eq2_changed"] == 8.0 and res["eq2_unchanged"] == 0.0  # mean-1 weights: 16 / 2 on the changed cells
