@@ -259,8 +259,13 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
 # Report helpers
 
 
+def measured(values: list[float]) -> list[float]:
+    """The per-seed values that exist (a stage may report None or NaN)."""
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
+    vals = measured(values)
     if not vals:
         return float("nan"), float("nan")
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -270,8 +275,8 @@ def fmt(values: list[float], digits: int = 2) -> str:
     m, s = mean_std(values)
     if math.isnan(m):
         return "-"
-    n = sum(1 for v in values if v is not None and not math.isnan(v))
-    return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"  # one seed: no spread to show
+    one_seed = len(measured(values)) == 1  # no spread to show
+    return f"{m:.{digits}f}" if one_seed else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def verdict(better: list[float], worse: list[float], what: str) -> str:
@@ -281,7 +286,7 @@ def verdict(better: list[float], worse: list[float], what: str) -> str:
     mw, sw = mean_std(worse)
     gain = mb - mw
     spread = math.sqrt(sb**2 + sw**2)
-    if min(len(better), len(worse)) < 2 and gain > 0:
+    if min(len(measured(better)), len(measured(worse))) < 2 and gain > 0:
         return (f"**suggested (one seed, no spread)**: {what} ({mb:.2f} vs {mw:.2f}, gain {gain:+.2f}); "
                 "`--seeds=0,1` measures the spread")
     if gain > spread and gain > 0:
