@@ -21,6 +21,26 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     assert (out / "report.md").read_text().split("## Setup")[1] == report.split("## Setup")[1]
 
 
+@pytest.mark.slow
+def test_parallel_fine_tuning_jobs_give_the_same_models(tmp_path):
+    """--jobs only changes the wall time: each run is seeded on its own, so the weights are bit-identical."""
+    import shutil
+
+    import reproduce
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    reproduce.main(["--preset=smoke", f"--out={a}", "--jobs=1"])
+    shutil.copytree(a, b)  # reuse the data, tokenizers and pre-trained model; redo every per-seed stage
+    shutil.rmtree(b / "seed0")
+    for f in (b / "stages").glob("seed0*"):
+        f.unlink()
+    reproduce.main(["--preset=smoke", f"--out={b}", "--jobs=2"])
+    for run in ("dm", "wm0", "wm1", "wm2", "wm3"):
+        w = [(root / "seed0" / run / "ckpt" / "model.safetensors").read_bytes() for root in (a, b)]
+        assert w[0] == w[1], run
+    assert (a / "report.md").read_text().split("## Setup")[1] == (b / "report.md").read_text().split("## Setup")[1]
+
+
 def test_verdict_needs_a_spread_to_call_an_effect_shown():
     from reproduce import verdict
 
