@@ -15,7 +15,7 @@ Stages are cached in out/ (a stage is skipped when its results exist for the sam
 its checkpoint) so an interrupted run continues. `--preset` picks the scale: `laptop` (default, 2 CPU cores),
 `smoke` (a minute; what the tests run), `gpu` (larger world and model).
 
-Run:  python reproduce.py [--preset=laptop] [--seeds=0,1] [--out=out] [--key=value ...]
+Run:  python reproduce.py [--preset=laptop] [--seeds=0,1] [--jobs=N] [--out=out] [--key=value ...]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from train_world import wm_examples
 
 @dataclass
 class ReproConfig:
-    preset: str = "laptop"  # scale: "laptop" (default, ~33 min on 2 cores, ~25 more per extra seed), "smoke" (~1 min),
+    preset: str = "laptop"  # scale: "laptop" (default, ~47 min on 2 cores, ~37 more per extra seed), "smoke" (~1 min),
     # "gpu" (larger)
     out: str = "out"  # everything is written here; stages found here are reused
     seeds: str = "0"  # fine-tuning seeds (the data, tokenizers and pre-trained model are shared); "0,1" adds a
