@@ -421,8 +421,7 @@ def main(argv=None):
         "C-FDM (labelled + synthetic + weighted)": (True, "recognition"),
     }
 
-    def start_wm(seed: int, k: int, items):  # WM variant k on these items
-        weighting = list(variants.values())[k][1]
+    def start_wm(seed: int, k: int, weighting: str, items):  # WM variant k on these items
         ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed)
         return start(f"seed{seed}_wm{k}", train_cfg(cfg, f"seed{seed}/wm{k}", "wm", cfg.ft_steps, seed,
                                                     weighting=weighting, weight_mix=cfg.weight_mix), ex)
@@ -437,7 +436,8 @@ def main(argv=None):
         d = f"seed{seed}"
         dm_job = start(f"{d}_dm", train_cfg(cfg, f"{d}/dm", "dm", cfg.ft_steps, seed),
                        dm_examples(train_items, cache, tok))
-        wm_jobs = {k: start_wm(seed, k, train_items) for k, (syn, _) in enumerate(variants.values()) if not syn}
+        wm_jobs = {k: start_wm(seed, k, weighting, train_items)
+                   for k, (syn, weighting) in enumerate(variants.values()) if not syn}
         dm, R["dm_train"] = finish(dm_job)
         dm.config.mask_image_logits = True
         res = eval_dm(dm, tok, test_items, cache)
@@ -453,8 +453,8 @@ def main(argv=None):
         R["pseudo"] = pseudo_label_quality(records, kept)
         log(f"{d}: pseudo-labels {R['pseudo']}")
         syn_items = load_items(syn_path)
-        wm_jobs.update({k: start_wm(seed, k, train_items + syn_items) for k, (syn, _) in enumerate(variants.values())
-                        if syn})
+        wm_jobs.update({k: start_wm(seed, k, weighting, train_items + syn_items)
+                        for k, (syn, weighting) in enumerate(variants.values()) if syn})
         wms = {}
         for k, name in enumerate(variants):
             wms[name], R[f"wm_train_{k}"] = finish(wm_jobs[k])
