@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -65,8 +66,10 @@ class ReproConfig:
     jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core, at most 3:
     # the DM, C-FT and labelled + weighted WMs need nothing from each other). Every run is seeded on its own, so the
     # results do not depend on this; only the wall time does
-    threads: int = 1  # torch CPU threads per transformer stage or job (the VQGAN's convolutions use torch's default):
-    # the tiny transformers' small matrix products ran ~2x faster on one thread than on two on a 2-core machine
+    threads: int = 1  # torch intra-op CPU threads of EVERY stage and job, whatever the machine offers: a kernel's
+    # summation order depends on its thread count, so a VQGAN trained with torch's default (one thread per core) came
+    # out different on 1 and 2 cores, and every later number with it. Parallelism comes from processes (--jobs).
+    # One thread: the tiny transformers' small matrix products ran ~2x faster on one thread than on two (2 cores)
     # --- the world (world.WorldConfig)
     n_train: int = 10000  # labelled triplets (the supervised data of DM and WM). With 1,000 the tiny DM memorised
     # them (train accuracy 100%, test 2-5%) instead of learning to compare two images
@@ -119,7 +122,7 @@ PRESETS = {
 }
 
 # The stage settings that change results; a cached stage is reused only when these match.
-SHARED_KEYS = ("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample", "vq_codes",
+SHARED_KEYS = ("threads", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample", "vq_codes",
                "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr")
 
@@ -131,7 +134,7 @@ def settings_hash(cfg: ReproConfig, keys) -> str:
 
 # The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
 STAGE_KEYS = {
-    "vq": ("vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val"),
+    "vq": ("threads", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val"),
     "bpe": ("n_train", "n_videos", "n_captions", "bpe_vocab", "vq_codes"),
     "pretrain": SHARED_KEYS,
 }
@@ -164,6 +167,11 @@ class Stages:
             json.dump({"hash": self.hash(name), "result": result}, f, indent=1)
         os.replace(path + ".tmp", path)
         return result
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (`taskset` / cgroup affinity), not all the machine has."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def log(msg: str):
@@ -243,8 +251,7 @@ def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **k
 def train_stage(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init) -> dict:
     """`run_training` as a job (possibly in a worker process): returns the stage result only; the caller loads the
     model from the checkpoint, so nothing but a small dict crosses the process boundary."""
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
     return run_training(cfg, stages, name, tcfg, examples, tok, device, init=init)[1]
 
 
@@ -355,19 +362,21 @@ def main(argv=None):
     cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], defaults=PRESETS[known.preset])
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if cfg.threads < 1:
+        raise SystemExit(f"--threads={cfg.threads}: must be at least 1")
+    # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
+    torch.set_num_threads(cfg.threads)
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     ns = [int(n) for n in cfg.search_n.split(",")]
     t_start = time.time()
     os.makedirs(cfg.out, exist_ok=True)
     stages = Stages(cfg.out, cfg)
     log(f"reproduce: preset {cfg.preset}, seeds {seeds}, out {cfg.out}, device {device}, "
-        f"threads {torch.get_num_threads()}")
+        f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
 
     # 1-2. data and tokenizers
     paths, wcfg = build_data(cfg)
     image_tok, tok, tok_res = build_tokenizers(cfg, paths, stages)
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
     image_tok.to(device)
     train_items = load_items(paths["train"])
     val_items = load_items(paths["val"])
@@ -399,7 +408,7 @@ def main(argv=None):
 
     # 5-7. per seed: fine-tuning, bootstrapping, search. Fine-tuning runs that need nothing from each other train side
     # by side in `jobs` worker processes (CPU only; "spawn" so that no worker inherits the parent's torch threads)
-    jobs = 1 if device.type != "cpu" else cfg.jobs or min(3, max(1, (os.cpu_count() or 1) // max(1, cfg.threads)))
+    jobs = 1 if device.type != "cpu" else cfg.jobs or min(3, max(1, usable_cores() // cfg.threads))
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
 
     def start(name: str, tcfg: TrainConfig, examples) -> tuple[Future, TrainConfig]:
@@ -476,7 +485,8 @@ def main(argv=None):
     if pool is not None:
         pool.shutdown()
 
-    report = write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, time.time() - t_start)
+    report = write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, time.time() - t_start,
+                          provenance(cfg, seeds, device))
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
@@ -552,18 +562,59 @@ def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
               title=f"'{acts[i]}': C-FDM candidates ranked by log p_DM(action | source, candidate)")
 
 
-def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds) -> str:
+def sha(paths: list[str]) -> str:
+    """A short content hash of these files (in this order); '-' when one is missing."""
+    h = hashlib.sha256()
+    for p in paths:
+        if not os.path.exists(p):
+            return "-"
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def provenance(cfg: ReproConfig, seeds: list[int], device: torch.device) -> dict:
+    """What determines the numbers, for the report header: two runs whose entries all match should give the same
+    report byte for byte; a different CPU capability (other kernels, other rounding) may not."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True)
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").stdout.strip() or "unknown"
+        commit += " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no").stdout else ""
+    except OSError:  # no git
+        commit = "unknown"
+    out = lambda *p: os.path.join(cfg.out, *p)
+    weights = lambda run: out(run, "ckpt", "model.safetensors")
+    stages = {"data": sha([out("data", f + ".json") for f in ("train", "val", "test", "test_comp", "captions")]),
+              "vqgan": sha([out("tok", "vq", "model.safetensors")]), "bpe": sha([out("tok", "tokenizer.json")]),
+              "pretrain": sha([weights("pretrain")])}
+    for s in seeds:
+        stages[f"seed{s}"] = " ".join(f"{run} {sha([weights(f'seed{s}/{run}')])}" for run in
+                                      ("dm", "wm0", "wm1", "wm2", "wm3")) + \
+            f" synthetic {sha([out(f'seed{s}', 'synthetic.json')])}"
+    return {"commit": commit, "torch": torch.__version__, "device": device.type,
+            "dtype": "float32" if device.type == "cpu" else "bfloat16 autocast", "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
+
+
+def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> str:
     S = [per_seed[s] for s in seeds]
     tasks = [t for t in zs["wm"] if t != "all"]
     L = [f"# worldboot: the paper in miniature (preset `{cfg.preset}`, seeds {', '.join(map(str, seeds))})", ""]
     L += [f"Produced by `python reproduce.py --preset={cfg.preset} --seeds={cfg.seeds}` in {seconds / 60:.1f} min "
-          f"with {torch.get_num_threads()} torch thread(s) for the transformer stages"
-          + (" (GPU)" if torch.cuda.is_available() else "") + ". "
+          f"with {cfg.threads} torch thread(s) per process in every stage. "
           "Numbers are mean ± standard deviation over the fine-tuning seeds (a single number: one seed). "
           "Scores are the world judge's 0-10 "
           "(success, minimal editing, score = their min per sample, as the paper's GPT-4o protocol); L1 is the "
           "mean pixel difference to the target (0-1). `world` is the test split, `world_comp` the compositional "
           "split (colour/shape/verb combinations never seen in training).", ""]
+    L += ["What determines these numbers (runs that agree on every line should match byte for byte below `## Setup`; "
+          "other CPUs run other kernels, which round differently):", "",
+          f"- commit {prov['commit']}, torch {prov['torch']}, device {prov['device']}, dtype {prov['dtype']}, "
+          f"{prov['threads']} intra-op thread(s) per process, CPU capability {prov['cpu_capability']}",
+          "- stage outputs (sha256, 12 hex): " + "; ".join(f"{k} {v}" for k, v in prov["stage_hashes"].items()),
+          "- report tables (sha256 of everything from `## Setup` on): {TABLES_HASH}", ""]
+    body_start = len(L)
     L += ["## Setup", "",
           f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_test} test + "
           f"{cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
@@ -657,11 +708,14 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds) -> str:
     L += ["## Pictures", "", "- `examples.png`: source | C-FT | C-FDM | C-FDM best-of-N | target, one row per verb",
           "- `search_example.png`: one item's candidates ranked by the DM", "- `data/samples.png`: world triplets",
           "", "![examples](examples.png)", "", "![search](search_example.png)", ""]
+    tables_hash = hashlib.sha256("\n".join(L[body_start:]).encode()).hexdigest()[:12]
+    L = [line.replace("{TABLES_HASH}", tables_hash) for line in L]
     path = os.path.join(cfg.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(L))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "tokenizers": tok_res, "zeroshot": zs, "baselines": base,
+        json.dump({"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash},
+                   "tokenizers": tok_res, "zeroshot": zs, "baselines": base,
                    "per_seed": {str(k): v for k, v in per_seed.items()}}, f, indent=1)
     return path
 

@@ -68,3 +68,28 @@ def test_token_locality_on_a_hand_made_pair():
     res = token_locality([it], {"s.png": (cs, fs), "t.png": (ct, ft)})
     assert res["unchanged_code_kept"] == 13 / 14
     assert res["eq2_changed"] == 8.0 and res["eq2_unchanged"] == 0.0  # mean-1 weights: 16 / 2 on the changed cells
+
+
+@pytest.mark.slow
+def test_numbers_do_not_depend_on_the_core_count(tmp_path):
+    """The smoke pipeline on one core and on two (`taskset`-style affinity) gives byte-identical stage outputs and
+    report tables: every stage computes with the same recorded thread count, whatever the machine offers. (With
+    torch's default thread count, one per usable core, the VQGAN came out different on 1 and 2 cores.)"""
+    import json
+    import subprocess
+    import sys
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two usable cores")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"cores{n}"
+        subprocess.run([sys.executable, "reproduce.py", "--preset=smoke", f"--out={out}"], cwd=repo, check=True,
+                       capture_output=True, preexec_fn=lambda n=n: os.sched_setaffinity(0, cores[:n]))
+        prov = json.loads((out / "results.json").read_text())["provenance"]
+        runs[n] = (prov, (out / "report.md").read_text().split("## Setup")[1])
+    (p1, r1), (p2, r2) = runs[1], runs[2]
+    assert p1["stage_hashes"] == p2["stage_hashes"] and "-" not in str(p1["stage_hashes"].values())
+    assert p1["tables"] == p2["tables"] and r1 == r2
