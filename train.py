@@ -628,10 +628,11 @@ def _resume(ckpt_dir, model, optimizer, sampler, cfg) -> int:
     for key, v in flat.items():
         name, k = key.split("::")
         p = params[name]
-        if k == "step":  # fused AdamW (on CUDA) keeps its step counter on the parameter's device, the others on the CPU
+        # fused AdamW (CUDA) wants its step on the parameter's device and its moments in the parameter's memory layout
+        if k == "step":
             optimizer.state[p][k] = v.to(p.device) if optimizer.defaults.get("fused") else v
         else:
-            optimizer.state[p][k] = _shard_like(v, p) if cfg.fsdp else v.to(p.device)
+            optimizer.state[p][k] = _shard_like(v, p) if cfg.fsdp else torch.empty_like(p).copy_(v)
     sampler.load(meta["sampler"])
     rng = load_file(os.path.join(ckpt_dir, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
