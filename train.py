@@ -12,7 +12,8 @@ What the loop does: AdamW with cosine schedule and warm-up, gradient clipping, g
 sync only on the last micro-step), `torchrun` DDP (NCCL on GPU, gloo on CPU) with per-rank shards of one global
 batch, bf16 autocast on GPU, optional gradient checkpointing and LoRA, a NaN/inf guard, periodic validation, a
 metrics JSONL file, and checkpoints that resume exactly (weights, optimizer, config, step, RNG states, data
-position) written atomically as safetensors + JSON.
+position) written atomically as safetensors + JSON. `--fsdp=true` shards instead of replicating (FSDP2: full
+fine-tuning of a model whose weights, gradients and AdamW state do not fit one GPU); checkpoints stay the same files.
 
 Loss normalisation (why it is written this way): the loss of a step is sum_i w_i * nll_i / sum_i w_i over the whole
 *global* batch. Every rank knows the global batch's indices, so it can compute the denominator locally; each rank
@@ -34,6 +35,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -82,6 +84,7 @@ class TrainConfig:
     seed: int = 1337  # seeds model init, data order and sampling; each rank offsets it by its rank
     dtype: str = "auto"  # "float32", "bfloat16" (autocast, GPU) or "auto" (bf16 on CUDA, fp32 on CPU)
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
+    fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped
     stop_at: int = 0  # end this invocation after this step, checkpointed (fits a job's time limit); 0 = run to the end
     max_len: int = 0  # truncate/limit sequences (0 = the model's max_seq_len)
@@ -336,7 +339,7 @@ def load_model(ckpt_dir: str, device="cpu", merge: bool = True) -> tuple[Chamele
     return model.to(device), meta
 
 
-def _load_weights(model: nn.Module, path: str, step: int):
+def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):
     from safetensors import safe_open
 
     try:
@@ -350,7 +353,63 @@ def _load_weights(model: nn.Module, path: str, step: int):
     # the same key-set / shape report as Chameleon.from_pretrained (one readable error listing every problem)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, {k: (path, tuple(v.shape)) for k, v in state.items()}, path, strict=True)
-    model.load_state_dict(state)
+    if fsdp:  # every rank read the whole file; each keeps its own shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP (--fsdp=true): full fine-tuning beyond one GPU's memory. Each rank keeps 1/world of the weights, gradients and
+# AdamW state (PyTorch FSDP2). Checkpoints are gathered to rank 0 and written by save_checkpoint, unchanged.
+
+
+def fsdp_shard(model: Chameleon, cfg: TrainConfig):
+    """Shard `model` in place: one FSDP unit per transformer block (its weights are all-gathered just before its
+    forward and again in backward, then freed; its gradients are reduce-scattered), then the root unit with the
+    embedding, final norm and lm_head. With --dtype=bfloat16 (or auto on CUDA) weights are gathered and used in
+    bf16 while the shards, AdamW and the gradient reduction stay fp32. LoRA composes: frozen weights are sharded
+    and never reduced."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for p in model.parameters():  # FSDP shards contiguous tensors only (model.py stores Linear weights input-major)
+        p.data = p.data.contiguous()
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if _use_bf16(cfg) else {}
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(**bf16))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(**bf16))
+
+
+def fsdp_full_state(model: nn.Module, optimizer, cfg: TrainConfig):
+    """Collective (every rank calls it): the full weights and AdamW state, gathered one tensor at a time to rank 0's
+    CPU. Rank 0 gets (a plain Chameleon holding them, an object read like its optimizer), so save_checkpoint writes
+    them unchanged; the other ranks get (None, None)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # cpu_offload: only rank 0 keeps tensors
+    weights = get_model_state_dict(model, options=opts)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    if dist.get_rank() != 0:
+        return None, None
+    state = optim_state["state"]  # {parameter name: {"step", "exp_avg", "exp_avg_sq"}}
+    with torch.device("meta"):
+        copy = Chameleon(model.config)
+    if cfg.lora_r > 0:
+        apply_lora(copy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    copy.load_state_dict(weights, assign=True)
+    params = dict(copy.named_parameters())
+    optim = SimpleNamespace(param_groups=[{"params": [params[n] for n in state]}],
+                            state={params[n]: s for n, s in state.items()})
+    return copy, optim
+
+
+def _shard_like(v: torch.Tensor, p) -> torch.Tensor:
+    """A full tensor read from a checkpoint -> this rank's shard of it, laid out like the sharded parameter p."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,7 +485,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
         torch.manual_seed(cfg.seed)
         model = Chameleon(mcfg)
     elif cfg.init.startswith("hf:"):
-        dtype = torch.bfloat16 if _use_bf16(cfg) else None
+        dtype = torch.bfloat16 if _use_bf16(cfg) and not cfg.fsdp else None  # FSDP keeps fp32 shards, computes bf16
         model = Chameleon.from_pretrained(cfg.init[3:], dtype=dtype)
         mcfg = model.config
     else:
@@ -445,9 +504,13 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     """Train on `examples` (list of (ids, weights)); returns (model, history).
 
     `evaluate(model, step) -> dict` is the task's own metric hook (e.g. DM action accuracy, WM sample grid), called
-    on rank 0 every eval_every steps. `model` may be passed in (tests); otherwise it is built from cfg.init.
+    on rank 0 every eval_every steps (not under FSDP). `model` may be passed in (tests); otherwise it is built from
+    cfg.init. Under FSDP the returned model is sharded: load the checkpoint for a whole one.
     """
     rank, world, device = setup_distributed()
+    if cfg.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
+                         "torchrun: run it under torchrun --nproc_per_node=N, or drop --fsdp")
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     if model is None:
@@ -466,6 +529,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     sampler = Sampler(len(ids), cfg.batch_size, cfg.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
+    if cfg.fsdp:  # shards in place, so before the optimizer sees the parameters (DDP wraps below instead)
+        fsdp_shard(model, cfg)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
@@ -479,9 +544,11 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         torch.manual_seed(cfg.seed + rank)  # per-rank seeds (LoRA dropout); data order is shared on purpose
 
     raw = model  # save the unwrapped, uncompiled module
-    if world > 1:
+    if cfg.fsdp and evaluate is not None and rank == 0:
+        print("--fsdp: the task metric (generation) is skipped during training; run eval.py on the checkpoint")
+    if world > 1 and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    bf16 = _use_bf16(cfg) and device.type == "cuda"
+    bf16 = _use_bf16(cfg) and device.type == "cuda" and not cfg.fsdp  # FSDP casts with its own policy instead
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     history = []
@@ -506,17 +573,21 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         optimizer.zero_grad(set_to_none=True)
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "time": time.time() - t0}
         last = step + 1 == cfg.steps or step + 1 == cfg.stop_at
-        if val_examples and rank == 0 and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        if val_examples and (rank == 0 or cfg.fsdp) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            # under FSDP every rank runs the forward (it all-gathers the weights)
             rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
-            if evaluate is not None:
+            if evaluate is not None and not cfg.fsdp:  # generation needs the whole model: run eval.py on the ckpt
                 rec.update(evaluate(raw, step + 1))
         history.append(rec)
+        save = last or (cfg.save_every and (step + 1) % cfg.save_every == 0)
+        # under FSDP every rank joins the gather; rank 0 then writes the same files as without it
+        to_save = fsdp_full_state(raw, optimizer, cfg) if save and cfg.fsdp else (raw, optimizer)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
-            if last or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
+            if save:
+                save_checkpoint(ckpt_dir, to_save[0], cfg, mcfg, to_save[1], step + 1, sampler, rec)
         if step + 1 == cfg.stop_at:
             break
     if world > 1:
@@ -539,7 +610,8 @@ def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_acc
     for k in range(grad_accum):
         mb = mine[k * micro : (k + 1) * micro]
         x, w = ids[mb].to(device), weights[mb].to(device)
-        sync = world == 1 or k == grad_accum - 1
+        # FSDP has no no_sync(): it reduce-scatters every micro-step, so gradients stay sharded between them
+        sync = world == 1 or k == grad_accum - 1 or not hasattr(model, "no_sync")
         with (nullcontext() if sync else model.no_sync()), (autocast or nullcontext()):
             logits = model(x)  # (micro, T, V)
             part = weighted_nll(logits.float(), x, w).sum() / total_w
@@ -550,12 +622,17 @@ def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_acc
 
 def _resume(ckpt_dir, model, optimizer, sampler, cfg) -> int:
     meta = read_meta(ckpt_dir)
-    _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"])
+    _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"], cfg.fsdp)
     flat = load_file(os.path.join(ckpt_dir, "optim.safetensors"))
     params = dict(model.named_parameters())
     for key, v in flat.items():
         name, k = key.split("::")
-        optimizer.state[params[name]][k] = v.to(params[name].device) if k != "step" else v
+        p = params[name]
+        # fused AdamW (CUDA) wants its step on the parameter's device and its moments in the parameter's memory layout
+        if k == "step":
+            optimizer.state[p][k] = v.to(p.device) if optimizer.defaults.get("fused") else v
+        else:
+            optimizer.state[p][k] = _shard_like(v, p) if cfg.fsdp else torch.empty_like(p).copy_(v)
     sampler.load(meta["sampler"])
     rng = load_file(os.path.join(ckpt_dir, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])

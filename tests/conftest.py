@@ -49,3 +49,21 @@ def ddp_case():
     ids, weights = collate(ex, tok.pad_id)
     batch = torch.randperm(8, generator=g)
     return model, ids, weights, batch
+
+
+def fsdp_case(out_dir: str, **overrides):
+    """(tokenizer, 16 WM training examples with unequal loss weights, 4 validation examples, TrainConfig) for
+    tests/test_fsdp.py: the same case in the 2-process FSDP worker and in the single-process reference."""
+    from tokenizer import TextTokenizer
+    from train import TrainConfig
+    from train_world import wm_example
+
+    tok = TextTokenizer.train(ACTIONS * 4, vocab_size=400, n_image_codes=16)
+    g = torch.Generator().manual_seed(0)
+    ex = []
+    for i in range(20):
+        src, tgt = torch.randint(0, 16, (4,), generator=g), torch.randint(0, 16, (4,), generator=g)
+        ex.append(wm_example(tok, src, tgt, ACTIONS[i % 6], token_weights=torch.rand(4, generator=g) * 3))
+    kw = dict(task="wm", out_dir=out_dir, steps=4, batch_size=8, grad_accum=2, lr=3e-3, warmup=2, eval_every=2,
+              save_every=2, quiet=True, seed=0, lora_dropout=0.0)
+    return tok, ex[:16], ex[16:], TrainConfig(**{**kw, **overrides})
