@@ -1,0 +1,204 @@
+"""What every script shares, below all of them (imports nothing of the project): the command-line parser with
+per-flag checks, the user-error style, atomic writes and folder ownership.
+
+- `parse_config(Config, argv)`: `--key=value` for every dataclass field; unknown or abbreviated flags fail, and every
+  value is checked against the rule declared next to its field with `arg(default, rule)` (one line naming the flag
+  and the allowed range).
+- `UserError`: a bad input (data, flag, checkpoint). `run(main)` prints it as one `error: ...` line and exits 2; no
+  traceback unless `--debug` is given or WORLDBOOT_DEBUG=1.
+- `atomic_write(path, ...)`: write a temporary file, fsync, rename over the target: readers see the old or the new.
+- `claim_dir(path, who)`: a folder we may write into (and delete what we wrote) carries a `.worldboot` marker;
+  a non-empty folder without one belongs to someone else and is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+DEBUG_ENV = "WORLDBOOT_DEBUG"
+MARKER = ".worldboot"
+
+
+class UserError(ValueError):
+    """An expected error of the user's input: printed as one line naming the file / item / flag, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags: one parser for every script, a rule per field
+
+
+def arg(default, rule):
+    """A dataclass field with its allowed values, checked by parse_config. `rule` is a tuple of choices, a range
+    ">0", ">=0", "0..1" (inclusive), "0..<1" (upper bound excluded), "required" (non-empty text), "text" (valid
+    Unicode, not blank), "ints>=0" / "ints>=1" (comma-separated integers), or a function value -> error or None."""
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def check_value(value, rule) -> str | None:
+    """None when `value` satisfies `rule` (see arg), else what is allowed."""
+    if callable(rule):
+        return rule(value)
+    if isinstance(rule, tuple):
+        return None if value in rule else "one of " + ", ".join(map(str, rule))
+    if rule in ("required", "text"):
+        ok = isinstance(value, str) and value.strip() and _unicode_ok(value)
+        return None if ok else "a non-empty, valid Unicode text"
+    if rule.startswith("ints"):
+        lo = int(rule[len("ints>="):])
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        ok = parts and all(p.lstrip("-").isdigit() and int(p) >= lo for p in parts)
+        return None if ok else f"comma-separated integers >= {lo}"
+    if rule.startswith(">="):
+        return None if value >= float(rule[2:]) else f">= {rule[2:]}"
+    if rule.startswith(">"):
+        return None if value > float(rule[1:]) else f"> {rule[1:]}"
+    lo, hi = rule.split("..")
+    if hi.startswith("<"):
+        return None if float(lo) <= value < float(hi[1:]) else f"in [{lo}, {hi[1:]})"
+    return None if float(lo) <= value <= float(hi) else f"in [{lo}, {hi}]"
+
+
+def _unicode_ok(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # lone surrogates (from JSON escapes or undecodable argv bytes)
+        return False
+
+
+def validate(cfg) -> None:
+    """Check every field of a config dataclass instance against its rule; UserError naming the first bad flag."""
+    for f in dataclasses.fields(cfg):
+        rule = f.metadata.get("rule")
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and value != value:
+            raise UserError(f"--{f.name}: NaN is not a value")
+        if rule is not None and (why := check_value(value, rule)):
+            raise UserError(f"--{f.name}={value!r}: must be {why}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
+def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None, presets: dict | None = None):
+    """--key=value overrides for any config dataclass; --help lists every field with its default; unknown and
+    abbreviated keys fail; every value is checked (validate). `defaults` replaces field defaults; `presets`
+    ({name: defaults}) lets a `preset` field choose them (reproduce.py)."""
+    parser = _Parser(description=description, allow_abbrev=False)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (defaults or {}).get(f.name, default)
+        kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or WORLDBOOT_DEBUG=1)")
+    args = parser.parse_args(argv)
+    if presets is not None:
+        if args.preset not in presets:
+            parser.error(f"--preset={args.preset!r}: must be one of {', '.join(sorted(presets))}")
+        parser.set_defaults(**presets[args.preset])
+        args = parser.parse_args(argv)
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
+    cfg = cls(**{k: v for k, v in vars(args).items() if k != "debug"})
+    try:
+        validate(cfg)
+    except UserError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def run(main) -> None:
+    """Call a script's main(); a UserError or an OS error (missing file, full disk) becomes one line and exit 2,
+    Ctrl-C one line and exit 130. With --debug or WORLDBOOT_DEBUG=1 the traceback is shown."""
+    debug = lambda: os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in sys.argv
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        if debug():
+            raise
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
+    except (UserError, OSError) as e:
+        if debug():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: atomic writes, JSON with the path in every error, folder ownership
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in `path` durable (POSIX: the directory entry is data of the folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data) -> None:
+    """Replace `path` by `data` (str, bytes, or a function that writes a given path) atomically and durably."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    if callable(data):
+        data(tmp)
+    else:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+            f.write(data)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def read_json(path, what: str = "JSON"):
+    """json.load with the file named in every error (missing, unreadable, not UTF-8, malformed)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: malformed {what} at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def claim_dir(path, who: str, ours: tuple = ()) -> None:
+    """Make `path` a folder that `who` may write into. A folder that exists and is not empty must carry our
+    `.worldboot` marker (or one of the files named in `ours`, which only worldboot writes: folders written before
+    the marker existed); otherwise UserError, and nothing is written or deleted."""
+    path = os.fspath(path)
+    marker = os.path.join(path, MARKER)
+    if os.path.isdir(path) and not os.path.exists(marker):
+        foreign = os.listdir(path) and not any(os.path.exists(os.path.join(path, p)) for p in ours)
+        if foreign:
+            raise UserError(f"{path} exists and was not written by worldboot (no {MARKER} marker): not writing into "
+                            "it or deleting anything there; choose another folder")
+    elif os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path} exists and is not a folder")
+    os.makedirs(path, exist_ok=True)
+    if not os.path.exists(marker):
+        atomic_write(marker, f"written by worldboot ({who})\n")
