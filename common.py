@@ -2,8 +2,8 @@
 per-flag checks, the user-error style, atomic writes and folder ownership.
 
 - `parse_config(Config, argv)`: `--key=value` for every dataclass field; unknown or abbreviated flags fail, and every
-  value is checked against the rule declared next to its field with `arg(default, rule)` (one line naming the flag
-  and the allowed range).
+  value is checked against the rule declared next to its field with `arg(default, rule)` (or in a `RULES` table of
+  the class), one line naming the flag and the allowed range.
 - `UserError`: a bad input (data, flag, checkpoint). `run(main)` prints it as one `error: ...` line and exits 2; no
   traceback unless `--debug` is given or WORLDBOOT_DEBUG=1.
 - `atomic_write(path, ...)`: write a temporary file, fsync, rename over the target: readers see the old or the new.
@@ -71,9 +71,11 @@ def _unicode_ok(s: str) -> bool:
 
 
 def validate(cfg) -> None:
-    """Check every field of a config dataclass instance against its rule; UserError naming the first bad flag."""
+    """Check every field of a config dataclass instance against its rule (arg(), or the class's RULES table
+    {field: rule}); UserError naming the first bad flag."""
+    table = getattr(cfg, "RULES", {})
     for f in dataclasses.fields(cfg):
-        rule = f.metadata.get("rule")
+        rule = f.metadata.get("rule", table.get(f.name))
         value = getattr(cfg, f.name)
         if isinstance(value, float) and value != value:
             raise UserError(f"--{f.name}: NaN is not a value")
@@ -184,6 +186,19 @@ def read_json(path, what: str = "JSON"):
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: malformed {what} at line {e.lineno}, column {e.colno}: {e.msg}") from None
+
+
+def read_tensors(path) -> dict:
+    """safetensors.torch.load_file with the file named in every error (missing, truncated, not safetensors)."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise UserError(f"{path}: cannot read tensors ({e})") from None
 
 
 def claim_dir(path, who: str, ours: tuple = ()) -> None:

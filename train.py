@@ -40,10 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common import UserError, arg, atomic_write, claim_dir, fsync_dir, parse_config, read_json  # noqa: F401
+from common import UserError, arg, atomic_write, claim_dir, fsync_dir, parse_config, read_json, read_tensors, run
 from model import Chameleon, ChameleonConfig, check_keys
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,6 +170,9 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     from tokenizer import preprocess_image
 
     cache = {} if cache is None else cache
+    if size != image_tok.cfg.resolution:
+        raise UserError(f"--image_size={size}, but the image tokenizer was made for {image_tok.cfg.resolution}px "
+                        "images (another size gives another number of tokens per image)")
     todo = sorted({str(p) for p in paths} - set(cache))
     device = next(image_tok.parameters()).device
     for i in range(0, len(todo), batch):
@@ -358,12 +361,9 @@ def load_model(ckpt_dir: str, device="cpu", merge: bool = True, role: str | None
 def _load_weights(model: nn.Module, path: str, step: int):
     from safetensors import safe_open
 
-    try:
-        with safe_open(path, "pt") as f:
-            file_step = (f.metadata() or {}).get("step")
-        state = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise UserError(f"{path}: cannot read checkpoint weights ({e})") from None
+    state = read_tensors(path)
+    with safe_open(path, "pt") as f:
+        file_step = (f.metadata() or {}).get("step")
     if file_step is not None and int(file_step) != int(step):
         raise UserError(f"{path}: holds step {file_step} but meta.json says {step} (interrupted save?)")
     # the same key-set / shape report as Chameleon.from_pretrained (one readable error listing every problem)
@@ -637,13 +637,13 @@ def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_acc
 def _resume(ckpt_dir, model, optimizer, sampler, cfg) -> int:
     meta = read_meta(ckpt_dir)
     _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"])
-    flat = load_file(os.path.join(ckpt_dir, "optim.safetensors"))
+    flat = read_tensors(os.path.join(ckpt_dir, "optim.safetensors"))
     params = dict(model.named_parameters())
     for key, v in flat.items():
         name, k = key.split("::")
         optimizer.state[params[name]][k] = v.to(params[name].device) if k != "step" else v
     sampler.load(meta["sampler"])
-    rng = load_file(os.path.join(ckpt_dir, "rng.safetensors"))
+    rng = read_tensors(os.path.join(ckpt_dir, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -695,15 +695,13 @@ def pretrain_examples(items, codes: dict, tok) -> list:
 
 def load_captions(path: str):
     """Image-caption pairs ([{"image", "caption"}], paths relative to the file) as Items with the caption as text."""
-    from data import Item
+    from data import Item, read_records
 
     root = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        recs = json.load(f)
     items = []
-    for i, r in enumerate(recs):
-        if not r.get("image") or not str(r.get("caption", "")).strip():
-            raise ValueError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
+    for i, r in enumerate(read_records(path)):
+        if not isinstance(r, dict) or not isinstance(r.get("image"), str) or not str(r.get("caption", "")).strip():
+            raise UserError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
         items.append(Item(id=r.get("id", f"cap-{i}"), input_path=os.path.join(root, r["image"]),
                           instruction=r["caption"], output_path=None, task="caption"))
     return items
@@ -716,6 +714,8 @@ def load_items(paths: str):
     items = []
     for p in [p for p in paths.split(",") if p]:
         items.extend(load_benchmark(p))
+    if not items:
+        raise UserError(f"{paths}: no valid items")
     return items
 
 
@@ -725,6 +725,10 @@ def prepare_pairs(cfg: TrainConfig):
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = [it for it in load_items(cfg.data) if it.output_path]
     val = [it for it in load_items(cfg.val_data) if it.output_path][: cfg.eval_items] if cfg.val_data else []
+    for name, path, got in (("--data", cfg.data, items), ("--val_data", cfg.val_data, val)):
+        if path and not got:
+            raise UserError(f"{name}={path}: no item has an 'output' image, so there is nothing to train on (items "
+                            "without one are only generated and scored by eval.py)")
     codes = encode_images(image_tok, [p for it in items + val for p in (it.input_path, it.output_path)], cfg.image_size)
     return image_tok, tok, items, val, codes
 
@@ -732,7 +736,7 @@ def prepare_pairs(cfg: TrainConfig):
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
     if cfg.task != "pretrain":
-        raise SystemExit("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
+        raise UserError("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = load_captions(cfg.data)
     val = load_captions(cfg.val_data) if cfg.val_data else []
@@ -741,4 +745,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

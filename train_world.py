@@ -26,6 +26,7 @@ from itertools import groupby
 
 import torch
 
+from common import arg, run
 from model import generate_image
 from train import (
     TrainConfig,
@@ -42,8 +43,8 @@ WM_PROMPT = " Edit:"
 
 @dataclass
 class WorldTrainConfig(TrainConfig):
-    uncond_prob: float = 0.0  # fraction of examples duplicated without their action (for CFG); 0 = off
-    grid_items: int = 8  # items shown in the (source | action | sample | target) grid at each evaluation
+    uncond_prob: float = arg(0.0, "0..1")  # fraction of examples duplicated without their action (for CFG); 0 = off
+    grid_items: int = arg(8, ">=0")  # items shown in the (source | action | sample | target) grid at each evaluation
 
 
 def wm_prompt(tok, src_codes, action: str | None) -> list[int]:
@@ -131,8 +132,8 @@ def main(argv=None):
     val_ex = wm_examples(val, codes, tok) if val else None  # validation loss is always the plain CE
     evaluate = (lambda m, step: wm_evaluate(m, tok, image_tok, val, codes, cfg.out_dir, step, cfg.grid_items)) \
         if val else None
-    train(cfg, examples, tok, val_ex, evaluate)
+    train(cfg, examples, tok, val_ex, evaluate, names=None if cfg.uncond_prob else [it.id for it in items])
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
