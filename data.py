@@ -76,6 +76,9 @@ def read_records(path) -> list:
                 recs.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise BenchmarkError(f"{path}:{lineno}: malformed JSON at line {lineno}: {e.msg}") from e
+    if len(recs) == 1 and isinstance(recs[0], dict) and "input" not in recs[0] and "image" not in recs[0]:
+        raise BenchmarkError(f"{path}: expected a JSON list of items (or one item per line), got an object with "
+                             f"keys {', '.join(map(str, list(recs[0])[:5]))}")
     return recs
 
 

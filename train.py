@@ -471,9 +471,6 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     rank, world, device = setup_distributed()
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     _check_out_dir(cfg, ckpt_dir)
-    if rank == 0:
-        claim_dir(cfg.out_dir, "train.py", ours=("ckpt", "metrics.jsonl"))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     if model is None:
         model, mcfg = build_model(cfg, tok.vocab_size, tok)
     else:
@@ -490,6 +487,9 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     sampler = Sampler(len(ids), cfg.batch_size, cfg.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
+    if rank == 0:  # the inputs are good: now the out_dir is written
+        claim_dir(cfg.out_dir, "train.py", ours=("ckpt", "metrics.jsonl"))
+    os.makedirs(cfg.out_dir, exist_ok=True)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]

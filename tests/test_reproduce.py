@@ -68,3 +68,15 @@ def test_token_locality_on_a_hand_made_pair():
     res = token_locality([it], {"s.png": (cs, fs), "t.png": (ct, ft)})
     assert res["unchanged_code_kept"] == 13 / 14
     assert res["eq2_changed"] == 8.0 and res["eq2_unchanged"] == 0.0  # mean-1 weights: 16 / 2 on the changed cells
+
+
+def test_seed_results_depend_on_the_best_of_n_sizes_but_training_does_not():
+    import dataclasses
+
+    from reproduce import ReproConfig, Stages
+
+    a, b = ReproConfig(), dataclasses.replace(ReproConfig(), search_n="1,2")
+    sa, sb = Stages.__new__(Stages), Stages.__new__(Stages)
+    sa.cfg, sb.cfg = a, b
+    assert sa.hash("seed0") != sb.hash("seed0")  # a cached seed result without the new N is recomputed
+    assert sa.hash("seed0_dm") == sb.hash("seed0_dm") and sa.hash("pretrain") == sb.hash("pretrain")
