@@ -5,7 +5,7 @@ per-flag checks, the user-error style, atomic writes and folder ownership.
   value is checked against the rule declared next to its field with `arg(default, rule)` (or in a `RULES` table of
   the class), one line naming the flag and the allowed range.
 - `UserError`: a bad input (data, flag, checkpoint). `run(main)` prints it as one `error: ...` line and exits 2; no
-  traceback unless `--debug` is given or WORLDBOOT_DEBUG=1.
+  traceback unless `--debug=true` is given or WORLDBOOT_DEBUG=1.
 - `atomic_write(path, ...)`: write a temporary file, fsync, rename over the target: readers see the old or the new.
 - `claim_dir(path, who)`: a folder we may write into (and delete what we wrote) carries a `.worldboot` marker;
   a non-empty folder without one belongs to someone else and is refused.
@@ -98,7 +98,8 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
         default = (defaults or {}).get(f.name, default)
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
         parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or WORLDBOOT_DEBUG=1)")
+    parser.add_argument("--debug", type=_bool, nargs="?", const=True, default=False,
+                        help="show the traceback of an error (or WORLDBOOT_DEBUG=1)")
     args = parser.parse_args(argv)
     if presets is not None:
         if args.preset not in presets:
@@ -125,8 +126,8 @@ def _bool(s: str) -> bool:
 
 def run(main) -> None:
     """Call a script's main(); a UserError or an OS error (missing file, full disk) becomes one line and exit 2,
-    Ctrl-C one line and exit 130. With --debug or WORLDBOOT_DEBUG=1 the traceback is shown."""
-    debug = lambda: os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in sys.argv
+    Ctrl-C one line and exit 130. With --debug=true or WORLDBOOT_DEBUG=1 the traceback is shown."""
+    debug = lambda: os.environ.get(DEBUG_ENV, "") not in ("", "0")  # parse_config sets it for --debug
     try:
         main()
     except KeyboardInterrupt as e:

@@ -573,7 +573,7 @@ RESUME_FREE = {"resume", "force", "stop_at", "quiet", "out_dir", "data", "val_da
 
 def _check_out_dir(cfg: TrainConfig, ckpt_dir: str):
     """Refuse to replace a checkpoint without --force, and to resume with other settings than it was made with."""
-    if not recover_checkpoint(ckpt_dir):
+    if not recover_checkpoint(ckpt_dir) or (cfg.force and not cfg.resume):  # nothing there, or start over
         return
     meta = read_meta(ckpt_dir)
     if not cfg.resume and not cfg.force:
