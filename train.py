@@ -515,55 +515,50 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    with _interruptible(world == 1) as interrupted:
-        _loop(cfg, model, raw, mcfg, optimizer, sampler, ids, weights, bar, rank, world, device, autocast, tok,
-              val_examples, evaluate, ckpt_dir, metrics_path, history, t0, interrupted)
+    with _interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
+            model.train()
+            loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            loss = loss_sum.item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is kept in "
+                                         f"{ckpt_dir} (lower --lr or check the data)")
+            gnorm = (nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.tensor(0.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "time": time.time() - t0}
+            last = step + 1 == cfg.steps or step + 1 == cfg.stop_at
+            try:
+                if val_examples and rank == 0 and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+                    rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
+                    if evaluate is not None:
+                        rec.update(evaluate(raw, step + 1))
+            except Exception:
+                if rank == 0:  # the trained weights of this step are not lost with the evaluation
+                    save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
+                raise
+            history.append(rec)
+            stop = bool(interrupted)  # Ctrl-C during this step
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+                if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
+            if stop:
+                raise KeyboardInterrupt(f"stopped after step {step + 1}, saved in {ckpt_dir} (--resume=true continues)")
+            if step + 1 == cfg.stop_at:
+                break
     if world > 1:
         dist.barrier()
     return raw, history
-
-
-def _loop(cfg, model, raw, mcfg, optimizer, sampler, ids, weights, bar, rank, world, device, autocast, tok,
-          val_examples, evaluate, ckpt_dir, metrics_path, history, t0, interrupted):
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
-        model.train()
-        loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss = loss_sum.item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is kept in "
-                                     f"{ckpt_dir} (lower --lr or check the data)")
-        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "time": time.time() - t0}
-        last = step + 1 == cfg.steps or step + 1 == cfg.stop_at
-        try:
-            if val_examples and rank == 0 and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-                rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
-                if evaluate is not None:
-                    rec.update(evaluate(raw, step + 1))
-        except Exception:
-            if rank == 0:  # the trained weights of this step are not lost with the evaluation
-                save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
-            raise
-        history.append(rec)
-        stop = bool(interrupted)  # Ctrl-C during this step
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
-            if last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
-        if stop:
-            raise KeyboardInterrupt(f"stopped after step {step + 1}, saved in {ckpt_dir} (--resume=true continues)")
-        if step + 1 == cfg.stop_at:
-            break
 
 
 # Settings that may change between a run and its resumption (paths, logging, how often to save or evaluate)
