@@ -34,7 +34,8 @@ class UserError(ValueError):
 def arg(default, rule):
     """A dataclass field with its allowed values, checked by parse_config. `rule` is a tuple of choices, a range
     ">0", ">=0", "0..1" (inclusive), "0..<1" (upper bound excluded), "required" (non-empty text), "text" (valid
-    Unicode, not blank), "ints>=0" / "ints>=1" (comma-separated integers), or a function value -> error or None."""
+    Unicode, not blank), "ints" + a range (comma-separated integers, each in the range: "ints>=0", "ints1..64"), or
+    a function value -> error or None."""
     return dataclasses.field(default=default, metadata={"rule": rule})
 
 
@@ -48,10 +49,10 @@ def check_value(value, rule) -> str | None:
         ok = isinstance(value, str) and value.strip() and _unicode_ok(value)
         return None if ok else "a non-empty, valid Unicode text"
     if rule.startswith("ints"):
-        lo = int(rule[len("ints>="):])
         parts = [p.strip() for p in str(value).split(",") if p.strip()]
-        ok = parts and all(p.lstrip("-").isdigit() and int(p) >= lo for p in parts)
-        return None if ok else f"comma-separated integers >= {lo}"
+        ok = parts and all(p.lstrip("-").isdigit() and check_value(int(p), rule[4:]) is None for p in parts)
+        each = check_value(float("nan"), rule[4:])  # NaN fails every range: its message
+        return None if ok else f"comma-separated integers, each {each}"
     if rule.startswith(">="):
         return None if value >= float(rule[2:]) else f">= {rule[2:]}"
     if rule.startswith(">"):

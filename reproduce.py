@@ -116,14 +116,7 @@ class ReproConfig:
                                                   "n_embd", "pretrain_steps", "ft_steps", "batch_size", "boot_k"),
                                                  ">=1"),
         vq_downsample=(2, 4, 8, 16), vq_codes=">=2", vq_warmup=">=0", lr=">0", boot_samples=">=0",
-        search_n=lambda s: search_sizes_error(s), temperature=">=0", weight_mix="0..1")
-
-
-def search_sizes_error(text: str) -> str | None:
-    """The rule of --search_n (eval and search bound N the same way)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    ok = parts and all(p.isdigit() and 1 <= int(p) <= MAX_N for p in parts)
-    return None if ok else f"comma-separated integers in [1, {MAX_N}]"
+        search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1")
 
 
 PRESETS = {
