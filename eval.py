@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from common import UserError, arg, run
+from common import UserError, arg, claim_dir, run
 from search import MAX_N
 from train import encode_images, load_items, load_model, load_tokenizers, parse_config
 from train_dynamics import predict_actions
@@ -362,7 +362,7 @@ def main(argv=None):
         raise UserError(f"{cfg.data}: no item has an 'output' image, so there is nothing to predict an action for")
     paths = [p for it in items for p in (it.input_path, it.output_path) if p]
     codes = encode_images(image_tok, paths, cfg.image_size)
-    os.makedirs(cfg.out, exist_ok=True)
+    claim_dir(cfg.out, "eval.py", ours=("results.json",))
     if cfg.task == "dm":
         dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
         res = eval_dm(dm, tok, items, codes)

@@ -736,7 +736,8 @@ def main(argv=None):
     items = load_captions(cfg.data)
     val = load_captions(cfg.val_data) if cfg.val_data else []
     codes = encode_images(image_tok, [it.input_path for it in items + val], cfg.image_size)
-    train(cfg, pretrain_examples(items, codes, tok), tok, pretrain_examples(val, codes, tok) if val else None)
+    train(cfg, pretrain_examples(items, codes, tok), tok, pretrain_examples(val, codes, tok) if val else None,
+          names=[it.id for it in items for _ in range(2)])  # two examples per caption
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from itertools import groupby
 
 import torch
 
-from common import arg, run
+from common import UserError, arg, run
 from model import generate_image
 from train import (
     TrainConfig,
@@ -95,6 +95,10 @@ def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_
     L = src_codes.shape[1]
     out = torch.empty(len(actions), n_samples, L, dtype=torch.long)
     prompts = [wm_prompt(tok, s, a) for s, a in zip(src_codes, actions)]
+    limit = model.config.max_seq_len - L - 2  # the target image and its <boi>, <eoi>
+    if long := next((a for a, p in zip(actions, prompts) if len(p) > limit), None):
+        raise UserError(f"action {long[:60]!r}{'...' if len(long) > 60 else ''}: its prompt needs more than the "
+                        f"{limit} tokens the model's context of {model.config.max_seq_len} leaves (shorten it)")
     uncond = [wm_prompt(tok, s, None) for s in src_codes]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     per = max(1, max_batch // n_samples)

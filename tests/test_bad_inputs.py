@@ -130,6 +130,8 @@ CASES = [  # (script, argv, text the message must contain)
     ("train_dynamics", ["--data={ws}/data/long.json", *TRAIN], "item it3"),
     ("train", ["--task=pretrain", "--data={ws}/data/dict.json", *TRAIN], "dict.json"),
     ("search", [*SEARCH[:3], "--image={ws}/bomb.png", *SEARCH[4:]], "bomb.png"),
+    ("search", [*SEARCH[:4], f"--action={LONG}", SEARCH[5]], "action 'move the red circle very"),
+    ("eval", [*EVAL[:4], "--out={ws}/foreign"], "not written by worldboot"),
     # checkpoints and tokenizers
     ("search", ["--wm={ws}/dm/ckpt", *SEARCH[1:]], "a dm checkpoint, used here as the wm"),
     ("search", [SEARCH[0], "--dm={ws}/wm/ckpt", *SEARCH[2:]], "a wm checkpoint, used here as the dm"),
