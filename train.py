@@ -590,7 +590,8 @@ def _interruptible(enabled: bool):
     import threading
 
     flag: list = []
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # e.g. ignored in the background
         yield flag
         return
 

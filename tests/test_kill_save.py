@@ -71,7 +71,8 @@ def test_sigkill_inside_save_resumes_bit_identical(tiny_tok, tmp_path):
         assert steps == [1, 2, 3, 4], (n, steps)  # no step repeated after the resume
         assert not os.path.exists(out / "ckpt.old") and not os.path.exists(out / "ckpt.tmp"), n
         shutil.rmtree(out)
-    assert len(killed_at) >= 20  # two saves of 4 files + 2 renames each, the marker, the metrics rewrite
+    assert len(killed_at) >= 24, killed_at  # per save: 3 weight files written, 4 renamed into <dir>.tmp, the 2
+    # folder renames and 2 deletions; plus the folder marker
 
 
 def test_a_finished_run_is_not_replaced_and_changed_settings_are_listed(tiny_tok, tmp_path):
