@@ -6,7 +6,9 @@ per-flag checks, the user-error style, atomic writes and folder ownership.
   the class), one line naming the flag and the allowed range.
 - `UserError`: a bad input (data, flag, checkpoint). `run(main)` prints it as one `error: ...` line and exits 2; no
   traceback unless `--debug=true` is given or WORLDBOOT_DEBUG=1.
-- `atomic_write(path, ...)`: write a temporary file, fsync, rename over the target: readers see the old or the new.
+- `atomic_write(path, ...)`, `atomic_dir(path)`: write a temporary file or folder, fsync, rename over the target:
+  readers see the old or the new, whatever instant the writer is killed at.
+- `interruptible()`: Ctrl-C sets a flag that a loop checks at its next step boundary.
 - `claim_dir(path, who)`: a folder we may write into (and delete what we wrote) carries a `.worldboot` marker;
   a non-empty folder without one belongs to someone else and is refused.
 """
@@ -17,7 +19,11 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 DEBUG_ENV = "WORLDBOOT_DEBUG"
 MARKER = ".worldboot"
@@ -125,6 +131,28 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+@contextmanager
+def interruptible(enabled: bool = True):
+    """A list that Ctrl-C (SIGINT) appends to, so that a loop can stop at its next step boundary (after saving); a
+    second Ctrl-C interrupts at once. Off when not `enabled` (train: under DDP, where ranks would stop at different
+    steps), outside the main thread, and where SIGINT is not at its default (e.g. ignored in the background)."""
+    flag: list = []
+    if (not enabled or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield flag
+        return
+
+    def handler(sig, frame):
+        flag.append(sig)
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(main) -> None:
     """Call a script's main(); a UserError or an OS error (missing file, full disk) becomes one line and exit 2,
     Ctrl-C one line and exit 130. With --debug=true or WORLDBOOT_DEBUG=1 the traceback is shown."""
@@ -176,6 +204,45 @@ def atomic_write(path, data) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+@contextmanager
+def atomic_dir(path):
+    """Write a folder atomically: yields an empty `<path>.tmp` to write into; when the block ends, its files are
+    fsynced and it replaces `path` (`path` -> `<path>.old`, `<path>.tmp` -> `path`, delete `<path>.old`). The previous
+    folder stays until the new one is complete; a kill between the two renames is undone by recover_dir."""
+    path = os.path.normpath(os.fspath(path))
+    tmp, old = path + ".tmp", path + ".old"
+    recover_dir(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # of a write that was interrupted
+    os.makedirs(tmp)
+    yield tmp
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb+") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path) -> bool:
+    """Undo an atomic_dir swap killed between its two renames (`<path>.old` is then complete, `path` missing) and
+    delete what a killed write left behind. True when `path` exists."""
+    path = os.path.normpath(os.fspath(path))
+    old = path + ".old"
+    if not os.path.exists(path) and os.path.isdir(old):
+        try:
+            os.rename(old, path)
+        except FileNotFoundError:  # another process (a DDP rank) was first
+            pass
+    if os.path.isdir(path):
+        for leftover in (old, path + ".tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return True
+    return False
+
+
 def read_json(path, what: str = "JSON"):
     """json.load with the file named in every error (missing, unreadable, not UTF-8, malformed)."""
     path = os.fspath(path)
@@ -210,7 +277,8 @@ def claim_dir(path, who: str, ours: tuple = ()) -> None:
     path = os.fspath(path)
     marker = os.path.join(path, MARKER)
     if os.path.isdir(path) and not os.path.exists(marker):
-        foreign = os.listdir(path) and not any(os.path.exists(os.path.join(path, p)) for p in ours)
+        there = [e for e in os.listdir(path) if e != MARKER + ".tmp"]  # (a claim that was killed half-way)
+        foreign = there and not any(os.path.exists(os.path.join(path, p)) for p in ours)
         if foreign:
             raise UserError(f"{path} exists and was not written by worldboot (no {MARKER} marker): not writing into "
                             "it or deleting anything there; choose another folder")

@@ -30,9 +30,8 @@ import json
 import math
 import os
 import random
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +42,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from common import UserError, arg, atomic_write, claim_dir, fsync_dir, parse_config, read_json, read_tensors, run
+from common import (
+    UserError,
+    arg,
+    atomic_dir,
+    atomic_write,
+    claim_dir,
+    interruptible,
+    parse_config,
+    read_json,
+    read_tensors,
+    recover_dir,
+    run,
+)
 from model import Chameleon, ChameleonConfig, check_keys
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,35 +263,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: <dir>/model.safetensors, optim.safetensors, rng.safetensors, meta.json. A save writes all four into
-# <dir>.tmp, fsyncs them, then swaps folders: <dir> -> <dir>.old, <dir>.tmp -> <dir>, delete <dir>.old. A kill at
-# any instant leaves <dir> complete, or (between the two renames) <dir>.old complete, which the readers put back.
+# Checkpoints: <dir>/model.safetensors, optim.safetensors, rng.safetensors, meta.json, written as one folder by
+# common.atomic_dir: a kill at any instant leaves the previous checkpoint or the new one, never a mix.
 
 
 def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg: TrainConfig, model_cfg: ChameleonConfig,
                     optimizer: torch.optim.Optimizer | None = None, step: int = 0, sampler=None, metrics=None):
     """Write a resumable checkpoint atomically: the previous one stays until the new one is complete on disk."""
-    ckpt_dir = os.path.normpath(ckpt_dir)
-    tmp, old = ckpt_dir + ".tmp", ckpt_dir + ".old"
-    recover_checkpoint(ckpt_dir)
-    shutil.rmtree(tmp, ignore_errors=True)  # a save that was interrupted
-    os.makedirs(tmp)
     tag = {"step": str(step)}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(tmp, "model.safetensors"), lambda p: save_file(state, p, metadata=tag))
+    flat = {}
     if optimizer is not None:
         # AdamW state flattened by parameter name, so no pickle is ever needed to resume.
         names = {id(p): n for n, p in model.named_parameters()}
-        flat = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 for k, v in optimizer.state.get(p, {}).items():
                     flat[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        atomic_write(os.path.join(tmp, "optim.safetensors"), lambda p: save_file(flat, p, metadata=tag))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    atomic_write(os.path.join(tmp, "rng.safetensors"), lambda p: save_file(rng, p, metadata=tag))
     meta = {
         "step": step,
         "train_config": dataclasses.asdict(cfg),
@@ -291,28 +293,17 @@ def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg: TrainConfig, model_cfg
         "numpy_random": _jsonable_numpy_state(),
         "metrics": metrics or {},
     }
-    atomic_write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-    if os.path.exists(ckpt_dir):
-        os.rename(ckpt_dir, old)
-    os.rename(tmp, ckpt_dir)
-    fsync_dir(os.path.dirname(os.path.abspath(ckpt_dir)))
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(ckpt_dir) as tmp:
+        for name, tensors in (("model", state), ("optim", flat if optimizer is not None else None), ("rng", rng)):
+            if tensors is not None:
+                save_file(tensors, os.path.join(tmp, f"{name}.safetensors"), metadata=tag)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            f.write(json.dumps(meta, indent=1))
 
 
-def recover_checkpoint(ckpt_dir: str) -> bool:
-    """Finish or undo a save that was killed between its two renames; True when ckpt_dir holds a checkpoint."""
-    ckpt_dir = os.path.normpath(ckpt_dir)
-    old = ckpt_dir + ".old"
-    if not os.path.exists(ckpt_dir) and os.path.exists(os.path.join(old, "meta.json")):
-        try:  # the new one (<dir>.tmp) may be complete too; the old one certainly is
-            os.rename(old, ckpt_dir)
-        except FileNotFoundError:  # another rank was first
-            pass
-    if os.path.exists(os.path.join(ckpt_dir, "meta.json")):
-        for leftover in (old, ckpt_dir + ".tmp"):  # of a save killed before it cleaned up
-            shutil.rmtree(leftover, ignore_errors=True)
-        return True
-    return False
+def has_checkpoint(ckpt_dir: str) -> bool:
+    """True when ckpt_dir holds a checkpoint (after undoing a save that was killed half-way)."""
+    return recover_dir(ckpt_dir) and os.path.exists(os.path.join(ckpt_dir, "meta.json"))
 
 
 def _jsonable_random_state():
@@ -326,7 +317,7 @@ def _jsonable_numpy_state():
 
 
 def read_meta(ckpt_dir: str) -> dict:
-    if not recover_checkpoint(ckpt_dir):
+    if not has_checkpoint(ckpt_dir):
         raise UserError(f"{ckpt_dir}: no checkpoint here (meta.json missing)")
     path = os.path.join(ckpt_dir, "meta.json")
     meta = read_json(path, "checkpoint metadata")
@@ -497,7 +488,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
     start = 0
-    if cfg.resume and recover_checkpoint(ckpt_dir):
+    if cfg.resume and has_checkpoint(ckpt_dir):
         start = _resume(ckpt_dir, model, optimizer, sampler, cfg)
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank seeds (LoRA dropout); data order is shared on purpose
@@ -515,7 +506,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    with _interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
+    with interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
         for step in bar:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -568,7 +559,7 @@ RESUME_FREE = {"resume", "force", "stop_at", "quiet", "out_dir", "data", "val_da
 
 def _check_out_dir(cfg: TrainConfig, ckpt_dir: str):
     """Refuse to replace a checkpoint without --force, and to resume with other settings than it was made with."""
-    if not recover_checkpoint(ckpt_dir) or (cfg.force and not cfg.resume):  # nothing there, or start over
+    if not has_checkpoint(ckpt_dir) or (cfg.force and not cfg.resume):  # nothing there, or start over
         return
     meta = read_meta(ckpt_dir)
     if not cfg.resume and not cfg.force:
@@ -580,30 +571,6 @@ def _check_out_dir(cfg: TrainConfig, ckpt_dir: str):
     if cfg.resume and changed and not cfg.force:
         raise UserError(f"{ckpt_dir}: resume with other settings than the checkpoint's ({'; '.join(changed)}); "
                         "use the same flags, or --force=true to continue with the new ones")
-
-
-@contextmanager
-def _interruptible(enabled: bool):
-    """A list that Ctrl-C (SIGINT) appends to, so the loop stops at the next step boundary after saving; a second
-    Ctrl-C interrupts at once. Off under DDP (ranks would stop at different steps) and outside the main thread."""
-    import signal
-    import threading
-
-    flag: list = []
-    if (not enabled or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):  # e.g. ignored in the background
-        yield flag
-        return
-
-    def handler(sig, frame):
-        flag.append(sig)
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_accum: int, device, autocast=None):

@@ -26,8 +26,8 @@ def examples(tok):
 
 
 def run_and_kill_at(n: int, out, tok, ex) -> bool:
-    """Train in a forked child that SIGKILLs itself at the n-th file-system event of the run (a file written, a
-    rename, a deletion); True when it was killed (False: the run had fewer events and finished)."""
+    """Train in a forked child that SIGKILLs itself at the n-th file-system event of the run (a file written, an
+    fsync, a rename, a deletion); True when it was killed (False: the run had fewer events and finished)."""
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         count = [0]
@@ -42,8 +42,9 @@ def run_and_kill_at(n: int, out, tok, ex) -> bool:
             return wrapped
 
         try:
-            train_mod.save_file = event(train_mod.save_file)  # a weights file written (not yet renamed)
-            os.replace, os.rename, shutil.rmtree = event(os.replace), event(os.rename), event(shutil.rmtree)
+            train_mod.save_file = event(train_mod.save_file)  # a weights file written (not yet fsynced)
+            os.fsync, os.replace = event(os.fsync), event(os.replace)  # a file (or folder) made durable; replaced
+            os.rename, shutil.rmtree = event(os.rename), event(shutil.rmtree)  # the folder swap
             train(cfg(out), ex, tok, model=tiny_model(tok))
         finally:
             os._exit(0)
@@ -71,8 +72,8 @@ def test_sigkill_inside_save_resumes_bit_identical(tiny_tok, tmp_path):
         assert steps == [1, 2, 3, 4], (n, steps)  # no step repeated after the resume
         assert not os.path.exists(out / "ckpt.old") and not os.path.exists(out / "ckpt.tmp"), n
         shutil.rmtree(out)
-    assert len(killed_at) >= 24, killed_at  # per save: 3 weight files written, 4 renamed into <dir>.tmp, the 2
-    # folder renames and 2 deletions; plus the folder marker
+    assert len(killed_at) >= 28, killed_at  # per save: 3 files written, 4 file + 1 folder fsyncs, 2 renames, 2
+    # deletions; plus the folder marker and the metrics rewrite
 
 
 def test_a_finished_run_is_not_replaced_and_changed_settings_are_listed(tiny_tok, tmp_path):
