@@ -465,13 +465,13 @@ class ImageTokenizer(nn.Module):
                     if k.startswith(HF_VQ_PREFIX):
                         sd[hf_to_ours(k)] = fh.get_tensor(k)
         if not sd:
-            raise ValueError(f"no '{HF_VQ_PREFIX}*' tensors in {source}: not a Chameleon checkpoint with a VQ model")
+            raise UserError(f"no '{HF_VQ_PREFIX}*' tensors in {source}: not a Chameleon checkpoint with a VQ model")
         model = cls(cfg, with_decoder=decoder_path is not None)
         if decoder_path is not None:
             dec = read_tensors(decoder_path)
             dec = {k: v for k, v in dec.items() if k.startswith("decoder.")}
             if not dec:
-                raise ValueError(f"no 'decoder.*' tensors in {decoder_path}")
+                raise UserError(f"no 'decoder.*' tensors in {decoder_path}")
             _load_checked(model.decoder, {k[len("decoder."):]: v for k, v in dec.items()}, str(decoder_path))
             model_wo_dec = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
             _check_keys(model_wo_dec, sd, source)

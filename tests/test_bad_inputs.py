@@ -200,3 +200,16 @@ def test_item_whose_image_is_under_another_root_is_reported(tmp_path, capsys):
                                             {"input": "images/b.png", "instruction": "y"}]))
     items = load_benchmark(sub / "t.json")  # the first item puts the root at tmp_path
     assert [it.id for it in items] == ["item-0"] and "ambiguous image root" in capsys.readouterr().err
+
+
+def test_eval_generates_items_without_output_and_scores_none(ws, monkeypatch, capsys):
+    """The README's promise: items without `output` are generated, not scored (no crash on an empty baseline)."""
+    import eval as eval_mod
+
+    monkeypatch.chdir(ws / "cwd")
+    out = ws / "cwd" / "gen_eval"
+    eval_mod.main([f"--wm={ws}/wm/ckpt", f"--tokenizer_dir={ws}/tok", f"--data={ws}/data/genonly.json",
+                   f"--out={out}"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["baselines"] == {} and res["wm"]["all"]["n"] == 8 and "l1" not in res["wm"]["all"]
+    assert (out / "samples.png").exists()
