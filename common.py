@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -84,8 +85,8 @@ def validate(cfg) -> None:
     for f in dataclasses.fields(cfg):
         rule = f.metadata.get("rule", table.get(f.name))
         value = getattr(cfg, f.name)
-        if isinstance(value, float) and value != value:
-            raise UserError(f"--{f.name}: NaN is not a value")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name}={value}: must be a finite number")
         if rule is not None and (why := check_value(value, rule)):
             raise UserError(f"--{f.name}={value!r}: must be {why}")
 

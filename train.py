@@ -246,7 +246,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: 
                 setattr(module, name, LoRALinear(child, r, alpha, dropout))
                 wrapped += 1
     if wrapped == 0:
-        raise ValueError(f"lora_targets={targets!r} matched no nn.Linear in the model")
+        raise UserError(f"--lora_targets={targets!r} matched no nn.Linear in the model")
     return wrapped
 
 
