@@ -27,23 +27,24 @@ from dataclasses import dataclass
 
 import torch
 
+from common import UserError, arg, atomic_write, run
 from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import predict_actions, score_actions
 
 
 @dataclass
 class BootstrapConfig:
-    dm: str = "out/dm/ckpt"  # the trained dynamics model (a worldboot checkpoint folder)
+    dm: str = arg("out/dm/ckpt", "required")  # the trained dynamics model (a worldboot checkpoint folder)
     tokenizer_dir: str = "out/tok"  # image + text tokenizers
-    videos: str = "out/data/videos"  # folder of videos, one sub-folder of frames each
-    out: str = "out/synthetic.json"  # where the DM-labelled triplets are written (Aurora-Bench JSON)
-    k: int = 1000  # pairs kept by the stratified top-K filter (paper: 7K per source dataset)
-    n_samples: int = 2  # sampled actions per pair besides the greedy one (0 = greedy only)
-    temperature: float = 1.0  # sampling temperature of the extra candidates
-    keyframes: int = 6  # key frames per video (paper: K_f = 6)
-    spacing: int = 1  # minimum frame distance between key frames (paper: I_f = 20 on 30 fps video)
-    image_size: int = 32  # preprocessing size before VQ encoding
-    seed: int = 0  # sampling seed
+    videos: str = arg("out/data/videos", "required")  # folder of videos, one sub-folder of frames each
+    out: str = arg("out/synthetic.json", "required")  # where the DM-labelled triplets are written (Aurora-Bench JSON)
+    k: int = arg(1000, ">=1")  # pairs kept by the stratified top-K filter (paper: 7K per source dataset)
+    n_samples: int = arg(2, ">=0")  # sampled actions per pair besides the greedy one (0 = greedy only)
+    temperature: float = arg(1.0, ">=0")  # sampling temperature of the extra candidates (0 = greedy)
+    keyframes: int = arg(6, ">=1")  # key frames per video (paper: K_f = 6)
+    spacing: int = arg(1, ">=1")  # minimum frame distance between key frames (paper: I_f = 20 on 30 fps video)
+    image_size: int = arg(32, ">0")  # preprocessing size before VQ encoding (the tokenizer's resolution)
+    seed: int = arg(0, ">=0")  # sampling seed
 
 
 def action_class(text: str) -> str:
@@ -94,12 +95,12 @@ def bootstrap(cfg: BootstrapConfig, dm=None, image_tok=None, tok=None, cache: di
     from data import all_video_pairs
 
     if dm is None:
-        dm, _ = load_model(cfg.dm)
+        dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
     if tok is None:
         image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     pairs = all_video_pairs(cfg.videos, k=cfg.keyframes, spacing=cfg.spacing)
     if not pairs:
-        raise ValueError(f"{cfg.videos}: no frame pairs found (expected one sub-folder of frames per video)")
+        raise UserError(f"{cfg.videos}: no frame pairs found (expected one sub-folder of frames per video)")
     name = lambda path: os.path.abspath(path)  # the same key data.load_benchmark gives an image
     codes = encode_images(image_tok, sorted({name(x) for p in pairs for x in (p.src_path, p.tgt_path)}),
                           cfg.image_size, cache=cache)
@@ -120,10 +121,7 @@ def write_synthetic(records: list[dict], path: str):
               "instruction": r["action"], "output": os.path.relpath(r["output"], root), "task": "synthetic",
               "verb": r["verb"], "score": r["score"], "source": r["video"]} for r in records]
     os.makedirs(root, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(items, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(items, indent=1))
 
 
 def main(argv=None):
@@ -137,4 +135,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

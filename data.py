@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common import UserError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -45,22 +47,27 @@ class Item:
         return self.output_path is not None
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError):
     pass
 
 
-def _read_records(path: Path) -> list:
+def read_records(path) -> list:
     """A JSON list (or a single JSON object per line); errors name the file and line."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise BenchmarkError(f"{path}: cannot read ({e})") from e
+        raise BenchmarkError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if text.lstrip().startswith("["):
         try:
             recs = json.loads(text)
         except json.JSONDecodeError as e:
             raise BenchmarkError(f"{path}:{e.lineno}: malformed JSON at line {e.lineno}, column {e.colno}: "
                                  f"{e.msg}") from e
+        if not isinstance(recs, list):
+            raise BenchmarkError(f"{path}: expected a JSON list of items, got {type(recs).__name__}")
         return recs
     recs = []
     for lineno, line in enumerate(text.splitlines(), 1):  # JSON lines
@@ -69,18 +76,18 @@ def _read_records(path: Path) -> list:
                 recs.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise BenchmarkError(f"{path}:{lineno}: malformed JSON at line {lineno}: {e.msg}") from e
+    if len(recs) == 1 and isinstance(recs[0], dict) and "input" not in recs[0] and "image" not in recs[0]:
+        raise BenchmarkError(f"{path}: expected a JSON list of items (or one item per line), got an object with "
+                             f"keys {', '.join(map(str, list(recs[0])[:5]))}")
     return recs
 
 
-def _image_root(json_path: Path, recs: list) -> Path:
-    first = next((r["input"] for r in recs if isinstance(r, dict) and isinstance(r.get("input"), str)), None)
+def _image_root(json_path: Path, rel) -> Path | None:
+    """The nearest folder (the JSON's, then its parents) where the relative path `rel` exists, else None."""
     here = json_path.parent
-    if first is None or Path(first).is_absolute():
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
         return here
-    for root in (here, *here.parents):
-        if (root / first).exists():
-            return root
-    return here
+    return next((root for root in (here, *here.parents) if (root / rel).exists()), None)
 
 
 def _check_image(path: Path, verify: bool) -> str | None:
@@ -102,10 +109,9 @@ def load_benchmark(json_path, image_root=None, strict: bool = False, verify_imag
     image) raise BenchmarkError when strict, else are skipped with one warning line (to `log`, default stderr)
     naming each item's index, id and the field or file."""
     json_path = Path(json_path)
-    recs = _read_records(json_path)
-    if not isinstance(recs, list):
-        raise BenchmarkError(f"{json_path}: expected a JSON list of items, got {type(recs).__name__}")
-    root = Path(image_root) if image_root is not None else _image_root(json_path, recs)
+    recs = read_records(json_path)
+    first = next((r["input"] for r in recs if isinstance(r, dict) and isinstance(r.get("input"), str)), None)
+    root = Path(image_root) if image_root is not None else (_image_root(json_path, first) or json_path.parent)
     items, problems = [], []
     for i, r in enumerate(recs):
         where = f"item {i}"
@@ -124,6 +130,18 @@ def load_benchmark(json_path, image_root=None, strict: bool = False, verify_imag
             continue
         if not isinstance(instr, str) or not instr.strip():
             problems.append(f"{where}: empty instruction")
+            continue
+        try:
+            instr.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"{where}: the instruction is not valid Unicode (a lone surrogate escape)")
+            continue
+        if "output" in r and r["output"] is not None and not (isinstance(r["output"], str) and r["output"]):
+            problems.append(f"{where}: field 'output' must be an image path, got {r['output']!r}")
+            continue
+        if image_root is None and (mine := _image_root(json_path, r["input"])) not in (None, root):
+            problems.append(f"{where}: its image is found under {mine}, the first item's under {root}: "
+                            "ambiguous image root (pass image_root)")
             continue
         # absolute, normalised paths: one image has one name, whichever JSON file points at it
         inp = Path(os.path.abspath(root / r["input"]))
@@ -165,20 +183,9 @@ def write_benchmark(items: list[Item], json_path, image_root=None) -> None:
 def load_image(path, size: int | None = None) -> Image.Image:
     """Open an image as RGB (transparency composited onto white, as HF's Chameleon processor does); with `size`,
     resize the shortest side to size (LANCZOS) and centre-crop to size x size. Errors name the file."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            img = im.copy()  # detached from the file: close() would invalidate `im`
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"image file not found: '{path}'") from e
-    except Exception as e:  # PIL raises several types for corrupt files
-        raise ValueError(f"cannot read image file '{path}': {e}") from e
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    img = img.convert("RGB")
+    from tokenizer import open_image, to_rgb  # the one image loader (errors name the file; 16-bit, transparency)
+
+    img = to_rgb(open_image(path))
     if size is not None and img.size != (size, size):
         w, h = img.size
         s = size / min(w, h)

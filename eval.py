@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
+from common import UserError, arg, claim_dir, run
+from search import MAX_N
 from train import encode_images, load_items, load_model, load_tokenizers, parse_config
 from train_dynamics import predict_actions
 
@@ -313,6 +315,8 @@ def baselines(items, codes, image_tok, size: int) -> dict:
     from tokenizer import preprocess_image
 
     scored = [it for it in items if it.output_path]
+    if not scored:  # generation-only items: nothing to compare with
+        return {}
     copy = torch.stack([preprocess_image(it.input_path, size) for it in scored])
     truth = torch.stack([preprocess_image(it.output_path, size) for it in scored])
     vq = image_tok.decode(torch.stack([codes[str(it.output_path)][0] for it in scored]))
@@ -332,36 +336,41 @@ def markdown_table(rows: dict[str, dict], columns: list[str], digits: int = 2) -
 
 @dataclass
 class EvalConfig:
-    task: str = "wm"  # "wm" (image editing) or "dm" (action prediction text metrics)
-    data: str = "out/data/test.json"  # benchmark JSON(s) in Aurora-Bench form, comma-separated
+    task: str = arg("wm", ("wm", "dm"))  # "wm" (image editing) or "dm" (action prediction text metrics)
+    data: str = arg("out/data/test.json", "required")  # benchmark JSON(s) in Aurora-Bench form, comma-separated
     tokenizer_dir: str = "out/tok"  # image + text tokenizers
     wm: str = ""  # world model checkpoint folder (task=wm)
     dm: str = ""  # dynamics model checkpoint folder (task=dm, or the verifier when n > 1)
-    n: int = 1  # best-of-n candidates verified by the DM (1 = plain WM)
-    temperature: float = 1.0  # WM sampling temperature
-    top_k: int = 0  # WM top-k (0 = off)
-    cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
-    image_size: int = 32  # preprocessing size before VQ encoding (512 for Chameleon/Anole)
+    n: int = arg(1, f"1..{MAX_N}")  # best-of-n candidates verified by the DM (1 = plain WM)
+    temperature: float = arg(1.0, ">=0")  # WM sampling temperature
+    top_k: int = arg(0, ">=0")  # WM top-k (0 = off)
+    cfg_scale: float = arg(0.0, ">=0")  # classifier-free guidance (0 = off)
+    image_size: int = arg(32, ">0")  # preprocessing size before VQ encoding (512 for Chameleon/Anole)
     llm_judge: bool = False  # also ask an OpenAI-compatible LLM judge (env JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)
-    seed: int = 0  # sampling seed
-    out: str = "out/eval"  # where the grid PNG and results.json go
+    seed: int = arg(0, ">=0")  # sampling seed
+    out: str = arg("out/eval", "required")  # where the grid PNG and results.json go
 
 
 def main(argv=None):
     cfg = parse_config(EvalConfig, argv, description="Score a world model (or a dynamics model) on a benchmark.")
+    needed = {"dm": ["dm"], "wm": ["wm"] + (["dm"] if cfg.n > 1 else [])}[cfg.task]
+    if missing := [k for k in needed if not getattr(cfg, k)]:
+        raise UserError(f"--task={cfg.task}" + (f" --n={cfg.n}" if cfg.n > 1 else "") + f" needs --{missing[0]}")
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = load_items(cfg.data)
+    if cfg.task == "dm" and not (items := [it for it in items if it.output_path]):
+        raise UserError(f"{cfg.data}: no item has an 'output' image, so there is nothing to predict an action for")
     paths = [p for it in items for p in (it.input_path, it.output_path) if p]
     codes = encode_images(image_tok, paths, cfg.image_size)
-    os.makedirs(cfg.out, exist_ok=True)
+    claim_dir(cfg.out, "eval.py", ours=("results.json",))
     if cfg.task == "dm":
-        dm, _ = load_model(cfg.dm)
+        dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
         res = eval_dm(dm, tok, items, codes)
         print(markdown_table({"dynamics model": res}, ["action_acc", "bleu", "rougeL", "n"]))
         results = {k: v for k, v in res.items() if k != "predictions"}
     else:
-        wm, _ = load_model(cfg.wm)
-        dm = load_model(cfg.dm)[0] if cfg.dm and cfg.n > 1 else None
+        wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
+        dm = load_model(cfg.dm, role="dm", image_size=cfg.image_size)[0] if cfg.n > 1 else None
         llm = llm_judge_config() if cfg.llm_judge else None
         res, images = eval_wm(wm, tok, image_tok, items, codes, dm, cfg.n, cfg.seed, cfg.temperature,
                               cfg.top_k or None, cfg.cfg_scale or None, llm)
@@ -378,4 +387,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

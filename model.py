@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from common import UserError, read_json
+
 # -----------------------------------------------------------------------------------------------------------------
 # config
 
@@ -301,7 +303,7 @@ class Block(nn.Module):
 # the model
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit the model: lists every missing / unexpected / mis-shaped key at once."""
 
 
@@ -410,15 +412,15 @@ class Chameleon(nn.Module):
         """
         from safetensors import safe_open
 
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
+        hf = read_json(os.path.join(path, "config.json"), "HF config")
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{os.path.join(path, 'config.json')}: expected a JSON object")
         # our own save_pretrained stores the exact ChameleonConfig next to the HF fields
         config = ChameleonConfig.from_dict(hf["worldboot"]) if "worldboot" in hf else ChameleonConfig.from_hf(hf)
 
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]  # key -> shard file name
+            weight_map = read_json(index, "shard index")["weight_map"]  # key -> shard file name
             files = sorted(set(weight_map.values()))
         else:
             files = ["model.safetensors"]

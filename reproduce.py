@@ -20,7 +20,6 @@ Run:  python reproduce.py [--preset=laptop] [--seeds=0,1] [--jobs=N] [--out=out]
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -34,13 +33,16 @@ import subprocess
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image, ImageDraw
 
 import world
 from bootstrap import BootstrapConfig, bootstrap
+from common import UserError, atomic_write, claim_dir, run
 from eval import baselines, eval_dm, eval_wm, save_grid
+from search import MAX_N
 from train import (
     TrainConfig,
     encode_images,
@@ -109,6 +111,16 @@ class ReproConfig:
     # and the WM never learns to copy the source (measured with the earlier 1,000-triplet preset: score 0.00 vs 0.35
     # for plain CE, seed 0)
 
+    # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
+    RULES: ClassVar[dict] = dict(
+        preset=("laptop", "smoke", "gpu"), out="required", seeds="ints>=0", device=("auto", "cpu", "cuda"),
+        jobs=">=0", threads=">=0", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
+                                                  "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
+                                                  "n_embd", "pretrain_steps", "ft_steps", "batch_size", "boot_k"),
+                                                 ">=1"),
+        vq_downsample=(2, 4, 8, 16), vq_codes=">=2", vq_warmup=">=0", lr=">0", boot_samples=">=0",
+        search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1")
+
 
 PRESETS = {
     "laptop": {},
@@ -150,6 +162,8 @@ class Stages:
 
     def hash(self, name: str) -> str:
         keys = STAGE_KEYS.get(name, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature", "weight_mix"))
+        if name.startswith("seed") and name[4:].isdigit():  # a seed's results include the best-of-N sizes
+            keys += ("search_n",)
         return settings_hash(self.cfg, keys)
 
     def get(self, name: str):
@@ -162,10 +176,8 @@ class Stages:
         return None
 
     def put(self, name: str, result):
-        path = os.path.join(self.root, name + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump({"hash": self.hash(name), "result": result}, f, indent=1)
-        os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(self.root, name + ".json"), json.dumps({"hash": self.hash(name), "result": result},
+                                                                        indent=1))
         return result
 
 
@@ -261,13 +273,15 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
     done = stages.get(name)
     if done is not None and os.path.exists(os.path.join(ckpt, "meta.json")):
         return load_model(ckpt, device)[0], done
-    # a checkpoint left by an interrupted run resumes only if it was made with the same settings
+    # a checkpoint left by an interrupted run resumes only if it was made with the same settings; a folder that
+    # this script did not write (no stage_hash.txt) is never deleted
     marker = os.path.join(tcfg.out_dir, "stage_hash.txt")
-    if os.path.exists(tcfg.out_dir) and (not os.path.exists(marker) or open(marker).read() != stages.hash(name)):
+    claim_dir(tcfg.out_dir, "reproduce.py", ours=("stage_hash.txt",))
+    if os.path.exists(marker) and open(marker).read() != stages.hash(name):
+        log(f"{name}: {tcfg.out_dir} was trained with other settings: deleting it and training again")
         shutil.rmtree(tcfg.out_dir)
-    os.makedirs(tcfg.out_dir, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(stages.hash(name))
+        claim_dir(tcfg.out_dir, "reproduce.py")
+    atomic_write(marker, stages.hash(name))
     t0 = time.time()
     start = None
     if init is not None:
@@ -356,10 +370,9 @@ def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylab
 
 
 def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="laptop", choices=sorted(PRESETS))
-    known, _ = pre.parse_known_args(argv)
-    cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], defaults=PRESETS[known.preset])
+    cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda: no CUDA device here (use --device=cpu or auto)")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if cfg.threads < 1:
@@ -369,7 +382,7 @@ def main(argv=None):
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     ns = [int(n) for n in cfg.search_n.split(",")]
     t_start = time.time()
-    os.makedirs(cfg.out, exist_ok=True)
+    claim_dir(cfg.out, "reproduce.py", ours=("stages",))
     stages = Stages(cfg.out, cfg)
     log(f"reproduce: preset {cfg.preset}, seeds {seeds}, out {cfg.out}, device {device}, "
         f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
@@ -721,4 +734,4 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

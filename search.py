@@ -17,25 +17,29 @@ from dataclasses import dataclass
 
 import torch
 
+from common import arg, run
 from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import score_actions
 from train_world import generate_targets
 
+MAX_N = 64  # the largest best-of-N: the N candidates of an item are one batch in memory
+
 
 @dataclass
 class SearchConfig:
-    wm: str = "out/wm/ckpt"  # world model checkpoint folder
-    dm: str = "out/dm/ckpt"  # dynamics model checkpoint folder (the verifier)
+    wm: str = arg("out/wm/ckpt", "required")  # world model checkpoint folder
+    dm: str = arg("out/dm/ckpt", "required")  # dynamics model checkpoint folder (the verifier)
     tokenizer_dir: str = "out/tok"  # image + text tokenizers
-    image: str = ""  # source image file
-    action: str = ""  # the action text
-    n: int = 8  # candidates sampled from the WM
-    temperature: float = 1.0  # WM sampling temperature (paper: 1; lower copies the source)
-    top_k: int = 0  # WM top-k (0 = off)
-    cfg_scale: float = 0.0  # classifier-free guidance scale (0 = off; needs a WM trained with --uncond_prob)
-    image_size: int = 32  # preprocessing size before VQ encoding
-    seed: int = 0  # sampling seed
-    out: str = "out/search.png"  # the ranked candidate grid
+    image: str = arg("", "required")  # source image file
+    action: str = arg("", "text")  # the action text
+    n: int = arg(8, f"1..{MAX_N}")  # candidates sampled from the WM
+    temperature: float = arg(1.0, ">=0")  # WM sampling temperature (paper: 1; lower copies the source; 0 = greedy)
+    top_k: int = arg(0, ">=0")  # WM top-k (0 = off)
+    cfg_scale: float = arg(0.0, ">=0")  # classifier-free guidance scale (0 = off; needs a WM trained with
+    # --uncond_prob)
+    image_size: int = arg(32, ">0")  # preprocessing size before VQ encoding (the tokenizer's resolution)
+    seed: int = arg(0, ">=0")  # sampling seed
+    out: str = arg("out/search.png", "required")  # the ranked candidate grid
 
 
 @torch.no_grad()
@@ -57,13 +61,11 @@ def best_of_n(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, 
 
 def main(argv=None):
     cfg = parse_config(SearchConfig, argv, description="Best-of-N world-model sampling verified by the dynamics model.")
-    if not cfg.image or not cfg.action:
-        raise SystemExit("search.py needs --image=<source image> and --action=<text>")
     from eval import save_grid
 
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
-    wm, _ = load_model(cfg.wm)
-    dm, _ = load_model(cfg.dm)
+    wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
+    dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
     src = encode_images(image_tok, [cfg.image], cfg.image_size)[cfg.image][0][None]  # (1, L)
     g = torch.Generator().manual_seed(cfg.seed)
     cands, scores = best_of_n(wm, dm, tok, src, [cfg.action], cfg.n, cfg.temperature, cfg.top_k or None,
@@ -77,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

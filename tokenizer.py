@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from common import UserError, arg, atomic_write, parse_config, read_json, read_tensors, run
+
 # -----------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -410,23 +412,23 @@ class ImageTokenizer(nn.Module):
         d = Path(path_dir)
         d.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps({"vq": self.cfg.to_dict(), "with_decoder": self.with_decoder},
-                                                  indent=2))
+        atomic_write(d / "model.safetensors", lambda p: save_file(sd, p))
+        atomic_write(d / "config.json", json.dumps({"vq": self.cfg.to_dict(), "with_decoder": self.with_decoder},
+                                                   indent=2))
 
     @classmethod
     def load(cls, path_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ImageTokenizer:
         """Inverse of save()."""
-        from safetensors.torch import load_file
-
         d = Path(path_dir)
         cfg_file, w_file = d / "config.json", d / "model.safetensors"
         for f in (cfg_file, w_file):
             if not f.is_file():
                 raise FileNotFoundError(f"ImageTokenizer.load: missing {f}")
-        meta = json.loads(cfg_file.read_text())
+        meta = read_json(cfg_file, "image tokenizer config")
+        if not isinstance(meta, dict) or not isinstance(meta.get("vq"), dict):
+            raise UserError(f"{cfg_file}: no 'vq' settings (not written by ImageTokenizer.save)")
         model = cls(VQConfig.from_dict(meta["vq"]), with_decoder=meta.get("with_decoder", True))
-        _load_checked(model, load_file(str(w_file)), str(w_file))
+        _load_checked(model, read_tensors(w_file), str(w_file))
         return model.to(device).eval()
 
     @classmethod
@@ -443,11 +445,13 @@ class ImageTokenizer(nn.Module):
         cfg_file = d / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"ImageTokenizer.from_pretrained: missing {cfg_file}")
-        hf_cfg = json.loads(cfg_file.read_text())
+        hf_cfg = read_json(cfg_file, "HF config")
+        if not isinstance(hf_cfg, dict) or not isinstance(hf_cfg.get("vq_config") or {}, dict):
+            raise UserError(f"{cfg_file}: expected a JSON object with a 'vq_config' object")
         cfg = VQConfig.from_dict(hf_cfg.get("vq_config") or {})  # absent -> HF defaults = Chameleon-7B
         index, single = d / "model.safetensors.index.json", d / "model.safetensors"
         if index.is_file():
-            wmap = json.loads(index.read_text())["weight_map"]
+            wmap = read_json(index, "shard index")["weight_map"]
             files = sorted({f for k, f in wmap.items() if k.startswith(HF_VQ_PREFIX)})
             source = f"{index} (shards {', '.join(files)})"
         elif single.is_file():
@@ -461,15 +465,13 @@ class ImageTokenizer(nn.Module):
                     if k.startswith(HF_VQ_PREFIX):
                         sd[hf_to_ours(k)] = fh.get_tensor(k)
         if not sd:
-            raise ValueError(f"no '{HF_VQ_PREFIX}*' tensors in {source}: not a Chameleon checkpoint with a VQ model")
+            raise UserError(f"no '{HF_VQ_PREFIX}*' tensors in {source}: not a Chameleon checkpoint with a VQ model")
         model = cls(cfg, with_decoder=decoder_path is not None)
         if decoder_path is not None:
-            from safetensors.torch import load_file
-
-            dec = load_file(str(decoder_path))
+            dec = read_tensors(decoder_path)
             dec = {k: v for k, v in dec.items() if k.startswith("decoder.")}
             if not dec:
-                raise ValueError(f"no 'decoder.*' tensors in {decoder_path}")
+                raise UserError(f"no 'decoder.*' tensors in {decoder_path}")
             _load_checked(model.decoder, {k[len("decoder."):]: v for k, v in dec.items()}, str(decoder_path))
             model_wo_dec = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
             _check_keys(model_wo_dec, sd, source)
@@ -744,23 +746,27 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
 # Image pre/post-processing
 
 
-def _open_image(path_or_pil) -> Image.Image:
+def open_image(path_or_pil) -> Image.Image:
+    """The one image loader of worldboot (data.load_image and preprocess_image use it): errors name the file."""
     if isinstance(path_or_pil, Image.Image):
         return path_or_pil
     path = str(path_or_pil)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        img = Image.open(path)
-        img.load()  # decode now, so a truncated/corrupt file fails here with its name
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image file {path}: {e}") from e
-    return img
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated/corrupt file fails here with its name
+            return im.copy()  # detached from the file handle
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image file {path}: {e}") from e
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited onto white (as HF's convert_to_rgb and Meta's
-    _whiten_transparency do), so a transparent background does not turn black."""
+    _whiten_transparency do), so a transparent background does not turn black. 16-bit greyscale (PNG) is scaled
+    to 8 bits (PIL's convert clips it, which turns almost every pixel white)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -778,7 +784,7 @@ HF_RESCALE = 0.0078
 
 def preprocess_image(path_or_pil, size: int = 512) -> torch.Tensor:
     """Image file path or PIL image -> (3, size, size) float32 in [-1, 1), as HF's ChameleonImageProcessor."""
-    img = to_rgb(_open_image(path_or_pil))
+    img = to_rgb(open_image(path_or_pil))
     w, h = img.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
@@ -928,18 +934,19 @@ class TextTokenizer:
         return codes
 
 
+@dataclass
+class ConvertArgs:
+    ckpt: str = arg("", "required")  # path of vqgan.ckpt (a torch pickle with tensors under state_dict)
+    out: str = arg("", "required")  # output .safetensors path
+
+
 def main(argv=None):
     """Command line: convert the original Meta/Anole vqgan.ckpt so worldboot can decode Anole's image tokens."""
-    import argparse
-
-    p = argparse.ArgumentParser(description="Convert the original vqgan.ckpt (Meta/Anole) to safetensors. Put the "
-                                "output next to an HF Chameleon/Anole checkpoint as vqgan_decoder.safetensors.")
-    p.add_argument("--ckpt", required=True, help="path of vqgan.ckpt (a torch pickle with tensors under state_dict)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
-    args = p.parse_args(argv)
+    args = parse_config(ConvertArgs, argv, description="Convert the original vqgan.ckpt (Meta/Anole) to safetensors. "
+                        "Put the output next to an HF Chameleon/Anole checkpoint as vqgan_decoder.safetensors.")
     res = convert_vqgan_ckpt(args.ckpt, args.out)
     print(f"kept {len(res['kept'])} tensors, dropped {len(res['dropped'])} (e.g. {res['dropped'][:3]}) -> {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -26,7 +26,6 @@ Run:  python train.py --task=pretrain --data=out/data/captions.json --tokenizer_
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -42,9 +41,22 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
+from common import (
+    UserError,
+    arg,
+    atomic_dir,
+    atomic_write,
+    claim_dir,
+    interruptible,
+    parse_config,
+    read_json,
+    read_tensors,
+    recover_dir,
+    run,
+)
 from model import Chameleon, ChameleonConfig, check_keys
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,63 +65,49 @@ from model import Chameleon, ChameleonConfig, check_keys
 
 @dataclass
 class TrainConfig:
-    task: str = "wm"  # "pretrain" (caption<->image), "dm" (image, image -> action), "wm" (image, action -> image)
-    data: str = ""  # training data: Aurora-Bench-style JSON file(s), comma-separated (Eq. 1: labelled + synthetic)
+    task: str = arg("wm", ("pretrain", "dm", "wm"))  # "pretrain" (caption<->image), "dm" (image, image -> action),
+    # "wm" (image, action -> image)
+    data: str = arg("", "required")  # training data: Aurora-Bench-style JSON file(s), comma-separated (Eq. 1:
+    # labelled + synthetic)
     val_data: str = ""  # validation JSON (optional): validation loss and task metrics every eval_every steps
     tokenizer_dir: str = "out/tok"  # folder with image tokenizer (vq/) and text tokenizer (tokenizer.json)
     out_dir: str = "out/run"  # checkpoints, metrics.jsonl and sample grids go here
     init: str = "scratch"  # "scratch" (preset below), a worldboot checkpoint folder, or "hf:<dir>" (Chameleon/Anole)
-    preset: str = "tiny"  # model preset when init=scratch (model.ChameleonConfig.preset)
-    n_layer: int = 0  # override the preset's depth when > 0 (init=scratch only)
-    n_embd: int = 0  # override the preset's width when > 0 (init=scratch only)
-    image_size: int = 32  # images are preprocessed to this square size before VQ encoding (512 for Chameleon)
-    steps: int = 600  # optimizer steps
-    batch_size: int = 32  # global batch size (sequences per optimizer step, over all ranks and micro-steps)
-    grad_accum: int = 1  # micro-steps per optimizer step (gradients sync only on the last one)
-    lr: float = 1e-3  # peak learning rate (paper: 2e-4 DM, 5e-4 WM with LoRA on 7B)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 50  # linear warm-up steps (paper: 500 DM, 400 WM)
-    weight_decay: float = 0.01  # AdamW weight decay on matrices (not on norms, biases, embeddings)
-    beta2: float = 0.98  # AdamW beta2
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    weighting: str = "none"  # WM token loss: "none" = plain CE, "recognition" = Eq. 2 weights from VQ features
-    weight_mix: float = 0.0  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a floor)
-    lora_r: int = 0  # LoRA rank (0 = full fine-tuning; paper: 16)
-    lora_alpha: float = 32.0  # LoRA scale numerator (paper: 32)
-    lora_dropout: float = 0.05  # dropout on the LoRA branch input (paper: 0.05)
+    preset: str = arg("tiny", ("tiny", "chameleon-7b"))  # model preset when init=scratch (model.ChameleonConfig.preset)
+    n_layer: int = arg(0, ">=0")  # override the preset's depth when > 0 (init=scratch only)
+    n_embd: int = arg(0, ">=0")  # override the preset's width when > 0 (init=scratch only)
+    image_size: int = arg(32, ">0")  # images are preprocessed to this square size before VQ encoding (512 for
+    # Chameleon); must be the image tokenizer's resolution
+    steps: int = arg(600, ">0")  # optimizer steps
+    batch_size: int = arg(32, ">0")  # global batch size (sequences per optimizer step, over all ranks and micro-steps)
+    grad_accum: int = arg(1, ">0")  # micro-steps per optimizer step (gradients sync only on the last one)
+    lr: float = arg(1e-3, ">0")  # peak learning rate (paper: 2e-4 DM, 5e-4 WM with LoRA on 7B)
+    min_lr_ratio: float = arg(0.1, "0..1")  # cosine decays to lr * min_lr_ratio
+    warmup: int = arg(50, ">=0")  # linear warm-up steps (paper: 500 DM, 400 WM)
+    weight_decay: float = arg(0.01, ">=0")  # AdamW weight decay on matrices (not on norms, biases, embeddings)
+    beta2: float = arg(0.98, "0..<1")  # AdamW beta2
+    grad_clip: float = arg(1.0, ">=0")  # max global gradient norm (0 = off)
+    weighting: str = arg("none", ("none", "recognition"))  # WM token loss: "none" = plain CE, "recognition" = Eq. 2
+    # weights from VQ features
+    weight_mix: float = arg(0.0, "0..1")  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a floor)
+    lora_r: int = arg(0, ">=0")  # LoRA rank (0 = full fine-tuning; paper: 16)
+    lora_alpha: float = arg(32.0, ">0")  # LoRA scale numerator (paper: 32)
+    lora_dropout: float = arg(0.05, "0..<1")  # dropout on the LoRA branch input (paper: 0.05)
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # linear layers that get adapters
-    eval_every: int = 200  # validate (and write the sample grid) every N steps; 0 = only at the end
-    eval_items: int = 64  # validation items scored per evaluation (loss) / generated (task metric)
-    save_every: int = 200  # checkpoint every N steps (and at the end); 0 = only at the end
-    seed: int = 1337  # seeds model init, data order and sampling; each rank offsets it by its rank
-    dtype: str = "auto"  # "float32", "bfloat16" (autocast, GPU) or "auto" (bf16 on CUDA, fp32 on CPU)
+    eval_every: int = arg(200, ">=0")  # validate (and write the sample grid) every N steps; 0 = only at the end
+    eval_items: int = arg(64, ">0")  # validation items scored per evaluation (loss) / generated (task metric)
+    save_every: int = arg(200, ">=0")  # checkpoint every N steps (and at the end); 0 = only at the end
+    seed: int = arg(1337, ">=0")  # seeds model init, data order and sampling; each rank offsets it by its rank
+    dtype: str = arg("auto", ("auto", "float32", "bfloat16"))  # "bfloat16" = autocast (GPU); "auto" = bf16 on CUDA,
+    # fp32 on CPU
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
     fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
-    resume: bool = False  # continue from out_dir/ckpt exactly where it stopped
-    stop_at: int = 0  # end this invocation after this step, checkpointed (fits a job's time limit); 0 = run to the end
-    max_len: int = 0  # truncate/limit sequences (0 = the model's max_seq_len)
+    resume: bool = False  # continue from out_dir/ckpt exactly where it stopped (the settings must be the same)
+    force: bool = False  # resume although settings changed, or start over in an out_dir that holds a checkpoint
+    stop_at: int = arg(0, ">=0")  # end this invocation after this step, checkpointed (fits a job's time limit); 0 =
+    # run to the end
+    max_len: int = arg(0, ">=0")  # truncate/limit sequences (0 = the model's max_seq_len)
     quiet: bool = False  # no tqdm bar (tests, reproduce.py's nested runs)
-
-
-def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None):
-    """--key=value overrides for any config dataclass; --help lists every field with its default; unknown keys fail.
-    `defaults` replaces field defaults (reproduce.py's presets)."""
-    parser = argparse.ArgumentParser(description=description)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        default = (defaults or {}).get(f.name, default)
-        kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})")
-    args = parser.parse_args(argv)  # argparse exits with a message on unknown keys
-    return cls(**vars(args))
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,11 +123,17 @@ def pack(segments: list[tuple[list[int], float | list[float]]]) -> tuple[list[in
     return ids, weights
 
 
-def collate(examples: list[tuple[list[int], list[float]]], pad_id: int, max_len: int = 0):
-    """Right-pad to a common length. Returns ids (N, T) long and weights (N, T) float (0 on padding)."""
+def collate(examples: list[tuple[list[int], list[float]]], pad_id: int, max_len: int = 0, names=None):
+    """Right-pad to a common length. Returns ids (N, T) long and weights (N, T) float (0 on padding).
+    `names` (optional, one per example) name the item of an over-long example in the error."""
+    if not examples:
+        raise UserError("no examples to train on")
     T = max(len(ids) for ids, _ in examples)
     if max_len and T > max_len:
-        raise ValueError(f"a sequence of {T} tokens exceeds the model's context of {max_len}")
+        n = next(i for i, (x, _) in enumerate(examples) if len(x) > max_len)
+        name = f"item {names[n]}" if names else f"example {n}"
+        raise UserError(f"{name}: {len(examples[n][0])} tokens, more than the model's context of {max_len} "
+                        "(shorten its instruction / action)")
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     weights = torch.zeros(len(examples), T)
     for n, (x, w) in enumerate(examples):
@@ -180,6 +184,9 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     from tokenizer import preprocess_image
 
     cache = {} if cache is None else cache
+    if size != image_tok.cfg.resolution:
+        raise UserError(f"--image_size={size}, but the image tokenizer was made for {image_tok.cfg.resolution}px "
+                        "images (another size gives another number of tokens per image)")
     todo = sorted({str(p) for p in paths} - set(cache))
     device = next(image_tok.parameters()).device
     for i in range(0, len(todo), batch):
@@ -242,7 +249,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: 
                 setattr(module, name, LoRALinear(child, r, alpha, dropout))
                 wrapped += 1
     if wrapped == 0:
-        raise ValueError(f"lora_targets={targets!r} matched no nn.Linear in the model")
+        raise UserError(f"--lora_targets={targets!r} matched no nn.Linear in the model")
     return wrapped
 
 
@@ -259,36 +266,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: <dir>/model.safetensors, optim.safetensors, rng.safetensors, meta.json (written last, atomically)
-
-
-def _atomic(path: str, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+# Checkpoints: <dir>/model.safetensors, optim.safetensors, rng.safetensors, meta.json, written as one folder by
+# common.atomic_dir: a kill at any instant leaves the previous checkpoint or the new one, never a mix.
 
 
 def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg: TrainConfig, model_cfg: ChameleonConfig,
                     optimizer: torch.optim.Optimizer | None = None, step: int = 0, sampler=None, metrics=None):
-    """Write a resumable checkpoint. Each file is replaced atomically and meta.json, written last, names the step
-    every other file must carry, so a crash mid-save leaves either the old or the new checkpoint readable."""
-    os.makedirs(ckpt_dir, exist_ok=True)
+    """Write a resumable checkpoint atomically: the previous one stays until the new one is complete on disk."""
     tag = {"step": str(step)}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(os.path.join(ckpt_dir, "model.safetensors"), lambda p: save_file(state, p, metadata=tag))
+    flat = {}
     if optimizer is not None:
         # AdamW state flattened by parameter name, so no pickle is ever needed to resume.
         names = {id(p): n for n, p in model.named_parameters()}
-        flat = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 for k, v in optimizer.state.get(p, {}).items():
                     flat[f"{names[id(p)]}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-        _atomic(os.path.join(ckpt_dir, "optim.safetensors"), lambda p: save_file(flat, p, metadata=tag))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    _atomic(os.path.join(ckpt_dir, "rng.safetensors"), lambda p: save_file(rng, p, metadata=tag))
     meta = {
         "step": step,
         "train_config": dataclasses.asdict(cfg),
@@ -299,7 +296,17 @@ def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg: TrainConfig, model_cfg
         "numpy_random": _jsonable_numpy_state(),
         "metrics": metrics or {},
     }
-    _atomic(os.path.join(ckpt_dir, "meta.json"), lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
+    with atomic_dir(ckpt_dir) as tmp:
+        for name, tensors in (("model", state), ("optim", flat if optimizer is not None else None), ("rng", rng)):
+            if tensors is not None:
+                save_file(tensors, os.path.join(tmp, f"{name}.safetensors"), metadata=tag)
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            f.write(json.dumps(meta, indent=1))
+
+
+def has_checkpoint(ckpt_dir: str) -> bool:
+    """True when ckpt_dir holds a checkpoint (after undoing a save that was killed half-way)."""
+    return recover_dir(ckpt_dir) and os.path.exists(os.path.join(ckpt_dir, "meta.json"))
 
 
 def _jsonable_random_state():
@@ -313,22 +320,28 @@ def _jsonable_numpy_state():
 
 
 def read_meta(ckpt_dir: str) -> dict:
+    if not has_checkpoint(ckpt_dir):
+        raise UserError(f"{ckpt_dir}: no checkpoint here (meta.json missing)")
     path = os.path.join(ckpt_dir, "meta.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no checkpoint here (meta.json missing)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
+    meta = read_json(path, "checkpoint metadata")
+    missing = [k for k in ("step", "train_config", "model_config") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{path}: not a worldboot checkpoint (no {', '.join(missing)})")
+    return meta
 
 
-def load_model(ckpt_dir: str, device="cpu", merge: bool = True) -> tuple[Chameleon, dict]:
-    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False."""
+def load_model(ckpt_dir: str, device="cpu", merge: bool = True, role: str | None = None,
+               image_size: int | None = None) -> tuple[Chameleon, dict]:
+    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False. `role` ("dm" / "wm")
+    and `image_size` are checked against what the checkpoint was trained as (a pre-trained model may be either)."""
     meta = read_meta(ckpt_dir)
+    tc = meta["train_config"]
+    if role and tc.get("task") not in (role, "pretrain"):
+        raise UserError(f"{ckpt_dir}: a {tc.get('task')} checkpoint, used here as the {role}")
+    if image_size and tc.get("image_size", image_size) != image_size:
+        raise UserError(f"{ckpt_dir}: trained on {tc['image_size']}px images, used with --image_size={image_size}")
     mcfg = ChameleonConfig.from_dict(meta["model_config"])
     model = Chameleon(mcfg)
-    tc = meta["train_config"]
     if meta.get("lora"):
         apply_lora(model, tc["lora_r"], tc["lora_alpha"], tc["lora_dropout"], tc["lora_targets"])
     _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"])
@@ -342,14 +355,11 @@ def load_model(ckpt_dir: str, device="cpu", merge: bool = True) -> tuple[Chamele
 def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):
     from safetensors import safe_open
 
-    try:
-        with safe_open(path, "pt") as f:
-            file_step = (f.metadata() or {}).get("step")
-        state = load_file(path)
-    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read checkpoint weights ({e})") from None
+    state = read_tensors(path)
+    with safe_open(path, "pt") as f:
+        file_step = (f.metadata() or {}).get("step")
     if file_step is not None and int(file_step) != int(step):
-        raise ValueError(f"{path}: holds step {file_step} but meta.json says {step} (interrupted save?)")
+        raise UserError(f"{path}: holds step {file_step} but meta.json says {step} (interrupted save?)")
     # the same key-set / shape report as Chameleon.from_pretrained (one readable error listing every problem)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, {k: (path, tuple(v.shape)) for k, v in state.items()}, path, strict=True)
@@ -421,7 +431,7 @@ class Sampler:
 
     def __init__(self, n: int, batch_size: int, seed: int):
         if n < batch_size:
-            raise ValueError(f"{n} training examples is fewer than one batch of {batch_size}")
+            raise UserError(f"{n} training examples is fewer than one batch of {batch_size} (--batch_size)")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.offset = 0, 0
 
@@ -438,7 +448,7 @@ class Sampler:
 
     def load(self, s: dict):
         if s["n"] != self.n:
-            raise ValueError(f"resume: the data has {self.n} examples but the checkpoint was trained on {s['n']}")
+            raise UserError(f"resume: the data has {self.n} examples but the checkpoint was trained on {s['n']}")
         self.epoch, self.offset = s["epoch"], s["offset"]
 
 
@@ -500,19 +510,21 @@ def _use_bf16(cfg: TrainConfig) -> bool:
     return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available())
 
 
-def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, model=None):
+def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, model=None, names=None):
     """Train on `examples` (list of (ids, weights)); returns (model, history).
 
     `evaluate(model, step) -> dict` is the task's own metric hook (e.g. DM action accuracy, WM sample grid), called
     on rank 0 every eval_every steps (not under FSDP). `model` may be passed in (tests); otherwise it is built from
-    cfg.init. Under FSDP the returned model is sharded: load the checkpoint for a whole one.
+    cfg.init; under FSDP the returned model is sharded: load the checkpoint for a whole one. `names` (one per
+    example, optional) name the item of an example in errors. An out_dir holding a checkpoint is continued with
+    cfg.resume (same settings) and replaced only with cfg.force; Ctrl-C saves at the next step.
     """
     rank, world, device = setup_distributed()
     if cfg.fsdp and not dist.is_initialized():
-        raise ValueError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
-                         "torchrun: run it under torchrun --nproc_per_node=N, or drop --fsdp")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+        raise UserError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
+                        "torchrun: run it under torchrun --nproc_per_node=N, or drop --fsdp")
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    _check_out_dir(cfg, ckpt_dir)
     if model is None:
         model, mcfg = build_model(cfg, tok.vocab_size, tok)
     else:
@@ -525,10 +537,13 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.to(device)
 
-    ids, weights = collate(examples, tok.pad_id, cfg.max_len or mcfg.max_seq_len)
+    ids, weights = collate(examples, tok.pad_id, cfg.max_len or mcfg.max_seq_len, names)
     sampler = Sampler(len(ids), cfg.batch_size, cfg.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
+        raise UserError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
+    if rank == 0:  # the inputs are good: now the out_dir is written
+        claim_dir(cfg.out_dir, "train.py", ours=("ckpt", "metrics.jsonl"))
+    os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.fsdp:  # shards in place, so before the optimizer sees the parameters (DDP wraps below instead)
         fsdp_shard(model, cfg)
 
@@ -538,10 +553,14 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
     start = 0
-    if cfg.resume and os.path.exists(os.path.join(ckpt_dir, "meta.json")):
+    if cfg.resume and has_checkpoint(ckpt_dir):
         start = _resume(ckpt_dir, model, optimizer, sampler, cfg)
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank seeds (LoRA dropout); data order is shared on purpose
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank == 0 and os.path.exists(metrics_path):  # steps after the checkpoint are run again: drop their rows
+        rows = [r for r in open(metrics_path).read().splitlines() if r.strip()]
+        atomic_write(metrics_path, "".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= start))
 
     raw = model  # save the unwrapped, uncompiled module
     if cfg.fsdp and evaluate is not None and rank == 0:
@@ -550,49 +569,79 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     bf16 = _use_bf16(cfg) and device.type == "cuda" and not cfg.fsdp  # FSDP casts with its own policy instead
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     history = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
-        model.train()
-        loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss = loss_sum.item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is kept in "
-                                     f"{ckpt_dir} (lower --lr or check the data)")
-        gnorm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "time": time.time() - t0}
-        last = step + 1 == cfg.steps or step + 1 == cfg.stop_at
-        if val_examples and (rank == 0 or cfg.fsdp) and (last or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
-            # under FSDP every rank runs the forward (it all-gathers the weights)
-            rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
-            if evaluate is not None and not cfg.fsdp:  # generation needs the whole model: run eval.py on the ckpt
-                rec.update(evaluate(raw, step + 1))
-        history.append(rec)
-        save = last or (cfg.save_every and (step + 1) % cfg.save_every == 0)
-        # under FSDP every rank joins the gather; rank 0 then writes the same files as without it
-        to_save = fsdp_full_state(raw, optimizer, cfg) if save and cfg.fsdp else (raw, optimizer)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
-            if save:
-                save_checkpoint(ckpt_dir, to_save[0], cfg, mcfg, to_save[1], step + 1, sampler, rec)
-        if step + 1 == cfg.stop_at:
-            break
+    with interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
+            model.train()
+            loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            loss = loss_sum.item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss}; stopping. The last good checkpoint is kept in "
+                                         f"{ckpt_dir} (lower --lr or check the data)")
+            gnorm = (nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.tensor(0.0))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(gnorm), "time": time.time() - t0}
+            last = step + 1 == cfg.steps or step + 1 == cfg.stop_at
+            try:  # under FSDP every rank runs the validation forward (it all-gathers the weights)
+                if val_examples and (rank == 0 or cfg.fsdp) and (last or (cfg.eval_every and
+                                                                          (step + 1) % cfg.eval_every == 0)):
+                    rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
+                    if evaluate is not None and not cfg.fsdp:  # generation needs the whole model: eval.py on the ckpt
+                        rec.update(evaluate(raw, step + 1))
+            except Exception:
+                if rank == 0 and not cfg.fsdp:  # the trained weights of this step are not lost with the evaluation
+                    save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
+                raise
+            history.append(rec)
+            stop = bool(interrupted)  # Ctrl-C during this step
+            save = last or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0)
+            # under FSDP every rank joins the gather; rank 0 then writes the same files as without it
+            to_save = fsdp_full_state(raw, optimizer, cfg) if save and cfg.fsdp else (raw, optimizer)
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
+                if save:
+                    save_checkpoint(ckpt_dir, to_save[0], cfg, mcfg, to_save[1], step + 1, sampler, rec)
+            if stop:
+                raise KeyboardInterrupt(f"stopped after step {step + 1}, saved in {ckpt_dir} (--resume=true continues)")
+            if step + 1 == cfg.stop_at:
+                break
     if world > 1:
         dist.barrier()
     return raw, history
+
+
+# Settings that may change between a run and its resumption (paths, logging, how often to save or evaluate)
+RESUME_FREE = {"resume", "force", "stop_at", "quiet", "out_dir", "data", "val_data", "tokenizer_dir", "init",
+               "eval_every", "eval_items", "save_every", "grid_items"}
+
+
+def _check_out_dir(cfg: TrainConfig, ckpt_dir: str):
+    """Refuse to replace a checkpoint without --force, and to resume with other settings than it was made with."""
+    if not has_checkpoint(ckpt_dir) or (cfg.force and not cfg.resume):  # nothing there, or start over
+        return
+    meta = read_meta(ckpt_dir)
+    if not cfg.resume and not cfg.force:
+        raise UserError(f"{ckpt_dir} holds a checkpoint (step {meta['step']}): --resume=true continues it, "
+                        "--force=true starts over and replaces it")
+    saved, now = meta["train_config"], dataclasses.asdict(cfg)
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and k not in RESUME_FREE
+               and saved[k] != v]
+    if cfg.resume and changed and not cfg.force:
+        raise UserError(f"{ckpt_dir}: resume with other settings than the checkpoint's ({'; '.join(changed)}); "
+                        "use the same flags, or --force=true to continue with the new ones")
 
 
 def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_accum: int, device, autocast=None):
@@ -623,7 +672,7 @@ def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_acc
 def _resume(ckpt_dir, model, optimizer, sampler, cfg) -> int:
     meta = read_meta(ckpt_dir)
     _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"], cfg.fsdp)
-    flat = load_file(os.path.join(ckpt_dir, "optim.safetensors"))
+    flat = read_tensors(os.path.join(ckpt_dir, "optim.safetensors"))
     params = dict(model.named_parameters())
     for key, v in flat.items():
         name, k = key.split("::")
@@ -634,7 +683,7 @@ def _resume(ckpt_dir, model, optimizer, sampler, cfg) -> int:
         else:
             optimizer.state[p][k] = _shard_like(v, p) if cfg.fsdp else torch.empty_like(p).copy_(v)
     sampler.load(meta["sampler"])
-    rng = load_file(os.path.join(ckpt_dir, "rng.safetensors"))
+    rng = read_tensors(os.path.join(ckpt_dir, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -686,15 +735,13 @@ def pretrain_examples(items, codes: dict, tok) -> list:
 
 def load_captions(path: str):
     """Image-caption pairs ([{"image", "caption"}], paths relative to the file) as Items with the caption as text."""
-    from data import Item
+    from data import Item, read_records
 
     root = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        recs = json.load(f)
     items = []
-    for i, r in enumerate(recs):
-        if not r.get("image") or not str(r.get("caption", "")).strip():
-            raise ValueError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
+    for i, r in enumerate(read_records(path)):
+        if not isinstance(r, dict) or not isinstance(r.get("image"), str) or not str(r.get("caption", "")).strip():
+            raise UserError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
         items.append(Item(id=r.get("id", f"cap-{i}"), input_path=os.path.join(root, r["image"]),
                           instruction=r["caption"], output_path=None, task="caption"))
     return items
@@ -707,6 +754,8 @@ def load_items(paths: str):
     items = []
     for p in [p for p in paths.split(",") if p]:
         items.extend(load_benchmark(p))
+    if not items:
+        raise UserError(f"{paths}: no valid items")
     return items
 
 
@@ -716,6 +765,10 @@ def prepare_pairs(cfg: TrainConfig):
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = [it for it in load_items(cfg.data) if it.output_path]
     val = [it for it in load_items(cfg.val_data) if it.output_path][: cfg.eval_items] if cfg.val_data else []
+    for name, path, got in (("--data", cfg.data, items), ("--val_data", cfg.val_data, val)):
+        if path and not got:
+            raise UserError(f"{name}={path}: no item has an 'output' image, so there is nothing to train on (items "
+                            "without one are only generated and scored by eval.py)")
     codes = encode_images(image_tok, [p for it in items + val for p in (it.input_path, it.output_path)], cfg.image_size)
     return image_tok, tok, items, val, codes
 
@@ -723,13 +776,14 @@ def prepare_pairs(cfg: TrainConfig):
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
     if cfg.task != "pretrain":
-        raise SystemExit("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
+        raise UserError("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = load_captions(cfg.data)
     val = load_captions(cfg.val_data) if cfg.val_data else []
     codes = encode_images(image_tok, [it.input_path for it in items + val], cfg.image_size)
-    train(cfg, pretrain_examples(items, codes, tok), tok, pretrain_examples(val, codes, tok) if val else None)
+    train(cfg, pretrain_examples(items, codes, tok), tok, pretrain_examples(val, codes, tok) if val else None,
+          names=[it.id for it in items for _ in range(2)])  # two examples per caption
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from common import run
 from model import generate_text
 from train import (
     TrainConfig,
@@ -118,8 +119,9 @@ def main(argv=None):
     cfg.task = "dm"
     _, tok, items, val, codes = prepare_pairs(cfg)
     evaluate = (lambda m, step: action_accuracy(m, tok, val, codes)) if val else None
-    train(cfg, dm_examples(items, codes, tok), tok, dm_examples(val, codes, tok) if val else None, evaluate)
+    train(cfg, dm_examples(items, codes, tok), tok, dm_examples(val, codes, tok) if val else None, evaluate,
+          names=[it.id for it in items])
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

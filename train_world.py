@@ -26,6 +26,7 @@ from itertools import groupby
 
 import torch
 
+from common import UserError, arg, run
 from model import generate_image
 from train import (
     TrainConfig,
@@ -42,8 +43,8 @@ WM_PROMPT = " Edit:"
 
 @dataclass
 class WorldTrainConfig(TrainConfig):
-    uncond_prob: float = 0.0  # fraction of examples duplicated without their action (for CFG); 0 = off
-    grid_items: int = 8  # items shown in the (source | action | sample | target) grid at each evaluation
+    uncond_prob: float = arg(0.0, "0..1")  # fraction of examples duplicated without their action (for CFG); 0 = off
+    grid_items: int = arg(8, ">=0")  # items shown in the (source | action | sample | target) grid at each evaluation
 
 
 def wm_prompt(tok, src_codes, action: str | None) -> list[int]:
@@ -94,6 +95,10 @@ def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_
     L = src_codes.shape[1]
     out = torch.empty(len(actions), n_samples, L, dtype=torch.long)
     prompts = [wm_prompt(tok, s, a) for s, a in zip(src_codes, actions)]
+    limit = model.config.max_seq_len - L - 2  # the target image and its <boi>, <eoi>
+    if long := next((a for a, p in zip(actions, prompts) if len(p) > limit), None):
+        raise UserError(f"action {long[:60]!r}{'...' if len(long) > 60 else ''}: its prompt needs more than the "
+                        f"{limit} tokens the model's context of {model.config.max_seq_len} leaves (shorten it)")
     uncond = [wm_prompt(tok, s, None) for s in src_codes]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     per = max(1, max_batch // n_samples)
@@ -131,8 +136,8 @@ def main(argv=None):
     val_ex = wm_examples(val, codes, tok) if val else None  # validation loss is always the plain CE
     evaluate = (lambda m, step: wm_evaluate(m, tok, image_tok, val, codes, cfg.out_dir, step, cfg.grid_items)) \
         if val else None
-    train(cfg, examples, tok, val_ex, evaluate)
+    train(cfg, examples, tok, val_ex, evaluate, names=None if cfg.uncond_prob else [it.id for it in items])
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -48,14 +48,12 @@ Run `python world.py --out=out/data` to build the data set; `--help` lists the o
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import random
 import re
 import shutil
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -65,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from common import UserError, arg, atomic_write, claim_dir, parse_config, run
 
 # -----------------------------------------------------------------------------
 # vocabulary
@@ -633,29 +633,29 @@ def combos(action: Action) -> set[tuple[str, str, str]]:
 
 @dataclass
 class WorldConfig:
-    seed: int = 0  # master seed; every split draws from its own stream seeded by (seed, split)
-    image_size: int = IMAGE_SIZE  # image side in pixels
-    grid: int = GRID  # cells per side; image_size // grid >= 6 so shapes stay distinguishable
-    min_objects: int = 2  # objects per scene (sampled uniformly in [min, max])
-    max_objects: int = 4
-    n_train: int = 400  # labelled (source, instruction, target) triplets: the supervised WM/DM data
-    n_val: int = 150
-    n_test: int = 200
-    n_comp: int = 150  # compositional test: every item mentions a held-out (colour, shape, verb)
-    comp_per_verb: int = 1  # held-out object types per verb
-    n_videos: int = 300  # unlabelled videos
-    video_len: int = 9  # frames per video
-    p_hold: float = 0.15  # probability that a frame repeats the previous one (no change)
-    video_k: int = 6  # recommended data.video_pairs(k=...) for these videos (paper: K_f = 6)
-    video_spacing: int = 1  # recommended data.video_pairs(spacing=...) (paper: I_f = 20, for 30 fps video)
-    n_captions: int = 2000  # image-caption pairs for pre-training the tiny foundation model
-    p_somewhere: float = 0.3  # probability that an "add" says "somewhere" rather than naming a cell
+    seed: int = arg(0, ">=0")  # master seed; every split draws from its own stream seeded by (seed, split)
+    image_size: int = arg(IMAGE_SIZE, ">0")  # image side in pixels
+    grid: int = arg(GRID, ">0")  # cells per side; image_size // grid >= 6 so shapes stay distinguishable
+    min_objects: int = arg(2, ">=1")  # objects per scene (sampled uniformly in [min, max])
+    max_objects: int = arg(4, ">=1")
+    n_train: int = arg(400, ">=1")  # labelled (source, instruction, target) triplets: the supervised WM/DM data
+    n_val: int = arg(150, ">=1")
+    n_test: int = arg(200, ">=1")
+    n_comp: int = arg(150, ">=1")  # compositional test: every item mentions a held-out (colour, shape, verb)
+    comp_per_verb: int = arg(1, ">=1")  # held-out object types per verb
+    n_videos: int = arg(300, ">=1")  # unlabelled videos
+    video_len: int = arg(9, ">=2")  # frames per video
+    p_hold: float = arg(0.15, "0..<1")  # probability that a frame repeats the previous one (no change)
+    video_k: int = arg(6, ">=1")  # recommended data.video_pairs(k=...) for these videos (paper: K_f = 6)
+    video_spacing: int = arg(1, ">=1")  # recommended data.video_pairs(spacing=...) (paper: I_f = 20, for 30 fps video)
+    n_captions: int = arg(2000, ">=1")  # image-caption pairs for pre-training the tiny foundation model
+    p_somewhere: float = arg(0.3, "0..1")  # probability that an "add" says "somewhere" rather than naming a cell
 
     def __post_init__(self):
         if self.image_size % self.grid or self.image_size // self.grid < 6:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of grid {self.grid}, cells >= 6 px")
+            raise UserError(f"image_size {self.image_size} must be a multiple of grid {self.grid}, cells >= 6 px")
         if not 1 <= self.min_objects <= self.max_objects <= min(len(IDENTS), self.grid ** 2):
-            raise ValueError("need 1 <= min_objects <= max_objects <= min(18, grid**2)")
+            raise UserError("need 1 <= min_objects <= max_objects <= min(18, grid**2)")
 
     def hash(self) -> str:
         blob = json.dumps({**dataclasses.asdict(self), "version": DATA_VERSION}, sort_keys=True)
@@ -741,9 +741,7 @@ def _videos(cfg: WorldConfig, keep, seen: set) -> list[dict]:
 
 
 def _write_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=print) -> dict:
@@ -765,19 +763,15 @@ def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=prin
                  root=str(out))
     man = out / "manifest.json"
     if not force and man.exists():
-        try:
-            old = json.loads(man.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("hash") == cfg.hash() and all(Path(p).exists() for p in paths.values()):
+        old = _read_manifest(man)
+        if isinstance(old, dict) and old.get("hash") == cfg.hash() and all(Path(p).exists() for p in paths.values()):
             log(f"world: {out} already holds this config (hash {cfg.hash()}), skipping")
             return paths
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    ours = man.exists() or (out / "train.json").exists()  # a folder an earlier build() wrote
-    for sub in ("images", "videos"):  # only the folders this function writes, and only in its own output folder
-        if (out / sub).exists() and not ours:
-            raise FileExistsError(f"{out / sub} exists and {out} was not written by world.build: not overwriting")
+    # only a folder that build() wrote (its marker, or a manifest.json of ours from before the marker) is rebuilt
+    legacy = man.exists() and isinstance(old := _read_manifest(man), dict) and {"hash", "version"} <= set(old)
+    claim_dir(out, "world.build", ours=("manifest.json",) if legacy else ())
+    for sub in ("images", "videos"):  # only the folders this function writes
         shutil.rmtree(out / sub, ignore_errors=True)
     if man.exists():
         man.unlink()  # an interrupted rebuild must not look complete
@@ -822,6 +816,13 @@ def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=prin
                           build_seconds=round(time.time() - t0, 2)))
     log(f"world: built {out} in {time.time() - t0:.1f}s")
     return paths
+
+
+def _read_manifest(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def sample_grid(data: dict, cfg: WorldConfig, per_row: int = 3, scale: int = 4) -> Image.Image:
@@ -869,13 +870,14 @@ def stats(paths: dict) -> str:
     return "\n".join(head) + "\n\n" + "\n".join(lines)
 
 
+@dataclass
+class BuildArgs(WorldConfig):
+    out: str = arg("out/data", "required")  # output folder (a new one, or one that world.py wrote)
+    force: bool = False  # rebuild even if the folder holds this config
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Build the synthetic world data set (Aurora-Bench format).")
-    p.add_argument("--out", default="out/data", help="output folder (default out/data)")
-    p.add_argument("--force", action="store_true", help="rebuild even if the folder holds this config")
-    for f in dataclasses.fields(WorldConfig):
-        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"(default {f.default})")
-    args = p.parse_args(argv)
+    args = parse_config(BuildArgs, argv, description="Build the synthetic world data set (Aurora-Bench format).")
     cfg = WorldConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WorldConfig)})
     t0 = time.time()
     paths = build(args.out, cfg, force=args.force)
@@ -884,4 +886,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -93,3 +93,37 @@ def test_numbers_do_not_depend_on_the_core_count(tmp_path):
     (p1, r1), (p2, r2) = runs[1], runs[2]
     assert p1["stage_hashes"] == p2["stage_hashes"] and "-" not in str(p1["stage_hashes"].values())
     assert p1["tables"] == p2["tables"] and r1 == r2
+
+
+def test_seed_results_depend_on_the_best_of_n_sizes_but_training_does_not():
+    import dataclasses
+
+    from reproduce import ReproConfig, Stages
+
+    a, b = ReproConfig(), dataclasses.replace(ReproConfig(), search_n="1,2")
+    sa, sb = Stages.__new__(Stages), Stages.__new__(Stages)
+    sa.cfg, sb.cfg = a, b
+    assert sa.hash("seed0") != sb.hash("seed0")  # a cached seed result without the new N is recomputed
+    assert sa.hash("seed0_dm") == sb.hash("seed0_dm") and sa.hash("pretrain") == sb.hash("pretrain")
+
+
+def test_a_stage_folder_is_deleted_only_when_ours_and_stale(tmp_path, capsys, tiny_tok):
+    import torch
+
+    from common import MARKER, UserError
+    from reproduce import ReproConfig, Stages, run_training, train_cfg
+
+    cfg = ReproConfig(out=str(tmp_path))
+    stages = Stages(str(tmp_path), cfg)
+    tcfg = train_cfg(cfg, "seed0/dm", "dm", 2, 0)
+    os.makedirs(tcfg.out_dir)
+    (tmp_path / "seed0" / "dm" / "notes.txt").write_text("mine")  # a folder reproduce.py did not write
+    with pytest.raises(UserError, match="not written by worldboot"):
+        run_training(cfg, stages, "seed0_dm", tcfg, [], tiny_tok, torch.device("cpu"))
+    assert (tmp_path / "seed0" / "dm" / "notes.txt").read_text() == "mine"
+    (tmp_path / "seed0" / "dm" / MARKER).write_text("")  # now ours, from a run with other settings
+    (tmp_path / "seed0" / "dm" / "stage_hash.txt").write_text("other")
+    with pytest.raises(UserError, match="no examples"):  # (nothing to train on here)
+        run_training(cfg, stages, "seed0_dm", tcfg, [], tiny_tok, torch.device("cpu"))
+    assert "trained with other settings: deleting it" in capsys.readouterr().out
+    assert not (tmp_path / "seed0" / "dm" / "notes.txt").exists()

@@ -1,6 +1,7 @@
 """Tests of world.py: rendering, the detector, actions and their language, the judge, the splits, build()."""
 
 import json
+import os
 import random
 
 import numpy as np
@@ -307,6 +308,12 @@ def test_pixel_l1():
 
 
 def test_build_refuses_foreign_folder(tmp_path):
+    from common import UserError
+
     (tmp_path / "images").mkdir()
-    with pytest.raises(FileExistsError):
+    (tmp_path / "images" / "mine.png").write_bytes(b"x")
+    (tmp_path / "train.json").write_text("[]")  # an Aurora-style data folder: a train.json and images/
+    with pytest.raises(UserError, match="not written by worldboot"):
         world.build(tmp_path, WorldConfig(**SMALL), log=lambda *a: None)
+    assert (tmp_path / "images" / "mine.png").read_bytes() == b"x" and sorted(os.listdir(tmp_path)) == [
+        "images", "train.json"]
