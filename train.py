@@ -146,6 +146,25 @@ def weighted_nll(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor)
     return (w * nll).sum(dim=1)
 
 
+# Logits only where the loss reads them, for a large vocabulary. A Chameleon sequence of ~2,100 tokens has
+# 2,100 x 65,536 fp32 logits (550 MB, and as much again for their gradient and for cross-entropy's softmax); the DM's
+# loss reads ~10 of those rows, the WM's 1,024. Below this vocabulary size the full (B, T, V) path is kept: the
+# tiny models' results were produced with its bits (lm_head over a subset of rows may round differently).
+SPARSE_LOGITS_MIN_VOCAB = 16384
+
+
+def sequence_nll(model, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weighted_nll(model(ids), ids, weights) (B,); with a large vocabulary lm_head runs only at weighted positions
+    (the same sum: the skipped positions have weight 0)."""
+    if getattr(model, "module", model).config.vocab_size < SPARSE_LOGITS_MIN_VOCAB:  # (DDP wraps the model)
+        return weighted_nll(model(ids).float(), ids, weights)
+    keep = weights[:, 1:] != 0  # (B, T-1): position t predicts token t+1
+    logits = model(ids, rows=F.pad(keep, (0, 1)))  # (N, V): the kept positions, row-major
+    nll = F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")  # (N,)
+    full = torch.zeros(keep.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)  # (B, T-1)
+    return (weights[:, 1:].to(nll.dtype) * full).sum(dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizers and images
 
@@ -320,8 +339,9 @@ def read_meta(ckpt_dir: str) -> dict:
         raise ValueError(f"{path}: corrupt checkpoint metadata ({e})") from None
 
 
-def load_model(ckpt_dir: str, device="cpu", merge: bool = True) -> tuple[Chameleon, dict]:
-    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False."""
+def load_model(ckpt_dir: str, device=None, merge: bool = True) -> tuple[Chameleon, dict]:
+    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False. device None: CUDA when
+    there is one (bootstrap.py, search.py and eval.py pass none), else the CPU."""
     meta = read_meta(ckpt_dir)
     mcfg = ChameleonConfig.from_dict(meta["model_config"])
     model = Chameleon(mcfg)
@@ -333,7 +353,7 @@ def load_model(ckpt_dir: str, device="cpu", merge: bool = True) -> tuple[Chamele
         merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model.to(device), meta
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), meta
 
 
 def _load_weights(model: nn.Module, path: str, step: int):
@@ -541,8 +561,7 @@ def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_acc
         x, w = ids[mb].to(device), weights[mb].to(device)
         sync = world == 1 or k == grad_accum - 1
         with (nullcontext() if sync else model.no_sync()), (autocast or nullcontext()):
-            logits = model(x)  # (micro, T, V)
-            part = weighted_nll(logits.float(), x, w).sum() / total_w
+            part = sequence_nll(model, x, w).sum() / total_w
         (part * world).backward()
         loss_sum += part.detach()
     return loss_sum
@@ -577,8 +596,7 @@ def validation_loss(model, examples, pad_id, device, autocast=None, batch: int =
         x, w = collate(examples[i : i + batch], pad_id)
         x, w = x.to(device), w.to(device)
         with autocast or nullcontext():
-            logits = model(x)
-        num += weighted_nll(logits.float(), x, w).sum().item()
+            num += sequence_nll(model, x, w).sum().item()
         den += w[:, 1:].sum().item()
     return num / max(den, 1e-9)
 
