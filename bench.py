@@ -21,11 +21,22 @@ On CUDA: torch.cuda.max_memory_allocated growth over the allocated memory before
 MFU (CUDA only): training FLOPs per token = 6 * N (non-embedding params + lm_head) + 12 * n_layer * T * n_embd
 (attention scores, forward + backward), times tokens/s, over --peak_flops (H100 dense bf16 = 989e12).
 
+Two more jobs live here because they are harness, not method:
+  --rehearse   the README's full-scale commands (Anole-7B) run end to end on a CPU against an Anole-shaped checkpoint
+               built with transformers (real widths, heads, vocabulary and 512 px VQ; 1 layer, random weights),
+               with each stage's peak RSS and seconds per step, and training-step memory probes over depth and
+               sequence length. JSON -> --out (default <rehearse_dir>/rehearsal.json).
+  --gpu_check  one time-limited command for a GPU machine: (a) ours vs transformers in bf16 (train step tok/s and
+               MFU, decode tok/s at batch 1 and 8, best-of-8 cost), (b) the 7B preset's decode with random weights,
+               (c) a short reproduce.py --preset=gpu. Each part in its own subprocess and time limit. JSON -> --out.
+
 Usage:
   python bench.py                                    # "small" config (the synthetic-world model size), CPU fp32
   python bench.py --config=small,base                # + a larger config for a more realistic ratio
   python bench.py --quick --config=micro             # seconds; what tests/test_bench.py runs
   python bench.py --device=cuda --dtype=bfloat16 --config=small,base --preset=chameleon-7b   # on a GPU machine
+  python bench.py --rehearse --threads=2             # ~25 min on 2 cores, ~4 GB RAM; --rehearse_size=small: 1 min
+  python bench.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
 """
 
 from __future__ import annotations
@@ -94,8 +105,11 @@ def parse_args(argv=None):
                    help="full: Anole-7B widths, heads, vocabulary and VQ (512 px); small: the same layout in miniature")
     r.add_argument("--rehearse_layers", type=int, default=1, help="transformer layers of the built checkpoint")
     r.add_argument("--rehearse_steps", type=int, default=3, help="optimizer steps of the DM and WM fine-tuning")
-    r.add_argument("--scaling", default="dm:1:2100,dm:2:2100,dm:1:1050,wm:1:2100,wm:1:2100:full",
-                   help="training-step memory probes task:layers:tokens[:full] ('' = none; full = all-position logits)")
+    r.add_argument("--scaling", default="dm:1:2100,dm:2:2100,dm:1:1050,wm:1:2100,wm:1:2100:full,vq:4",
+                   help="memory probes: a training step task:layers:tokens[:full] (full = logits at every position) "
+                        "or VQ encode + decode of a batch, vq:images ('' = none)")
+    r.add_argument("--rehearse_from", default="", choices=["", *REHEARSAL_STAGES],
+                   help="continue a rehearsal at this stage, keeping the earlier stages' files and numbers")
     r.add_argument("--rehearse_build", action="store_true", help=argparse.SUPPRESS)  # internal: the build stage
     r.add_argument("--rehearse_probe", default="", help=argparse.SUPPRESS)  # internal: one scaling probe
     g = p.add_argument_group("GPU check (one command; each part in its own time-limited subprocess)")
@@ -114,9 +128,10 @@ def parse_args(argv=None):
         p.error(f"--gpu_parts is a subset of {list(GPU_PARTS)}; --part_limits gives one number per part")
     for spec in [x for x in args.scaling.split(",") if x]:
         f = spec.split(":")
-        if len(f) not in (3, 4) or f[0] not in ("dm", "wm") or not (f[1].isdigit() and f[2].isdigit()) \
-                or f[3:] not in ([], ["full"]):
-            p.error(f"--scaling entry {spec!r}: expected task:layers:tokens[:full] with task dm or wm")
+        vq = len(f) == 2 and f[0] == "vq" and f[1].isdigit()
+        if not vq and (len(f) not in (3, 4) or f[0] not in ("dm", "wm") or not (f[1].isdigit() and f[2].isdigit())
+                       or f[3:] not in ([], ["full"])):
+            p.error(f"--scaling entry {spec!r}: expected task:layers:tokens[:full] (task dm or wm) or vq:images")
     return args
 
 
@@ -130,6 +145,7 @@ REHEARSAL_SIZES = {
                   vq=dict(resolution=64, base_channels=32, embed_dim=32, latent_channels=64), image_size=64),
 }
 GPU_PARTS = ("a", "b", "c")
+REHEARSAL_STAGES = ("build", "convert", "dm", "bootstrap", "wm", "search", "eval", "probes")
 
 
 def make_config(name: str) -> ChameleonConfig:
@@ -585,6 +601,8 @@ def rehearsal_probe(args):
     import train
     from train import TrainConfig, apply_lora, sequence_nll
 
+    if args.rehearse_probe.startswith("vq:"):
+        return vq_probe(args)
     task, n_layer, T, *full = args.rehearse_probe.split(":")
     n_layer, T = int(n_layer), int(T)
     if full:
@@ -625,16 +643,41 @@ def rehearsal_probe(args):
                                      s_first_step=round(first, 2))), flush=True)
 
 
+@torch.no_grad()
+def vq_probe(args):
+    """VQ encode and decode of a batch of images at the rehearsal's size with the built checkpoint's encoder and the
+    converted decoder (what every script does per image, on the CPU: train.load_tokenizers keeps it there)."""
+    from tokenizer import ImageTokenizer
+
+    torch.set_num_threads(args.threads)
+    n, px = int(args.rehearse_probe.split(":")[1]), REHEARSAL_SIZES[args.rehearse_size]["image_size"]
+    anole = os.path.join(args.rehearse_dir, "anole")
+    vq = ImageTokenizer.from_pretrained(anole, os.path.join(anole, "vqgan_decoder.safetensors")).eval()
+    x = torch.rand(n, 3, px, px, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
+    codes = vq.encode(x[:1])  # warm-up
+    res = {"probe": args.rehearse_probe, "rss_before_gib": round(_proc_kb("VmRSS") / 2**20, 2)}
+    for name, run in (("encode", lambda: vq.encode(x)), ("decode", lambda: vq.decode(codes.expand(n, -1)))):
+        t = time.perf_counter()
+        res[f"{name}_peak_gib"] = round(peak_mib(run, "cpu") / 1024, 3)
+        res[f"{name}_s_per_image"] = round((time.perf_counter() - t) / n, 2)
+    print("PROBE " + json.dumps(res), flush=True)
+
+
 def rehearse(args) -> dict:
     """Build the checkpoint, run every full-scale command against it, probe memory scaling; write --out (JSON)."""
     root = os.path.abspath(args.rehearse_dir)
     out = args.out or os.path.join(root, "rehearsal.json")
-    shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)  # a rerun starts its fine-tuning afresh
     s = REHEARSAL_SIZES[args.rehearse_size]
     rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), size=args.rehearse_size, layers=args.rehearse_layers,
                shapes=s, steps=args.rehearse_steps, threads=args.threads, torch=torch.__version__,
                cpu=_cpu_name(), mem_total_gib=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
                                                      1), stages=[], probes=[])
+    skip = REHEARSAL_STAGES[:REHEARSAL_STAGES.index(args.rehearse_from)] if args.rehearse_from else ()
+    if skip:  # keep the numbers of the stages already run
+        done = json.load(open(out))["stages"] if os.path.exists(out) else []
+        rec["stages"] = [r for r in done if r["stage"] in skip]
+    else:
+        shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)  # a rerun starts its fine-tuning afresh
     logs = os.path.join(root, "logs")
     me = [os.path.basename(__file__), f"--rehearse_dir={root}", f"--rehearse_size={args.rehearse_size}",
           f"--threads={args.threads}", f"--seed={args.seed}"]
@@ -642,6 +685,9 @@ def rehearse(args) -> dict:
     todo = [("build", [*me, "--rehearse_build", f"--rehearse_layers={args.rehearse_layers}"])]
     while todo:
         name, argv = todo.pop(0)
+        if name in skip:
+            todo += rehearsal_commands(args) if name == "build" else []
+            continue
         print(f"rehearsal: {name}: python {' '.join(argv)}", flush=True)
         r = run_measured(name, argv, root, args.threads, logs)
         if name in ("dm", "wm"):
@@ -681,7 +727,10 @@ def rehearsal_table(rec: dict) -> str:
         lines += ["", "| probe (task:layers:tokens) | RSS before GiB | step peak growth GiB | s/step |",
                   "|---|---|---|---|"]
         lines += [f"| {p['probe']} | {p['rss_before_gib']} | {p['step_peak_gib']} | {p['s_step']} |"
-                  for p in rec["probes"]]
+                  for p in rec["probes"] if "step_peak_gib" in p]
+        lines += [f"| {p['probe']} (per batch; s per image) | {p['rss_before_gib']} | encode {p['encode_peak_gib']}, "
+                  f"decode {p['decode_peak_gib']} | encode {p['encode_s_per_image']}, "
+                  f"decode {p['decode_s_per_image']} |" for p in rec["probes"] if "encode_peak_gib" in p]
     return "\n".join(lines)
 
 

@@ -380,6 +380,7 @@ class ImageTokenizer(nn.Module):
                                "pass decoder_path= to from_pretrained to add the one from vqgan.ckpt")
         return self.decoder(self.post_quant_conv(z_q))
 
+    @torch.no_grad()  # output images only: a graph would hold every decoder activation (~5 GB per 512 px image)
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h*w) in raster order (square grid) -> pixels (B, 3, H, W), clamped to [-1, 1]."""
         B, T = codes.shape

@@ -78,11 +78,11 @@ def test_rehearsal_small(tmp_path):
     """Every full-scale README command runs against a small Anole-layout checkpoint built with transformers."""
     out = tmp_path / "rehearsal.json"
     rec = bench.main(["--rehearse", "--rehearse_size=small", f"--rehearse_dir={tmp_path / 'r'}", "--threads=1",
-                      "--scaling=dm:1:200,wm:1:200:full", f"--out={out}"])
+                      "--scaling=dm:1:200,wm:1:200:full,vq:2", f"--out={out}"])
     saved = json.loads(out.read_text())
     assert [s["stage"] for s in saved["stages"]] == ["build", "convert", "dm", "bootstrap", "wm", "search", "eval"]
     assert all(s["rc"] == 0 and s["peak_rss_gib"] > 0 for s in saved["stages"])
-    assert len(rec["stages"][2]["s_per_step"]) == 3 and len(saved["probes"]) == 2
+    assert len(rec["stages"][2]["s_per_step"]) == 3 and len(saved["probes"]) == 3
     r = tmp_path / "r"
     assert (r / "anole" / "model.safetensors.index.json").exists() and (r / "runs" / "search.png").exists()
     assert "all" in json.loads((r / "runs" / "eval" / "results.json").read_text())["wm"]
