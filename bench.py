@@ -35,7 +35,7 @@ Usage:
   python bench.py --config=small,base                # + a larger config for a more realistic ratio
   python bench.py --quick --config=micro             # seconds; what tests/test_bench.py runs
   python bench.py --device=cuda --dtype=bfloat16 --config=small,base --preset=chameleon-7b   # on a GPU machine
-  python bench.py --rehearse --threads=2             # ~25 min on 2 cores, ~4 GB RAM; --rehearse_size=small: 1 min
+  python bench.py --rehearse --threads=2             # ~45 min on 2 busy cores, 8.8 GB RAM; --rehearse_size=small: 1 min
   python bench.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
 """
 
@@ -105,7 +105,8 @@ def parse_args(argv=None):
                    help="full: Anole-7B widths, heads, vocabulary and VQ (512 px); small: the same layout in miniature")
     r.add_argument("--rehearse_layers", type=int, default=1, help="transformer layers of the built checkpoint")
     r.add_argument("--rehearse_steps", type=int, default=3, help="optimizer steps of the DM and WM fine-tuning")
-    r.add_argument("--scaling", default="dm:1:2100,dm:2:2100,dm:1:1050,wm:1:2100,wm:1:2100:full,vq:4",
+    r.add_argument("--scaling", default="dm:1:2100,dm:2:2100,dm:4:2100,dm:1:1050,dm:1:2100:full,wm:1:2100,"
+                                        "wm:1:2100:full,vq:4",
                    help="memory probes: a training step task:layers:tokens[:full] (full = logits at every position) "
                         "or VQ encode + decode of a batch, vq:images ('' = none)")
     r.add_argument("--rehearse_from", default="", choices=["", *REHEARSAL_STAGES],

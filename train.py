@@ -198,6 +198,7 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     cache = {} if cache is None else cache
     todo = sorted({str(p) for p in paths} - set(cache))
     device = next(image_tok.parameters()).device
+    batch = max(1, min(batch, (1 << 22) // size**2))  # at 512 px: 16 images (~0.67 GB each, measured), not 64
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
         x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
