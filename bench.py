@@ -833,8 +833,33 @@ def gpu_check(args) -> dict:
         _atomic(out, lambda p: open(p, "w").write(json.dumps(rec, indent=1)))
         print(f"gpu_check: part {part}: {r['status']} in {r['seconds']} s", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"gpu_check: {rec['wall_s']} s; results -> {out}", flush=True)
+    rec["table_md"] = gpu_check_table(rec)
+    _atomic(out, lambda p: open(p, "w").write(json.dumps(rec, indent=1)))
+    print(rec["table_md"] + f"\n\ngpu_check: {rec['wall_s']} s; results -> {out}", flush=True)
     return rec
+
+
+def gpu_check_table(rec: dict) -> str:
+    """Markdown rows of parts a and b for the README (part c: its report_md)."""
+    lines = [f"{rec['device']}, torch {rec['torch']}", "", "| measurement | ours | reference (HF) | ratio |",
+             "|---|---|---|---|"]
+    res = rec["parts"].get("a", {}).get("results", {})
+    for row, r in res.items():
+        if not isinstance(r, dict) or "s_ours" not in r:
+            continue
+        if "tok_s_ours" in r:
+            lines.append(f"| {row} tok/s | {r['tok_s_ours']:,.0f} | {r['tok_s_ref']:,.0f} | {r['ratio']:.2f}x |")
+            if "mfu_ours" in r:
+                lines.append(f"| {row} MFU | {r['mfu_ours']:.1%} | {r['mfu_ref']:.1%} | |")
+        else:
+            lines.append(f"| {row} seconds | {r['s_ours']:.3f} | {r['s_ref']:.3f} | {r['ratio']:.2f}x |")
+            if "cost_vs_1_ours" in r:
+                lines.append(f"| {row} / best-of-1 cost | {r['cost_vs_1_ours']:.2f}x | {r['cost_vs_1_ref']:.2f}x | |")
+    for name, rows in rec["parts"].get("b", {}).get("results", {}).get("preset_tok_s", {}).items():
+        lines += [f"| {name} {row} tok/s (ours, random weights) | {v:,.1f} | - | |" for row, v in rows.items()]
+    for part, r in rec["parts"].items():
+        lines.append(f"| part {part} | {r['status']} | {r['seconds']} s | |")
+    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -71,6 +71,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert a["results"]["best-of-2 (64 tok)"]["cost_vs_1_ours"] > 0
     assert b["status"] == "ok" and b["results"]["preset_tok_s"]["chameleon-7b"]["decode 64 b2"] > 0
     assert c["rc"] == "timeout" and c["status"].startswith("failed") and c["seconds"] < 10
+    assert "decode 64 b2 tok/s" in saved["table_md"] and "| part c | failed" in saved["table_md"]
 
 
 @pytest.mark.slow
