@@ -365,15 +365,19 @@ class Chameleon(nn.Module):
         return n
 
     def forward(self, idx, kv_cache: KVCache | None = None, last_only: bool = False,
-                mask_image_logits: bool | None = None):
+                mask_image_logits: bool | None = None, rows=None):
         """idx (B, T) -> fp32 logits (B, T, vocab) (or (B, 1, vocab) with last_only, for decoding).
 
         With kv_cache, idx continues the cached sequence: positions start at kv_cache.pos, which advances by T.
         mask_image_logits None follows config.mask_image_logits (HF: image ids get the dtype min).
+        rows: bool (B, T) -> logits (N, vocab) of those positions only, in row-major order (train.sequence_nll: a
+        loss reads few of the 2,100 x 65,536 logits of a Chameleon sequence).
         """
         x = self.hidden(idx, kv_cache)  # (B, T, n_embd)
         if last_only:
             x = x[:, -1:]  # (B, 1, n_embd)
+        elif rows is not None:
+            x = x[rows]  # (N, n_embd)
         logits = self.lm_head(x).float()  # (B, T, vocab), fp32 for stable softmax/sampling
         mask = self.config.mask_image_logits if mask_image_logits is None else mask_image_logits
         if mask and self.config.image_token_end > self.config.image_token_start:

@@ -382,6 +382,7 @@ class ImageTokenizer(nn.Module):
                                "pass decoder_path= to from_pretrained to add the one from vqgan.ckpt")
         return self.decoder(self.post_quant_conv(z_q))
 
+    @torch.no_grad()  # output images only: a graph would hold every decoder activation (~5 GB per 512 px image)
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h*w) in raster order (square grid) -> pixels (B, 3, H, W), clamped to [-1, 1]."""
         B, T = codes.shape
@@ -389,7 +390,10 @@ class ImageTokenizer(nn.Module):
         if side * side != T:
             raise ValueError(f"decode expects a square token grid, got {T} codes per image")
         z_q = self.quantize.embedding(codes).view(B, side, side, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
-        return self.decode_latents(z_q).clamp(-1, 1)
+        # at most 4 M output pixels per decoder pass: 16 images at 512 px (~0.69 GB each, measured), while 32 px
+        # batches of up to 4,096 go through in one pass
+        parts = [self.decode_latents(z) for z in z_q.split(max(1, (1 << 22) // (side * self.cfg.downsample) ** 2))]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """x (B, 3, H, W) in [-1, 1] -> (recon (B, 3, H, W) unclamped, losses, codes (B, h*w)).

@@ -153,6 +153,25 @@ def weighted_nll(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor)
     return (w * nll).sum(dim=1)
 
 
+# Logits only where the loss reads them, for a large vocabulary. A Chameleon sequence of ~2,100 tokens has
+# 2,100 x 65,536 fp32 logits (550 MB, and as much again for their gradient and for cross-entropy's softmax); the DM's
+# loss reads ~10 of those rows, the WM's 1,024. Below this vocabulary size the full (B, T, V) path is kept: the
+# tiny models' results were produced with its bits (lm_head over a subset of rows may round differently).
+SPARSE_LOGITS_MIN_VOCAB = 16384
+
+
+def sequence_nll(model, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """weighted_nll(model(ids), ids, weights) (B,); with a large vocabulary lm_head runs only at weighted positions
+    (the same sum: the skipped positions have weight 0)."""
+    if getattr(model, "module", model).config.vocab_size < SPARSE_LOGITS_MIN_VOCAB:  # (DDP wraps the model)
+        return weighted_nll(model(ids).float(), ids, weights)
+    keep = weights[:, 1:] != 0  # (B, T-1): position t predicts token t+1
+    logits = model(ids, rows=F.pad(keep, (0, 1)))  # (N, V): the kept positions, row-major
+    nll = F.cross_entropy(logits.float(), ids[:, 1:][keep], reduction="none")  # (N,)
+    full = torch.zeros(keep.shape, dtype=nll.dtype, device=nll.device).masked_scatter(keep, nll)  # (B, T-1)
+    return (weights[:, 1:].to(nll.dtype) * full).sum(dim=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizers and images
 
@@ -189,6 +208,7 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
                         "images (another size gives another number of tokens per image)")
     todo = sorted({str(p) for p in paths} - set(cache))
     device = next(image_tok.parameters()).device
+    batch = max(1, min(batch, (1 << 22) // size**2))  # at 512 px: 16 images (~0.67 GB each, measured), not 64
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
         x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
@@ -330,10 +350,11 @@ def read_meta(ckpt_dir: str) -> dict:
     return meta
 
 
-def load_model(ckpt_dir: str, device="cpu", merge: bool = True, role: str | None = None,
+def load_model(ckpt_dir: str, device=None, merge: bool = True, role: str | None = None,
                image_size: int | None = None) -> tuple[Chameleon, dict]:
-    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False. `role` ("dm" / "wm")
-    and `image_size` are checked against what the checkpoint was trained as (a pre-trained model may be either)."""
+    """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False. device None: CUDA when
+    there is one (bootstrap.py, search.py and eval.py pass none), else the CPU. `role` ("dm" / "wm") and
+    `image_size` are checked against what the checkpoint was trained as (a pre-trained model may be either)."""
     meta = read_meta(ckpt_dir)
     tc = meta["train_config"]
     if role and tc.get("task") not in (role, "pretrain"):
@@ -349,7 +370,7 @@ def load_model(ckpt_dir: str, device="cpu", merge: bool = True, role: str | None
         merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model.to(device), meta
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), meta
 
 
 def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):
@@ -662,8 +683,7 @@ def forward_backward(model, ids, weights, batch, rank: int, world: int, grad_acc
         # FSDP has no no_sync(): it reduce-scatters every micro-step, so gradients stay sharded between them
         sync = world == 1 or k == grad_accum - 1 or not hasattr(model, "no_sync")
         with (nullcontext() if sync else model.no_sync()), (autocast or nullcontext()):
-            logits = model(x)  # (micro, T, V)
-            part = weighted_nll(logits.float(), x, w).sum() / total_w
+            part = sequence_nll(model, x, w).sum() / total_w
         (part * world).backward()
         loss_sum += part.detach()
     return loss_sum
@@ -703,8 +723,7 @@ def validation_loss(model, examples, pad_id, device, autocast=None, batch: int =
         x, w = collate(examples[i : i + batch], pad_id)
         x, w = x.to(device), w.to(device)
         with autocast or nullcontext():
-            logits = model(x)
-        num += weighted_nll(logits.float(), x, w).sum().item()
+            num += sequence_nll(model, x, w).sum().item()
         den += w[:, 1:].sum().item()
     return num / max(den, 1e-9)
 

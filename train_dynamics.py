@@ -27,8 +27,8 @@ from train import (
     pack,
     parse_config,
     prepare_pairs,
+    sequence_nll,
     train,
-    weighted_nll,
 )
 
 DM_PROMPT = " What action turns the first image into the second? Action:"
@@ -98,7 +98,7 @@ def score_actions(model, tok, src_codes, tgt_codes, actions: list[str], batch: i
                                                             actions[i : i + batch])]
         x, w = collate(ex, tok.pad_id)
         x, w = x.to(device), w.to(device)
-        nll = weighted_nll(model(x).float(), x, w)  # (b,)
+        nll = sequence_nll(model, x, w)  # (b,)
         sums.append(-nll.cpu())
         means.append((-nll / w[:, 1:].sum(1)).cpu())
     return torch.cat(sums), torch.cat(means)

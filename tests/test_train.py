@@ -19,6 +19,7 @@ from train import (
     merge_lora,
     parse_config,
     recognition_weights,
+    sequence_nll,
     train,
     weighted_nll,
 )
@@ -63,6 +64,31 @@ def test_wm_loss_touches_only_target_image_tokens(tiny_tok):
     assert [ids[i] for i in pos] == tok.image_ids(tgt).tolist()
     assert ids[pos[0] - 1] == tok.boi_id and ids[pos[-1] + 1] == tok.eoi_id
     assert ids.count(tok.boi_id) == 2  # source and target images
+
+
+@pytest.mark.parametrize("task", ["dm", "wm"])
+def test_logits_at_loss_positions_only_give_the_same_loss_and_gradient(tiny_tok, monkeypatch, task):
+    """sequence_nll's large-vocabulary path (lm_head only where a weight is non-zero) = the full-logits loss."""
+    import train
+
+    tok = tiny_tok
+    model = tiny_model(tok)
+    model.config.mask_image_logits = task == "dm"  # the DM's text-only scores, as train() sets it
+    w_img = torch.rand(L, generator=torch.Generator().manual_seed(5)) * 3  # unequal Eq. 2-like weights
+    ex = [dm_example(tok, codes(i), codes(i + 1), ACTIONS[i]) if task == "dm"
+          else wm_example(tok, codes(i), codes(i + 1), ACTIONS[i], token_weights=w_img) for i in range(3)]
+    x, w = collate(ex, tok.pad_id)  # unequal lengths: padding carries weight 0
+    results = []
+    for min_vocab in (10**9, 0):  # full logits, then loss positions only
+        monkeypatch.setattr(train, "SPARSE_LOGITS_MIN_VOCAB", min_vocab)
+        model.zero_grad()
+        nll = sequence_nll(model, x, w)  # (3,)
+        nll.sum().backward()
+        results.append((nll.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full, g_full), (sparse, g_sparse) = results
+    assert torch.allclose(full, sparse, rtol=1e-6, atol=1e-5) and full.min() > 0
+    for a, b in zip(g_full, g_sparse):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max()
 
 
 def test_recognition_weights_hand_computed():
