@@ -59,9 +59,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import atomic_write
 from model import Chameleon, ChameleonConfig, generate_image
 from tokenizer import VQConfig
-from train import _atomic
 
 # name -> (n_embd, n_layer, n_head, n_inner, vocab_size, n_image_codes). Image ids are the LAST n_image_codes ids.
 CONFIGS = {
@@ -696,7 +696,7 @@ def rehearse(args) -> dict:
         print(f"  -> rc {r['rc']}, {r['seconds']} s, peak RSS {r['peak_rss_gib']} GiB"
               + (f", s/step {r['s_per_step']}" if "s_per_step" in r else ""), flush=True)
         rec["stages"].append(r)
-        _atomic(out, lambda p: open(p, "w").write(json.dumps(rec, indent=1)))
+        atomic_write(out, json.dumps(rec, indent=1))
         if r["rc"] != 0:
             raise RuntimeError(f"rehearsal stage {name} failed (rc {r['rc']}); its log: {logs}/{name}.log\n"
                                + open(os.path.join(logs, f"{name}.log")).read()[-3000:])
@@ -712,7 +712,7 @@ def rehearse(args) -> dict:
             raise RuntimeError(f"probe {spec} failed (rc {r['rc']}):\n{text[-3000:]}")
         rec["probes"].append({**got[0], "peak_rss_gib": r["peak_rss_gib"]})
         print(f"  -> {rec['probes'][-1]}", flush=True)
-        _atomic(out, lambda p: open(p, "w").write(json.dumps(rec, indent=1)))
+        atomic_write(out, json.dumps(rec, indent=1))
     print(rehearsal_table(rec), flush=True)
     print(f"rehearsal results -> {out}")
     return rec
@@ -830,11 +830,11 @@ def gpu_check(args) -> dict:
             r["status"] = f"failed: {type(e).__name__}: {e}"
         rec["parts"][part] = r
         rec["wall_s"] = round(time.time() - t0, 1)
-        _atomic(out, lambda p: open(p, "w").write(json.dumps(rec, indent=1)))
+        atomic_write(out, json.dumps(rec, indent=1))
         print(f"gpu_check: part {part}: {r['status']} in {r['seconds']} s", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     rec["table_md"] = gpu_check_table(rec)
-    _atomic(out, lambda p: open(p, "w").write(json.dumps(rec, indent=1)))
+    atomic_write(out, json.dumps(rec, indent=1))
     print(rec["table_md"] + f"\n\ngpu_check: {rec['wall_s']} s; results -> {out}", flush=True)
     return rec
 
