@@ -200,7 +200,7 @@ def build_data(cfg: ReproConfig) -> dict:
     return world.build(os.path.join(cfg.out, "data"), wcfg, log=log), wcfg
 
 
-def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages):
+def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torch.device):
     """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text)."""
     from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, codebook_usage, preprocess_image, to_pil, train_vqgan
 
@@ -221,7 +221,8 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages):
             f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
         t0 = time.time()
         vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3,
-                               betas=(0.9, 0.99), ae_warmup=cfg.vq_warmup, seed=0)
+                               betas=(0.9, 0.99), ae_warmup=cfg.vq_warmup, seed=0, device=device)
+        vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
         with torch.no_grad():  # checked on held-out task images (the validation split)
             codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
             recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
@@ -389,7 +390,7 @@ def main(argv=None):
 
     # 1-2. data and tokenizers
     paths, wcfg = build_data(cfg)
-    image_tok, tok, tok_res = build_tokenizers(cfg, paths, stages)
+    image_tok, tok, tok_res = build_tokenizers(cfg, paths, stages, device)
     image_tok.to(device)
     train_items = load_items(paths["train"])
     val_items = load_items(paths["val"])
