@@ -114,7 +114,7 @@ class ReproConfig:
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
         preset=("laptop", "smoke", "gpu"), out="required", seeds="ints>=0", device=("auto", "cpu", "cuda"),
-        jobs=">=0", threads=">=0", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
+        jobs=">=0", threads=">=1", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                                                   "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
                                                   "n_embd", "pretrain_steps", "ft_steps", "batch_size", "boot_k"),
                                                  ">=1"),
@@ -376,8 +376,6 @@ def main(argv=None):
         raise UserError("--device=cuda: no CUDA device here (use --device=cpu or auto)")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    if cfg.threads < 1:
-        raise SystemExit(f"--threads={cfg.threads}: must be at least 1")
     # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
     torch.set_num_threads(cfg.threads)
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
