@@ -59,8 +59,8 @@ from train_world import wm_examples
 
 @dataclass
 class ReproConfig:
-    preset: str = "laptop"  # scale: "laptop" (default, ~47 min on 2 cores, ~37 more per extra seed), "smoke" (~1 min),
-    # "gpu" (larger)
+    preset: str = "laptop"  # scale: "laptop" (default, 74 min on 2 shared cores, 57 of them per seed), "smoke"
+    # (~1 min), "gpu" (larger)
     out: str = "out"  # everything is written here; stages found here are reused
     seeds: str = "0"  # fine-tuning seeds (the data, tokenizers and pre-trained model are shared); "0,1" adds a
     # second seed and the spread over seeds (twice the fine-tuning time)
