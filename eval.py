@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw
 
-from common import UserError, arg, claim_dir, run
+from common import UserError, arg, atomic_write, claim_dir, run
 from search import MAX_N
 from train import encode_images, load_items, load_model, load_tokenizers, parse_config
 from train_dynamics import predict_actions
@@ -109,26 +109,38 @@ def pixel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().mean() / 2).item()
 
 
-def judge_items(items, images: torch.Tensor) -> dict:
-    """Score generated images (N, 3, H, W) against items: world judge where the item carries its symbolic action,
-    pixel L1 where it has a target. Returns means: success, minimal, score (min of the two), l1, n_judged."""
+def write_jsonl(path: str, records: list[dict]):
+    """Per-item results, one JSON object a line (what paired statistics are computed from)."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def item_scores(items, images: torch.Tensor) -> list[dict]:
+    """Score generated images (N, 3, H, W) one item at a time: the world judge's success, minimal and score (min of
+    the two) where the item carries its symbolic action, pixel L1 where it has a target. One record per item, with
+    its id, subset (`task`) and action class (`verb`), so that contrasts can be paired item by item."""
     from tokenizer import preprocess_image, to_pil
 
     size = images.shape[-1]
-    sums, n_judged, n_l1 = defaultdict(float), 0, 0
+    records = []
     for it, img in zip(items, images):
+        r = {"id": it.id, "task": it.task, "verb": it.extra.get("verb")}
         if world_judgeable(it):
-            s = world_judge(it, to_pil(img))
-            for k in ("success", "minimal", "score"):
-                sums[k] += s[k]
-            n_judged += 1
+            r.update({k: v for k, v in world_judge(it, to_pil(img)).items() if k in ("success", "minimal", "score")})
         if it.output_path:
-            sums["l1"] += pixel_l1(img, preprocess_image(it.output_path, size))
-            n_l1 += 1
-    out = {k: sums[k] / n_judged for k in ("success", "minimal", "score") if n_judged}
-    if n_l1:
-        out["l1"] = sums["l1"] / n_l1
-    out["n"] = len(items)
+            r["l1"] = pixel_l1(img, preprocess_image(it.output_path, size))
+        records.append(r)
+    return records
+
+
+def judge_items(items, images: torch.Tensor, records: list[dict] | None = None) -> dict:
+    """Means over items of item_scores (or of the given records): success, minimal, score, l1; n = items."""
+    records = item_scores(items, images) if records is None else records
+    out = {}
+    for k in ("success", "minimal", "score", "l1"):
+        vals = [r[k] for r in records if k in r]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    out["n"] = len(records)
     return out
 
 
@@ -263,7 +275,7 @@ def eval_dm(dm, tok, items, codes) -> dict:
         else:
             hits.append(normalise_action(p) == normalise_action(it.instruction))
     return {"action_acc": sum(hits) / max(1, len(hits)), "bleu": bleu(pred, refs), "rougeL": rouge_l(pred, refs),
-            "n": len(items), "predictions": pred}
+            "n": len(items), "predictions": pred, "hits": [int(h) for h in hits], "ids": [it.id for it in items]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +285,8 @@ def eval_dm(dm, tok, items, codes) -> dict:
 @torch.no_grad()
 def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0, temperature: float = 1.0,
             top_k: int | None = None, cfg_scale: float | None = None, llm: tuple | None = None):
-    """Edit every item with the WM (best-of-n verified by `dm` when n > 1). Returns ({task: metrics}, images)."""
+    """Edit every item with the WM (best-of-n verified by `dm` when n > 1). Returns ({task: metrics}, images,
+    per-item records (item_scores))."""
     from search import best_of_n
     from train_world import generate_targets
 
@@ -288,17 +301,19 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
     else:
         best = generate_targets(wm, tok, src, actions, 1, temperature, top_k, cfg_scale=cfg_scale, generator=g)[:, 0]
     images = image_tok.decode(best)  # (N, 3, H, W)
-    return score_by_task(items, images, llm), images
+    records = item_scores(items, images)
+    return score_by_task(items, images, llm, records), images, records
 
 
-def score_by_task(items, images, llm=None) -> dict:
-    """{task: metrics} plus "all" (mean over scored items)."""
+def score_by_task(items, images, llm=None, records: list[dict] | None = None) -> dict:
+    """{task: metrics} plus "all" (mean over scored items); `records`: item_scores of these images, if known."""
+    records = item_scores(items, images) if records is None else records
     by_task = defaultdict(list)
     for i, it in enumerate(items):
         by_task[it.task].append(i)
     out = {}
     for task, idx in sorted(by_task.items()):
-        out[task] = judge_items([items[i] for i in idx], images[idx])
+        out[task] = judge_items(None, None, [records[i] for i in idx])
         if llm is not None:
             from tokenizer import preprocess_image, to_pil
 
@@ -306,7 +321,7 @@ def score_by_task(items, images, llm=None) -> dict:
             res = [llm_judge(to_pil(preprocess_image(items[i].input_path, images.shape[-1])), to_pil(images[i]),
                              items[i].instruction, llm) for i in scored]
             out[task].update({k: v for k, v in aggregate(res).items()})
-    out["all"] = judge_items(items, images)
+    out["all"] = judge_items(None, None, records)
     return out
 
 
@@ -367,13 +382,16 @@ def main(argv=None):
         dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
         res = eval_dm(dm, tok, items, codes)
         print(markdown_table({"dynamics model": res}, ["action_acc", "bleu", "rougeL", "n"]))
-        results = {k: v for k, v in res.items() if k != "predictions"}
+        results = {k: v for k, v in res.items() if k not in ("predictions", "hits", "ids")}
+        write_jsonl(os.path.join(cfg.out, "items.jsonl"), [{"id": i, "prediction": p, "correct": h} for i, p, h in
+                                                           zip(res["ids"], res["predictions"], res["hits"])])
     else:
         wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
         dm = load_model(cfg.dm, role="dm", image_size=cfg.image_size)[0] if cfg.n > 1 else None
         llm = llm_judge_config() if cfg.llm_judge else None
-        res, images = eval_wm(wm, tok, image_tok, items, codes, dm, cfg.n, cfg.seed, cfg.temperature,
-                              cfg.top_k or None, cfg.cfg_scale or None, llm)
+        res, images, records = eval_wm(wm, tok, image_tok, items, codes, dm, cfg.n, cfg.seed, cfg.temperature,
+                                       cfg.top_k or None, cfg.cfg_scale or None, llm)
+        write_jsonl(os.path.join(cfg.out, "items.jsonl"), records)
         base = baselines(items, codes, image_tok, cfg.image_size)
         cols = ["score", "success", "minimal", "l1"] + (["llm_score"] if llm else [])
         for task in res:

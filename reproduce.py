@@ -27,6 +27,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -41,7 +42,7 @@ from PIL import Image, ImageDraw
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from common import UserError, atomic_write, claim_dir, run
-from eval import baselines, eval_dm, eval_wm, save_grid
+from eval import baselines, eval_dm, eval_wm, save_grid, write_jsonl
 from search import MAX_N
 from train import (
     TrainConfig,
@@ -318,21 +319,81 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f}" if one_seed else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def verdict(better: list[float], worse: list[float], what: str) -> str:
-    """State an effect from the numbers: shown (mean gain larger than the spread), weak (positive but within the
-    spread) or not shown. With one seed there is no spread to compare with, so a positive gain is only "suggested"."""
-    mb, sb = mean_std(better)
-    mw, sw = mean_std(worse)
-    gain = mb - mw
-    spread = math.sqrt(sb**2 + sw**2)
-    if min(len(measured(better)), len(measured(worse))) < 2 and gain > 0:
-        return (f"**suggested (one seed, no spread)**: {what} ({mb:.2f} vs {mw:.2f}, gain {gain:+.2f}); "
-                "`--seeds=0,1` measures the spread")
-    if gain > spread and gain > 0:
-        return f"**shown**: {what} ({mb:.2f} vs {mw:.2f}, gain {gain:+.2f} > spread {spread:.2f})"
-    if gain > 0:
-        return f"**weak**: {what} ({mb:.2f} vs {mw:.2f}, gain {gain:+.2f} within the spread {spread:.2f})"
-    return f"**not shown**: {what} ({mb:.2f} vs {mw:.2f}, gain {gain:+.2f})"
+def paired_interval(a: list[list[float]], b: list[list[float]], n_boot: int = 10000, seed: int = 0,
+                    level: float = 0.95) -> dict:
+    """Paired bootstrap of mean(a - b). a[r][i], b[r][i]: replicate r's value on test item i (the same items, in the
+    same order, in every replicate and in both arms). Each resample draws the items with replacement, the same draw for
+    every replicate (replicates are kept whole, as clusters), and averages over items and replicates. Returns the mean
+    difference, the percentile interval and each replicate's own mean difference."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # (R, I)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for k in range(0, n_boot, 1000):  # in chunks: (R, chunk, I) at a time
+        idx = rng.integers(0, d.shape[1], size=(min(1000, n_boot - k), d.shape[1]))
+        boots.append(d[:, idx].mean(axis=(0, 2)))
+    lo, hi = np.quantile(np.concatenate(boots), [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "per_replicate": d.mean(axis=1).tolist(),
+            "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b))}
+
+
+def verdict(iv: dict) -> str:
+    """An effect is "shown" only when its 95% interval excludes 0 and every replicate's own difference has the same
+    sign; "reversed" when the same holds below 0; otherwise "not shown". With one replicate the interval covers the
+    sampling of test items only, not of training seeds, worlds or tokenizers."""
+    reps = iv["per_replicate"]
+    if iv["lo"] > 0 and all(r > 0 for r in reps):
+        return "shown"
+    if iv["hi"] < 0 and all(r < 0 for r in reps):
+        return "reversed"
+    return "not shown"
+
+
+def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
+    """The report's contrasts, paired item by item over the test items and the replicates: (what, metric, arm A,
+    arm B, their per-replicate per-item values)."""
+    fdm, top = "C-FDM (labelled + synthetic + weighted)", str(max(ns))
+
+    def wm(name, metric="score", n=None):  # [replicate][item], items in the test order
+        return [[rec.get(metric, float("nan")) for rec in (r["items"]["wm"][name] if n is None else
+                                                           r["items"]["search"][name][n])] for r in S]
+
+    # Finding 1 on one footing: the share of items each model solves (DM: its action is valid; WM: judge success
+    # 10), on the same items (the DM is scored on items with a target, which all test items have)
+    dm_ids = [rec["id"] for rec in S[0]["items"]["dm"]]
+    dm = [[float(rec["correct"]) for rec in r["items"]["dm"]] for r in S]
+    wm_solved = [[float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in set(dm_ids)]
+                 for r in S]
+    rows = [("the DM solves more items than the WM (C-FT) learns to", "solved", "DM", "WM (C-FT)", dm, wm_solved),
+            ("synthetic data (CE loss) improves the WM", "score", "labelled + synthetic", "C-FT",
+             wm("labelled + synthetic"), wm("C-FT")),
+            ("bootstrapping with DM-labelled video improves the WM (with Eq. 2)", "score", "C-FDM",
+             "labelled + weighted", wm(fdm), wm("labelled + weighted"))]
+    for metric in ("score", "success", "minimal"):
+        rows.append(("the recognition-weighted loss (Eq. 2) improves the WM", metric, "C-FDM", "labelled + synthetic",
+                     wm(fdm, metric), wm("labelled + synthetic", metric)))
+    rows += [("the full method (C-FDM) beats fine-tuning alone (C-FT)", "score", "C-FDM", "C-FT", wm(fdm),
+              wm("C-FT")),
+             (f"DM-verified best-of-{top} improves C-FT over N=1", "score", f"C-FT, N={top}", "C-FT, N=1",
+              wm("C-FT", n=top), wm("C-FT", n="1")),
+             (f"DM-verified best-of-{top} improves C-FDM over N=1", "score", f"C-FDM, N={top}", "C-FDM, N=1",
+              wm(fdm, n=top), wm(fdm, n="1"))]
+    return [{"what": w, "metric": m, "a": na, "b": nb, **paired_interval(a, b)} for w, m, na, nb, a, b in rows]
+
+
+def write_items(cfg: ReproConfig, seed: int, items: dict):
+    """out/seed<s>/items/*.jsonl: one record per test item and model (id, split, action class, success, minimal,
+    score, l1; the DM's prediction and whether it is correct)."""
+    slug = lambda name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    d = os.path.join(cfg.out, f"seed{seed}", "items")
+    os.makedirs(d, exist_ok=True)
+    write_jsonl(os.path.join(d, "dm.jsonl"), items["dm"])
+    for name, recs in items["wm"].items():
+        write_jsonl(os.path.join(d, f"wm_{slug(name)}.jsonl"), recs)
+    for name, by_n in items["search"].items():
+        for n, recs in by_n.items():
+            write_jsonl(os.path.join(d, f"search_{slug(name)}_n{n}.jsonl"), recs)
 
 
 def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylabel: str):
@@ -414,7 +475,7 @@ def main(argv=None):
         pretrained.config.mask_image_logits = True
         zdm = eval_dm(pretrained, tok, test_items, cache)
         pretrained.config.mask_image_logits = False
-        zwm, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
+        zwm, _, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
         zs = stages.put("zeroshot", {"dm": {k: v for k, v in zdm.items() if k != "predictions"}, "wm": zwm})
     base = stages.get("baselines") or stages.put("baselines", baselines(test_items, cache, image_tok, size))
 
@@ -450,7 +511,7 @@ def main(argv=None):
     per_seed = {}
     for seed in seeds:
         R = stages.get(f"seed{seed}")
-        if R is not None:
+        if R is not None and "items" in R:  # (results cached before per-item records existed are recomputed)
             per_seed[seed] = R
             continue
         R = {}
@@ -462,7 +523,10 @@ def main(argv=None):
         dm, R["dm_train"] = finish(dm_job)
         dm.config.mask_image_logits = True
         res = eval_dm(dm, tok, test_items, cache)
-        R["dm"] = {k: v for k, v in res.items() if k != "predictions"}
+        R["dm"] = {k: v for k, v in res.items() if k not in ("predictions", "hits", "ids")}
+        # per-item results (the paired statistics of the report are computed from these)
+        R["items"] = {"dm": [{"id": i, "prediction": p, "correct": h}
+                             for i, p, h in zip(res["ids"], res["predictions"], res["hits"])], "wm": {}, "search": {}}
         log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f}")
 
         # bootstrapping: the DM labels the unlabelled video pairs
@@ -481,19 +545,21 @@ def main(argv=None):
             wms[name], R[f"wm_train_{k}"] = finish(wm_jobs[k])
         R["wm"] = {}
         for name, wm in wms.items():
-            R["wm"][name], _ = eval_wm(wm, tok, image_tok, test_items, cache, seed=seed, temperature=cfg.temperature)
+            R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test_items, cache, seed=seed,
+                                                               temperature=cfg.temperature)
             log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
         R["search"] = {}
         for name in ("C-FT", "C-FDM (labelled + synthetic + weighted)"):
-            R["search"][name] = {}
+            R["search"][name], R["items"]["search"][name] = {}, {}
             for n in ns:
-                R["search"][name][str(n)], _ = eval_wm(wms[name], tok, image_tok, test_items, cache, dm=dm, n=n,
-                                                       seed=seed, temperature=cfg.temperature)
+                R["search"][name][str(n)], _, R["items"]["search"][name][str(n)] = eval_wm(
+                    wms[name], tok, image_tok, test_items, cache, dm=dm, n=n, seed=seed, temperature=cfg.temperature)
             log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                    for n in ns))
         if seed == seeds[0]:
             example_grids(cfg, wms, dm, tok, image_tok, test_items, cache, seed, max(ns))
         per_seed[seed] = stages.put(f"seed{seed}", R)
+        write_items(cfg, seed, R["items"])
     if pool is not None:
         pool.shutdown()
 
@@ -702,21 +768,25 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
     curve_png(series, os.path.join(cfg.out, "best_of_n.png"), "score")
     L += ["", "![best-of-N](best_of_n.png)", ""]
 
-    # Findings, stated from the numbers
-    search_fdm = S[0]["search"][fdm]
+    # Findings, stated from paired per-item intervals
+    R = len(S)
     L += ["## Findings", "",
-          "1. " + verdict(dm_acc, wm_succ, "the DM is easier to learn than the WM (DM accuracy vs WM success rate)"),
-          "2. " + verdict(sc(fdm), sc("labelled + weighted"), "bootstrapping with DM-labelled video improves the WM "
-                          "(C-FDM vs the same without synthetic data)")
-          + "; without the weighting: " + verdict(sc("labelled + synthetic"), sc("C-FT"), "synthetic data, CE loss"),
-          "3. " + verdict(sc(fdm), sc("labelled + synthetic"), "the recognition-weighted loss improves the WM"),
-          "4. " + verdict([r["search"][fdm][str(max(ns))]["all"]["score"] for r in S],
-                          [r["search"][fdm]["1"]["all"]["score"] for r in S],
-                          f"DM-verified best-of-{max(ns)} improves C-FDM over N=1")
-          + "; for C-FT: " + verdict([r["search"]["C-FT"][str(max(ns))]["all"]["score"] for r in S],
-                                     [r["search"]["C-FT"]["1"]["all"]["score"] for r in S],
-                                     f"best-of-{max(ns)} vs N=1"), ""]
-    del search_fdm
+          f"Each contrast pairs the two arms item by item over the {len(S[0]['items']['wm']['C-FT'])} test items"
+          + (f" and the {R} replicates" if R > 1 else "") + ": mean difference, 95% paired-bootstrap interval "
+          "(10,000 resamples of the test items" + (", replicates kept whole" if R > 1 else "") + "), each "
+          "replicate's own difference, and the verdict: **shown** only when the interval excludes 0 and every "
+          "replicate agrees in sign" + ("." if R > 1 else "; with one replicate the interval covers the sampling of "
+                                         "test items only, not of training seeds, worlds or tokenizers."), "",
+          "| finding | metric | A | B | mean A | mean B | A − B | 95% interval | per replicate | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    found = contrasts(S, ns)
+    for c in found:
+        L.append(f"| {c['what']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | "
+                 f"{c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
+                 f"{', '.join(f'{x:+.2f}' for x in c['per_replicate'])} | **{verdict(c)}** |")
+    L += ["", "`solved`: the DM's greedy action is valid for the pair; the WM's sample (temperature "
+          f"{cfg.temperature}) gets the judge's full success score (10). Per-item records: "
+          "`seed<s>/items/*.jsonl`.", ""]
     L += ["## Pictures", "", "- `examples.png`: source | C-FT | C-FDM | C-FDM best-of-N | target, one row per verb",
           "- `search_example.png`: one item's candidates ranked by the DM", "- `data/samples.png`: world triplets",
           "", "![examples](examples.png)", "", "![search](search_example.png)", ""]
@@ -726,7 +796,7 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
     with open(path, "w") as f:
         f.write("\n".join(L))
     with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash},
+        json.dump({"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash}, "findings": found,
                    "tokenizers": tok_res, "zeroshot": zs, "baselines": base,
                    "per_seed": {str(k): v for k, v in per_seed.items()}}, f, indent=1)
     return path

@@ -41,13 +41,46 @@ def test_parallel_fine_tuning_jobs_give_the_same_models(tmp_path):
     assert (a / "report.md").read_text().split("## Setup")[1] == (b / "report.md").read_text().split("## Setup")[1]
 
 
-def test_verdict_needs_a_spread_to_call_an_effect_shown():
-    from reproduce import verdict
+def _simulated(effect: float, reps: int, rng, items: int = 350):
+    """Scores 0 or 10 per item, as the judge mostly gives: item i is solved with probability p_i by arm B and
+    p_i + effect by arm A, independently in each replicate (a null when effect = 0)."""
+    import numpy as np
 
-    assert verdict([0.5, 0.7], [0.1, 0.2], "x").startswith("**shown**")  # gain 0.45 > spread ~0.15
-    assert verdict([0.5, 0.9], [0.4, 0.5], "x").startswith("**weak**")  # gain 0.25 < spread ~0.29
-    assert verdict([0.2], [0.1], "x").startswith("**suggested (one seed")  # one seed: no spread to compare with
-    assert verdict([0.1], [0.2], "x").startswith("**not shown**")
+    p = rng.uniform(0, 1, items)
+    a = [(10 * (rng.uniform(size=items) < np.clip(p + effect, 0, 1))).tolist() for _ in range(reps)]
+    b = [(10 * (rng.uniform(size=items) < p)).tolist() for _ in range(reps)]
+    return a, b
+
+
+@pytest.mark.parametrize("reps", [1, 3])
+def test_verdict_rule_false_positives_and_power(reps):
+    """On null data the rule says "shown" at most 5% of the time (it is a two-sided 95% interval plus sign agreement,
+    so about 2.5% is expected); on a true effect of +0.1 solved items (1 point of score) it says so most of the
+    time."""
+    import numpy as np
+
+    from reproduce import paired_interval, verdict
+
+    rng = np.random.default_rng(0)
+    sims = 200
+    null = [verdict(paired_interval(*_simulated(0.0, reps, rng), n_boot=1000, seed=k)) for k in range(sims)]
+    power = [verdict(paired_interval(*_simulated(0.1, reps, rng), n_boot=1000, seed=k)) for k in range(sims)]
+    fpr = null.count("shown") / sims
+    print(f"replicates {reps}: false-positive rate {fpr:.3f}, power at +1 point {power.count('shown') / sims:.2f}")
+    assert fpr <= 0.05
+    assert power.count("shown") / sims >= (0.8 if reps == 1 else 0.95)
+
+
+def test_paired_interval_on_a_hand_made_case():
+    from reproduce import paired_interval, verdict
+
+    iv = paired_interval([[10, 10, 0, 10]], [[0, 10, 0, 0]], n_boot=2000)
+    assert iv["diff"] == 5.0 and iv["per_replicate"] == [5.0] and iv["mean_a"] == 7.5 and iv["mean_b"] == 2.5
+    assert 0 <= iv["lo"] <= 5 <= iv["hi"] <= 10
+    # replicates disagreeing in sign: never "shown", whatever the interval
+    assert verdict({"lo": 0.1, "hi": 1.0, "per_replicate": [0.5, -0.1]}) == "not shown"
+    assert verdict({"lo": 0.1, "hi": 1.0, "per_replicate": [0.5, 0.2]}) == "shown"
+    assert verdict({"lo": -1.0, "hi": -0.1, "per_replicate": [-0.5]}) == "reversed"
 
 
 def test_token_locality_on_a_hand_made_pair():
