@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 from common import UserError, arg, atomic_write, claim_dir, run
 from search import MAX_N
 from train import encode_images, load_items, load_model, load_tokenizers, parse_config
-from train_dynamics import predict_actions
+from train_dynamics import predict_actions, score_actions
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image grids a person can look at
@@ -303,6 +303,28 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
     images = image_tok.decode(best)  # (N, 3, H, W)
     records = item_scores(items, images)
     return score_by_task(items, images, llm, records), images, records
+
+
+@torch.no_grad()
+def eval_search_controls(wm, dm, tok, image_tok, items, codes, n: int, seed: int = 0,
+                         temperature: float = 1.0) -> list[dict]:
+    """Best-of-N with controls: n candidates per item (in sampling order) with, for each, the DM verifier's score
+    log p_DM(action | source, candidate), the WM's own log-likelihood of it, and the judge's score. Any picker and
+    any N <= n can then be evaluated on the same candidates: the first k candidates are a best-of-k sample."""
+    from train_world import generate_targets, score_targets
+
+    g = torch.Generator().manual_seed(seed)
+    src = torch.stack([codes[str(it.input_path)][0] for it in items])  # (B, L)
+    actions = [it.instruction for it in items]
+    cands = generate_targets(wm, tok, src, actions, n, temperature, generator=g)  # (B, n, L)
+    B, _, L = cands.shape
+    flat_src, flat = src.repeat_interleave(n, 0), cands.view(B * n, L)  # (B*n, L)
+    flat_act = [a for a in actions for _ in range(n)]
+    dm_score = score_actions(dm, tok, flat_src, flat, flat_act)[0].view(B, n)
+    wm_score = score_targets(wm, tok, flat_src, flat, flat_act).view(B, n)
+    judged = item_scores([it for it in items for _ in range(n)], image_tok.decode(flat))
+    return [{"id": it.id, "dm": dm_score[i].tolist(), "wm": wm_score[i].tolist(),
+             "judge": [judged[i * n + k].get("score") for k in range(n)]} for i, it in enumerate(items)]
 
 
 def score_by_task(items, images, llm=None, records: list[dict] | None = None) -> dict:

@@ -30,11 +30,13 @@ from common import UserError, arg, run
 from model import generate_image
 from train import (
     TrainConfig,
+    collate,
     image_segment,
     pack,
     parse_config,
     prepare_pairs,
     recognition_weights,
+    sequence_nll,
     train,
 )
 
@@ -78,6 +80,21 @@ def wm_examples(items, codes: dict, tok, weighting: str = "none", mix: float = 0
         if uncond_prob > 0 and rng.random() < uncond_prob:
             out.append(wm_example(tok, src, tgt, None, w))
     return out
+
+
+@torch.no_grad()
+def score_targets(model, tok, src_codes, tgt_codes, actions: list[str], batch: int = 64) -> torch.Tensor:
+    """log p_WM(target image tokens | action, source), teacher-forced and summed over the target's tokens (N,): the
+    WM's own likelihood of a candidate, a picker to compare the DM verifier with."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(actions), batch):
+        ex = [wm_example(tok, s, t, a) for s, t, a in zip(src_codes[i : i + batch], tgt_codes[i : i + batch],
+                                                            actions[i : i + batch])]
+        x, w = collate(ex, tok.pad_id)
+        out.append(-sequence_nll(model, x.to(device), w.to(device)).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -160,3 +160,12 @@ def test_a_stage_folder_is_deleted_only_when_ours_and_stale(tmp_path, capsys, ti
         run_training(cfg, stages, "seed0_dm", tcfg, [], tiny_tok, torch.device("cpu"))
     assert "trained with other settings: deleting it" in capsys.readouterr().out
     assert not (tmp_path / "seed0" / "dm" / "notes.txt").exists()
+
+
+def test_best_of_n_pickers_on_hand_made_candidates():
+    from reproduce import pick
+
+    recs = [{"judge": [0, 10, 5], "dm": [1.0, 0.0, 3.0], "wm": [0.0, 2.0, 1.0]}]
+    assert pick(recs, 3, "random") == [5.0] and pick(recs, 3, "oracle") == [10]
+    assert pick(recs, 3, "dm") == [5] and pick(recs, 3, "wm") == [10]
+    assert pick(recs, 2, "dm") == [0] and pick(recs, 1, "oracle") == [0]  # only the first k candidates count
