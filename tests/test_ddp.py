@@ -13,8 +13,9 @@ from train import forward_backward
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     out = tmp_path / "grads.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # --standalone: a free port of its own (a fixed one failed when another job on the machine held it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
