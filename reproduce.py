@@ -714,12 +714,12 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
           "(success, minimal editing, score = their min per sample, as the paper's GPT-4o protocol); L1 is the "
           "mean pixel difference to the target (0-1). `world` is the test split, `world_comp` the compositional "
           "split (colour/shape/verb combinations never seen in training).", ""]
-    L += ["What determines these numbers (runs that agree on every line should match byte for byte below `## Setup`; "
-          "other CPUs run other kernels, which round differently):", "",
+    L += ["What determines these numbers (runs that agree on every line should match byte for byte from the Setup "
+          "section on; other CPUs run other kernels, which round differently):", "",
           f"- commit {prov['commit']}, torch {prov['torch']}, device {prov['device']}, dtype {prov['dtype']}, "
           f"{prov['threads']} intra-op thread(s) per process, CPU capability {prov['cpu_capability']}",
           "- stage outputs (sha256, 12 hex): " + "; ".join(f"{k} {v}" for k, v in prov["stage_hashes"].items()),
-          "- report tables (sha256 of everything from `## Setup` on): {TABLES_HASH}", ""]
+          "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
     body_start = len(L)
     L += ["## Setup", "",
           f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_test} test + "
