@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, arg, atomic_write, run
+from common import UserError, arg, atomic_write, refuse_overwrite, run
 from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import predict_actions, score_actions
 
@@ -38,6 +38,7 @@ class BootstrapConfig:
     tokenizer_dir: str = "out/tok"  # image + text tokenizers
     videos: str = arg("out/data/videos", "required")  # folder of videos, one sub-folder of frames each
     out: str = arg("out/synthetic.json", "required")  # where the DM-labelled triplets are written (Aurora-Bench JSON)
+    force: bool = False  # replace --out if it exists (otherwise refused: the file may not be ours)
     k: int = arg(1000, ">=1")  # pairs kept by the stratified top-K filter (paper: 7K per source dataset)
     n_samples: int = arg(2, ">=0")  # sampled actions per pair besides the greedy one (0 = greedy only)
     temperature: float = arg(1.0, ">=0")  # sampling temperature of the extra candidates (0 = greedy)
@@ -126,6 +127,7 @@ def write_synthetic(records: list[dict], path: str):
 
 def main(argv=None):
     cfg = parse_config(BootstrapConfig, argv, description="DM pseudo-labels + stratified top-K for unlabelled video.")
+    refuse_overwrite(cfg.out, cfg.force)
     records, kept = bootstrap(cfg)
     classes = {}
     for r in kept:

@@ -271,6 +271,13 @@ def read_tensors(path) -> dict:
         raise UserError(f"{path}: cannot read tensors ({e})") from None
 
 
+def refuse_overwrite(path, force: bool) -> None:
+    """A single output file (not a folder, so it carries no marker) that exists is replaced only with --force=true:
+    nothing tells whether worldboot wrote it."""
+    if os.path.exists(path) and not force:
+        raise UserError(f"{path} exists: not overwriting it (--force=true replaces it, or choose another --out)")
+
+
 def claim_dir(path, who: str, ours: tuple = ()) -> None:
     """Make `path` a folder that `who` may write into. A folder that exists and is not empty must carry our
     `.worldboot` marker (or one of the files named in `ours`, which only worldboot writes: folders written before

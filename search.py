@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import arg, run
+from common import arg, refuse_overwrite, run
 from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import score_actions
 from train_world import generate_targets
@@ -40,6 +40,7 @@ class SearchConfig:
     image_size: int = arg(32, ">0")  # preprocessing size before VQ encoding (the tokenizer's resolution)
     seed: int = arg(0, ">=0")  # sampling seed
     out: str = arg("out/search.png", "required")  # the ranked candidate grid
+    force: bool = False  # replace --out if it exists (otherwise refused: the file may not be ours)
 
 
 @torch.no_grad()
@@ -61,6 +62,7 @@ def best_of_n(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, 
 
 def main(argv=None):
     cfg = parse_config(SearchConfig, argv, description="Best-of-N world-model sampling verified by the dynamics model.")
+    refuse_overwrite(cfg.out, cfg.force)
     from eval import save_grid
 
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)

@@ -149,6 +149,9 @@ CASES = [  # (script, argv, text the message must contain)
     ("reproduce", ["--preset=smoke", "--out={ws}/foreign"], "not written by worldboot"),
     ("train_dynamics", [DATA, *TRAIN[:2], "--out_dir={ws}/foreign", "--batch_size=4"], "not written by worldboot"),
     ("train_dynamics", [DATA, *TRAIN[:2], "--out_dir={ws}/dm", "--batch_size=4"], "holds a checkpoint"),
+    # single output files that exist (a user's file must not be replaced without --force)
+    ("bootstrap", ["--dm={ws}/dm/ckpt", "--out={ws}/data/train.json"], "train.json exists"),
+    ("search", [*SEARCH[:5], "--out={ws}/data/train.json"], "train.json exists"),
 ]
 
 
