@@ -8,9 +8,12 @@ Every stage of arXiv 2506.06006 runs on the built-in synthetic world (world.py) 
   5. finetune   per seed: the DM and the WM ("C-FT") on the same labelled triplets, same steps (Sec. 3.1)
   6. bootstrap  per seed: the DM labels the unlabelled video pairs, stratified top-K filter (Sec. 3.2, Eq. 1);
                 WMs on labelled + synthetic data with and without the recognition-weighted loss (Eq. 2)
-  7. search     best-of-N with the DM as verifier, N = 1, 2, 4, 8 (Sec. 3.3)
-  8. report     out/report.md: Tables 1-4 and the best-of-N curve with mean and spread over seeds, the findings
-                stated from the numbers (including when an effect does not show), PNG grids.
+  7. search     best-of-N with the DM as verifier, N = 1, 2, 4, 8 (Sec. 3.3), and its controls: the same 8
+                candidates per item picked at random, by the WM's own likelihood and by the judge (the ceiling)
+  8. report     out/report.md: Tables 1-4 and the best-of-N curve with mean and spread over seeds; each finding as a
+                paired difference with a 95% bootstrap interval over test items (and seeds) and a verdict from it
+                (including when an effect does not show or reverses); per-item records in out/seed<s>/items/;
+                PNG grids.
 Stages are cached in out/ (a stage is skipped when its results exist for the same settings; training resumes from
 its checkpoint) so an interrupted run continues. `--preset` picks the scale: `laptop` (default, 2 CPU cores),
 `smoke` (a minute; what the tests run), `gpu` (larger world and model).
