@@ -364,9 +364,9 @@ def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
 
     # Finding 1 on one footing: the share of items each model solves (DM: its action is valid; WM: judge success
     # 10), on the same items (the DM is scored on items with a target, which all test items have)
-    dm_ids = [rec["id"] for rec in S[0]["items"]["dm"]]
+    dm_ids = {rec["id"] for rec in S[0]["items"]["dm"]}
     dm = [[float(rec["correct"]) for rec in r["items"]["dm"]] for r in S]
-    wm_solved = [[float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in set(dm_ids)]
+    wm_solved = [[float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in dm_ids]
                  for r in S]
     rows = [("the DM solves more items than the WM (C-FT) learns to", "solved", "DM", "WM (C-FT)", dm, wm_solved),
             ("synthetic data (CE loss) improves the WM", "score", "labelled + synthetic", "C-FT",
@@ -502,7 +502,8 @@ def main(argv=None):
         zdm = eval_dm(pretrained, tok, test_items, cache)
         pretrained.config.mask_image_logits = False
         zwm, _, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
-        zs = stages.put("zeroshot", {"dm": {k: v for k, v in zdm.items() if k != "predictions"}, "wm": zwm})
+        zs = stages.put("zeroshot", {"dm": {k: v for k, v in zdm.items() if k not in ("predictions", "hits", "ids")},
+                                     "wm": zwm})
     base = stages.get("baselines") or stages.put("baselines", baselines(test_items, cache, image_tok, size))
 
     # 5-7. per seed: fine-tuning, bootstrapping, search. Fine-tuning runs that need nothing from each other train side
