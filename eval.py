@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 from common import UserError, arg, atomic_write, claim_dir, run
 from search import MAX_N
 from train import encode_images, load_items, load_model, load_tokenizers, parse_config
-from train_dynamics import predict_actions, score_actions
+from train_dynamics import predict_actions
 
 # ----------------------------------------------------------------------------------------------------------------
 # Image grids a person can look at
@@ -132,9 +132,8 @@ def item_scores(items, images: torch.Tensor) -> list[dict]:
     return records
 
 
-def judge_items(items, images: torch.Tensor, records: list[dict] | None = None) -> dict:
-    """Means over items of item_scores (or of the given records): success, minimal, score, l1; n = items."""
-    records = item_scores(items, images) if records is None else records
+def judge_items(records: list[dict]) -> dict:
+    """Means over items of their item_scores records: success, minimal, score, l1; n = items."""
     out = {}
     for k in ("success", "minimal", "score", "l1"):
         vals = [r[k] for r in records if k in r]
@@ -256,8 +255,9 @@ def rouge_l(hypotheses: list[str], references: list[str]) -> float:
     return sum(scores) / max(1, len(scores))
 
 
-def eval_dm(dm, tok, items, codes) -> dict:
-    """Greedy DM actions for labelled pairs: accuracy (world judge where possible, else exact text), BLEU, ROUGE-L."""
+def eval_dm(dm, tok, items, codes) -> tuple[dict, list[dict]]:
+    """Greedy DM actions for labelled pairs: accuracy (world judge where possible, else exact text), BLEU, ROUGE-L.
+    Returns (metrics, per-item records: id, prediction, correct)."""
     from train_dynamics import normalise_action
 
     items = [it for it in items if it.output_path]
@@ -274,8 +274,9 @@ def eval_dm(dm, tok, items, codes) -> dict:
             hits.append(world.consistent(src, world.parse_action(p), tgt))  # any paraphrase of a valid action
         else:
             hits.append(normalise_action(p) == normalise_action(it.instruction))
-    return {"action_acc": sum(hits) / max(1, len(hits)), "bleu": bleu(pred, refs), "rougeL": rouge_l(pred, refs),
-            "n": len(items), "predictions": pred, "hits": [int(h) for h in hits], "ids": [it.id for it in items]}
+    metrics = {"action_acc": sum(hits) / max(1, len(hits)), "bleu": bleu(pred, refs), "rougeL": rouge_l(pred, refs),
+               "n": len(items)}
+    return metrics, [{"id": it.id, "prediction": p, "correct": int(h)} for it, p, h in zip(items, pred, hits)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,17 +312,17 @@ def eval_search_controls(wm, dm, tok, image_tok, items, codes, n: int, seed: int
     """Best-of-N with controls: n candidates per item (in sampling order) with, for each, the DM verifier's score
     log p_DM(action | source, candidate), the WM's own log-likelihood of it, and the judge's score. Any picker and
     any N <= n can then be evaluated on the same candidates: the first k candidates are a best-of-k sample."""
-    from train_world import generate_targets, score_targets
+    from search import scored_candidates
+    from train_world import score_targets
 
     g = torch.Generator().manual_seed(seed)
     src = torch.stack([codes[str(it.input_path)][0] for it in items])  # (B, L)
     actions = [it.instruction for it in items]
-    cands = generate_targets(wm, tok, src, actions, n, temperature, generator=g)  # (B, n, L)
+    cands, dm_score = scored_candidates(wm, dm, tok, src, actions, n, temperature, generator=g)  # (B, n, L), (B, n)
     B, _, L = cands.shape
-    flat_src, flat = src.repeat_interleave(n, 0), cands.view(B * n, L)  # (B*n, L)
+    flat = cands.view(B * n, L)  # (B*n, L)
     flat_act = [a for a in actions for _ in range(n)]
-    dm_score = score_actions(dm, tok, flat_src, flat, flat_act)[0].view(B, n)
-    wm_score = score_targets(wm, tok, flat_src, flat, flat_act).view(B, n)
+    wm_score = score_targets(wm, tok, src.repeat_interleave(n, 0), flat, flat_act).view(B, n)
     judged = item_scores([it for it in items for _ in range(n)], image_tok.decode(flat))
     return [{"id": it.id, "dm": dm_score[i].tolist(), "wm": wm_score[i].tolist(),
              "judge": [judged[i * n + k].get("score") for k in range(n)]} for i, it in enumerate(items)]
@@ -335,7 +336,7 @@ def score_by_task(items, images, llm=None, records: list[dict] | None = None) ->
         by_task[it.task].append(i)
     out = {}
     for task, idx in sorted(by_task.items()):
-        out[task] = judge_items(None, None, [records[i] for i in idx])
+        out[task] = judge_items([records[i] for i in idx])
         if llm is not None:
             from tokenizer import preprocess_image, to_pil
 
@@ -343,7 +344,7 @@ def score_by_task(items, images, llm=None, records: list[dict] | None = None) ->
             res = [llm_judge(to_pil(preprocess_image(items[i].input_path, images.shape[-1])), to_pil(images[i]),
                              items[i].instruction, llm) for i in scored]
             out[task].update({k: v for k, v in aggregate(res).items()})
-    out["all"] = judge_items(None, None, records)
+    out["all"] = judge_items(records)
     return out
 
 
@@ -402,11 +403,9 @@ def main(argv=None):
     claim_dir(cfg.out, "eval.py", ours=("results.json",))
     if cfg.task == "dm":
         dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
-        res = eval_dm(dm, tok, items, codes)
-        print(markdown_table({"dynamics model": res}, ["action_acc", "bleu", "rougeL", "n"]))
-        results = {k: v for k, v in res.items() if k not in ("predictions", "hits", "ids")}
-        write_jsonl(os.path.join(cfg.out, "items.jsonl"), [{"id": i, "prediction": p, "correct": h} for i, p, h in
-                                                           zip(res["ids"], res["predictions"], res["hits"])])
+        results, records = eval_dm(dm, tok, items, codes)
+        print(markdown_table({"dynamics model": results}, ["action_acc", "bleu", "rougeL", "n"]))
+        write_jsonl(os.path.join(cfg.out, "items.jsonl"), records)
     else:
         wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
         dm = load_model(cfg.dm, role="dm", image_size=cfg.image_size)[0] if cfg.n > 1 else None

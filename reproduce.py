@@ -499,11 +499,10 @@ def main(argv=None):
     zs = stages.get("zeroshot")
     if zs is None:
         pretrained.config.mask_image_logits = True
-        zdm = eval_dm(pretrained, tok, test_items, cache)
+        zdm, _ = eval_dm(pretrained, tok, test_items, cache)
         pretrained.config.mask_image_logits = False
         zwm, _, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
-        zs = stages.put("zeroshot", {"dm": {k: v for k, v in zdm.items() if k not in ("predictions", "hits", "ids")},
-                                     "wm": zwm})
+        zs = stages.put("zeroshot", {"dm": zdm, "wm": zwm})
     base = stages.get("baselines") or stages.put("baselines", baselines(test_items, cache, image_tok, size))
 
     # 5-7. per seed: fine-tuning, bootstrapping, search. Fine-tuning runs that need nothing from each other train side
@@ -549,11 +548,9 @@ def main(argv=None):
                    for k, (syn, weighting) in enumerate(variants.values()) if not syn}
         dm, R["dm_train"] = finish(dm_job)
         dm.config.mask_image_logits = True
-        res = eval_dm(dm, tok, test_items, cache)
-        R["dm"] = {k: v for k, v in res.items() if k not in ("predictions", "hits", "ids")}
+        R["dm"], dm_items = eval_dm(dm, tok, test_items, cache)
         # per-item results (the paired statistics of the report are computed from these)
-        R["items"] = {"dm": [{"id": i, "prediction": p, "correct": h}
-                             for i, p, h in zip(res["ids"], res["predictions"], res["hits"])], "wm": {}, "search": {}}
+        R["items"] = {"dm": dm_items, "wm": {}, "search": {}}
         log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f}")
 
         # bootstrapping: the DM labels the unlabelled video pairs

@@ -44,18 +44,30 @@ class SearchConfig:
 
 
 @torch.no_grad()
-def best_of_n(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, temperature: float = 1.0,
-              top_k: int | None = None, cfg_scale: float | None = None, generator=None, score: str = "sum"):
-    """Sample n candidates per item and rank them by the DM. src_codes (B, L).
+def scored_candidates(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, temperature: float = 1.0,
+                      top_k: int | None = None, cfg_scale: float | None = None, generator=None, score: str = "sum"):
+    """Sample n candidates per item and score each by the DM. src_codes (B, L).
 
-    Returns (candidates (B, n, L) sorted best first, scores (B, n) sorted descending).
+    Returns (candidates (B, n, L), scores (B, n)), both in sampling order.
     """
     cands = generate_targets(wm, tok, src_codes, actions, n_samples=n, temperature=temperature, top_k=top_k,
                              cfg_scale=cfg_scale, generator=generator)  # (B, n, L)
     B, _, L = cands.shape
     src = src_codes.repeat_interleave(n, 0)  # (B*n, L)
     total, mean = score_actions(dm, tok, src, cands.view(B * n, L), [a for a in actions for _ in range(n)])
-    scores = (total if score == "sum" else mean).view(B, n)  # (B, n)
+    return cands, (total if score == "sum" else mean).view(B, n)  # (B, n, L), (B, n)
+
+
+@torch.no_grad()
+def best_of_n(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, temperature: float = 1.0,
+              top_k: int | None = None, cfg_scale: float | None = None, generator=None, score: str = "sum"):
+    """Sample n candidates per item and rank them by the DM. src_codes (B, L).
+
+    Returns (candidates (B, n, L) sorted best first, scores (B, n) sorted descending).
+    """
+    cands, scores = scored_candidates(wm, dm, tok, src_codes, actions, n, temperature, top_k, cfg_scale, generator,
+                                      score)
+    B, _, L = cands.shape
     order = scores.argsort(dim=1, descending=True)  # (B, n)
     return torch.gather(cands, 1, order[..., None].expand(B, n, L)), torch.gather(scores, 1, order)
 

@@ -135,14 +135,14 @@ def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_
 def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_grid: int = 8, seed: int = 0):
     """Sample one target per validation item, score it with the world's judge when the item carries a symbolic
     action, and write the (source | action | sample | target) grid PNG."""
-    from eval import judge_items, save_triplet_grid
+    from eval import item_scores, judge_items, save_triplet_grid
 
     g = torch.Generator().manual_seed(seed)
     src = torch.stack([codes[str(it.input_path)][0] for it in items])
     samples = generate_targets(model, tok, src, [it.instruction for it in items], generator=g)[:, 0]  # (N, L)
     images = image_tok.decode(samples)  # (N, 3, H, W)
     save_triplet_grid(items[:n_grid], images[:n_grid], os.path.join(out_dir, f"samples_{step:06d}.png"))
-    return judge_items(items, images)
+    return judge_items(item_scores(items, images))
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import world
-from eval import judge_items, llm_judge_config, save_grid, score_by_task
+from eval import item_scores, judge_items, llm_judge_config, save_grid, score_by_task
 from tokenizer import preprocess_image
 from train import load_items
 
@@ -23,7 +23,7 @@ def test_copy_source_scores_zero_and_truth_ten(mini):
     items = load_items(mini["test"]) + load_items(mini["test_comp"])
     copy = torch.stack([preprocess_image(it.input_path, 32) for it in items])
     truth = torch.stack([preprocess_image(it.output_path, 32) for it in items])
-    c, t = judge_items(items, copy), judge_items(items, truth)
+    c, t = judge_items(item_scores(items, copy)), judge_items(item_scores(items, truth))
     assert c["success"] == 0 and c["score"] == 0 and c["l1"] > 0
     assert t["success"] == 10 and t["minimal"] == 10 and t["l1"] == 0
     by_task = score_by_task(items, truth)
