@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny text tokenizer with 16 image codes and a tiny model, small enough for CPU tests."""
 
 import os
+import socket
+import subprocess
 import sys
 
 import pytest
@@ -31,6 +33,19 @@ def tiny_model(tok, seed: int = 0, n_layer: int = 2, n_embd: int = 64):
                                  n_kv_head=2, n_inner=128, max_seq_len=128, image_token_start=tok.image_offset,
                                  image_token_end=tok.image_offset + tok.n_image_codes)
     return Chameleon(cfg)
+
+
+def torchrun2(worker: str, *args: str) -> subprocess.CompletedProcess:
+    """Run tests/<worker> as a 2-process torchrun job (gloo, CPU, one thread each) on a port that is free now (a fixed
+    port failed when another job on the machine held it). Fails the test with the job's output when it fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", os.path.join(os.path.dirname(__file__), worker), *args]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
 
 
 def ddp_case():

@@ -25,4 +25,5 @@ if rank == 0:
     grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
     grads["__loss__"] = loss.reshape(1)
     save_file(grads, sys.argv[1])
+dist.barrier()  # no rank tears gloo down while another still uses it (that aborted a rank now and then)
 dist.destroy_process_group()

@@ -45,4 +45,5 @@ mine = {"weights": sum(local(p) for p in model.parameters()), "grads": sum(local
         "adam": sum(local(v) for s in opt.state.values() for v in s.values() if v.dim() > 0), "unsharded_weights": full}
 with open(os.path.join(base, f"memory_rank{rank}.json"), "w") as f:
     json.dump(mine, f)
+dist.barrier()  # no rank tears gloo down while another still uses it (that aborted a rank now and then)
 dist.destroy_process_group()

@@ -1,11 +1,8 @@
 """2-process torchrun (gloo, CPU): DDP gradients equal the single-process gradients on the same global batch."""
 
-import os
-import subprocess
-import sys
 
 import torch
-from conftest import ddp_case
+from conftest import ddp_case, torchrun2
 from safetensors.torch import load_file
 
 from train import forward_backward
@@ -13,12 +10,7 @@ from train import forward_backward
 
 def test_ddp_two_processes_match_single_process(tmp_path):
     out = tmp_path / "grads.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    # --standalone: a free port of its own (a fixed one failed when another job on the machine held it)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(out)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun2("ddp_worker.py", str(out))
     ddp = load_file(str(out))
 
     model, ids, weights, batch = ddp_case()

@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import fsdp_case, tiny_model
+from conftest import fsdp_case, tiny_model, torchrun2
 from safetensors.torch import load_file
 
 from train import load_model, train
@@ -18,12 +16,8 @@ from train import load_model, train
 def fsdp_runs(tmp_path_factory):
     """One torchrun job (2 ranks) runs every FSDP setting of tests/fsdp_worker.py; returns its output folder."""
     out = tmp_path_factory.mktemp("fsdp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
-           os.path.join(os.path.dirname(__file__), "fsdp_worker.py"), str(out)]
     t0 = time.time()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun2("fsdp_worker.py", str(out))
     print(f"fsdp worker: {time.time() - t0:.1f} s")
     return out
 
