@@ -38,6 +38,10 @@ from PIL import Image, UnidentifiedImageError
 
 from common import UserError, arg, atomic_write, parse_config, read_json, read_tensors, run
 
+# Images per VQ encoder or decoder pass are bounded by their pixels: 4 M is 16 images at 512 px (~0.67 GB each to
+# encode, ~0.69 GB to decode, measured), while 32 px batches of up to 4,096 go through in one pass
+MAX_PIXELS_PER_PASS = 1 << 22
+
 # -----------------------------------------------------------------------------------------------------------------
 # Config
 
@@ -390,9 +394,8 @@ class ImageTokenizer(nn.Module):
         if side * side != T:
             raise ValueError(f"decode expects a square token grid, got {T} codes per image")
         z_q = self.quantize.embedding(codes).view(B, side, side, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
-        # at most 4 M output pixels per decoder pass: 16 images at 512 px (~0.69 GB each, measured), while 32 px
-        # batches of up to 4,096 go through in one pass
-        parts = [self.decode_latents(z) for z in z_q.split(max(1, (1 << 22) // (side * self.cfg.downsample) ** 2))]
+        per_pass = max(1, MAX_PIXELS_PER_PASS // (side * self.cfg.downsample) ** 2)
+        parts = [self.decode_latents(z) for z in z_q.split(per_pass)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:

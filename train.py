@@ -200,7 +200,7 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
 
     The features are the encoder's pre-quantisation output: the "recognition model" of Eq. 2.
     """
-    from tokenizer import preprocess_image
+    from tokenizer import MAX_PIXELS_PER_PASS, preprocess_image
 
     cache = {} if cache is None else cache
     if size != image_tok.cfg.resolution:
@@ -208,7 +208,7 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
                         "images (another size gives another number of tokens per image)")
     todo = sorted({str(p) for p in paths} - set(cache))
     device = next(image_tok.parameters()).device
-    batch = max(1, min(batch, (1 << 22) // size**2))  # at 512 px: 16 images (~0.67 GB each, measured), not 64
+    batch = max(1, min(batch, MAX_PIXELS_PER_PASS // size**2))  # at 512 px: 16 images, not 64
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
         x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
