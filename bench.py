@@ -47,6 +47,7 @@ import gc
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -55,13 +56,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import train
+import world
 from common import atomic_write
+from data import Item, write_benchmark
 from model import Chameleon, ChameleonConfig, generate_image
-from tokenizer import VQConfig
+from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours
+from train import TrainConfig, apply_lora, sequence_nll
+from train_dynamics import DM_PROMPT
+from train_world import WM_PROMPT
 
 # name -> (n_embd, n_layer, n_head, n_inner, vocab_size, n_image_codes). Image ids are the LAST n_image_codes ids.
 CONFIGS = {
@@ -461,12 +469,6 @@ def fmt_table(name: str, rows: list[dict], args) -> str:
 
 def rehearsal_data(root: str, size: int, n_train: int = 2, n_test: int = 2, n_videos: int = 2):
     """Aurora-Bench-format train/test JSON and short videos of world scenes rendered at `size` px."""
-    import random
-    from pathlib import Path
-
-    import world
-    from data import Item, write_benchmark
-
     rng = random.Random(0)
 
     def save(scene, rel):
@@ -496,11 +498,7 @@ def rehearsal_data(root: str, size: int, n_train: int = 2, n_test: int = 2, n_vi
 def rehearsal_build(args):
     """Stage 1: data, Chameleon-layout tokenizer.json, an HF checkpoint built with transformers (sharded, bf16) and
     an original-layout vqgan.ckpt (the encoder of the HF checkpoint plus a random decoder) for tokenizer.py."""
-    import transformers
-
-    from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours
-    from train_dynamics import DM_PROMPT
-    from train_world import WM_PROMPT
+    import transformers  # optional dependency: only the rehearsal needs it
 
     root, s = args.rehearse_dir, REHEARSAL_SIZES[args.rehearse_size]
     anole = os.path.join(root, "anole")
@@ -599,9 +597,6 @@ def rehearsal_probe(args):
     """One fine-tuning step of the rehearsal's model on one sequence, in a fresh process: random bf16 weights, LoRA
     r=16 on all seven linear layers, gradient checkpointing, the loss of a DM (the last 10 tokens) or a WM (the last
     1,024 image tokens). Prints PROBE {json}: weights RSS, the step's peak RSS growth (peak_mib) and its seconds."""
-    import train
-    from train import TrainConfig, apply_lora, sequence_nll
-
     if args.rehearse_probe.startswith("vq:"):
         return vq_probe(args)
     task, n_layer, T, *full = args.rehearse_probe.split(":")
@@ -648,8 +643,6 @@ def rehearsal_probe(args):
 def vq_probe(args):
     """VQ encode and decode of a batch of images at the rehearsal's size with the built checkpoint's encoder and the
     converted decoder (what every script does per image, on the CPU: train.load_tokenizers keeps it there)."""
-    from tokenizer import ImageTokenizer
-
     torch.set_num_threads(args.threads)
     n, px = int(args.rehearse_probe.split(":")[1]), REHEARSAL_SIZES[args.rehearse_size]["image_size"]
     anole = os.path.join(args.rehearse_dir, "anole")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from common import UserError, arg, atomic_write, refuse_overwrite, run
+from data import all_video_pairs
 from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import predict_actions, score_actions
 
@@ -93,8 +94,6 @@ def label_pairs(dm, tok, src_codes, tgt_codes, n_samples: int = 2, temperature: 
 
 def bootstrap(cfg: BootstrapConfig, dm=None, image_tok=None, tok=None, cache: dict | None = None):
     """Label every unlabelled video pair, filter, write cfg.out. Returns (all records, kept records)."""
-    from data import all_video_pairs
-
     if dm is None:
         dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
     if tok is None:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from common import UserError
+from tokenizer import open_image, to_rgb  # the one image loader (errors name the file; 16-bit, transparency)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -183,8 +184,6 @@ def write_benchmark(items: list[Item], json_path, image_root=None) -> None:
 def load_image(path, size: int | None = None) -> Image.Image:
     """Open an image as RGB (transparency composited onto white, as HF's Chameleon processor does); with `size`,
     resize the shortest side to size (LANCZOS) and centre-crop to size x size. Errors name the file."""
-    from tokenizer import open_image, to_rgb  # the one image loader (errors name the file; 16-bit, transparency)
-
     img = to_rgb(open_image(path))
     if size is not None and img.size != (size, size):
         w, h = img.size
@@ -194,20 +193,6 @@ def load_image(path, size: int | None = None) -> Image.Image:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return img
-
-
-def image_tensor(path, size: int):
-    """(3, size, size) float tensor in [-1, 1]: tokenizer.preprocess_image (HF's Chameleon preprocessing) when that
-    module exists, else the same steps here (load_image, then x * 0.0078 - 1 as HF). Errors name the file."""
-    import torch
-
-    img = load_image(path)  # opened here so that a bad file gives our error naming it
-    try:
-        from tokenizer import preprocess_image
-    except ImportError:
-        x = torch.from_numpy(np.asarray(load_image(path, size), np.float32).copy())  # (H, W, 3)
-        return x.permute(2, 0, 1) * 0.0078 - 1.0  # (3, H, W)
-    return preprocess_image(img, size)
 
 
 # -----------------------------------------------------------------------------

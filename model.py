@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import UserError, read_json
+from tokenizer import ImageTokenizer, VQConfig
 
 # -----------------------------------------------------------------------------------------------------------------
 # config
@@ -67,8 +68,6 @@ class ChameleonConfig:
             # CPU-trainable; the caller sets vocab_size / image range from its TextTokenizer
             cfg = dict(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, n_inner=688, max_seq_len=256)
         elif name == "chameleon-7b":
-            from tokenizer import VQConfig  # lazy: model.py is usable without the tokenizer module
-
             cfg = dict(vocab_size=65536, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, n_inner=11008,
                        max_seq_len=4096, rope_theta=10000.0, norm_eps=1e-5, image_token_start=4,
                        image_token_end=8196, vq=VQConfig.chameleon())
@@ -148,8 +147,6 @@ class ChameleonConfig:
 
 def _vq_config_from_dict(d: dict):
     """tokenizer.VQConfig from a dict (ours, or HF's vq_config); fields VQConfig doesn't have are dropped."""
-    from tokenizer import VQConfig
-
     known = {f.name for f in dataclasses.fields(VQConfig)}
     return VQConfig(**{k: v for k, v in d.items() if k in known})  # (HF's initializer_range etc. are dropped)
 
@@ -318,8 +315,6 @@ class Chameleon(nn.Module):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         if config.vq is not None:
-            from tokenizer import ImageTokenizer
-
             # the VQ encoder ships inside Chameleon checkpoints; it is frozen (never trained with the LM)
             self.model.vqmodel = ImageTokenizer(config.vq, with_decoder=False)
             self.model.vqmodel.requires_grad_(False)

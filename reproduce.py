@@ -40,14 +40,26 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from PIL import Image, ImageDraw
 
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from common import UserError, atomic_write, claim_dir, run
-from eval import baselines, eval_dm, eval_search_controls, eval_wm, save_grid, write_jsonl
-from search import MAX_N
+from draw import curve_png, save_grid
+from eval import baselines, eval_dm, eval_search_controls, eval_wm, write_jsonl
+from search import MAX_N, best_of_n
+from tokenizer import (
+    ImageTokenizer,
+    TextTokenizer,
+    VQConfig,
+    codebook_usage,
+    open_image,
+    preprocess_image,
+    to_pil,
+    train_vqgan,
+)
 from train import (
+    CAPTION_PROMPT,
+    DRAW_PROMPT,
     TrainConfig,
     encode_images,
     load_captions,
@@ -57,8 +69,8 @@ from train import (
     pretrain_examples,
     train,
 )
-from train_dynamics import dm_examples
-from train_world import wm_examples
+from train_dynamics import DM_PROMPT, dm_examples
+from train_world import WM_PROMPT, generate_targets, recognition_weights, wm_examples
 
 
 @dataclass
@@ -206,8 +218,6 @@ def build_data(cfg: ReproConfig) -> dict:
 
 def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torch.device):
     """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text)."""
-    from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, codebook_usage, preprocess_image, to_pil, train_vqgan
-
     tok_dir = os.path.join(cfg.out, "tok")
     res = stages.get("vq")
     if res is None:
@@ -243,10 +253,6 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torc
 
     bpe = stages.get("bpe")
     if bpe is None:
-        from train import CAPTION_PROMPT, DRAW_PROMPT
-        from train_dynamics import DM_PROMPT
-        from train_world import WM_PROMPT
-
         texts = [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
         texts += [s["instruction"] for v in json.load(open(paths["videos_hidden"])).values() for s in v["steps"]
                   if not s["hold"]]  # the videos' text is the world's language, never paired with their frames
@@ -422,37 +428,6 @@ def write_items(cfg: ReproConfig, seed: int, items: dict, controls: dict):
             write_jsonl(os.path.join(d, f"search_{slug(name)}_n{n}.jsonl"), recs)
 
 
-def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylabel: str):
-    """A small line chart (PIL only): series name -> [(N, mean, std)]; x on a log2 axis."""
-    W, H, m = 420, 260, 40
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    pts = [p for s in series.values() for p in s]
-    xs = sorted({p[0] for p in pts})
-    lo = min(p[1] - p[2] for p in pts)
-    hi = max(p[1] + p[2] for p in pts)
-    lo, hi = math.floor(lo), math.ceil(hi) if hi > lo else lo + 1
-    fx = lambda n: m + (W - 2 * m) * (math.log2(n) / max(1, math.log2(xs[-1])))
-    fy = lambda v: H - m - (H - 2 * m) * (v - lo) / max(1e-9, hi - lo)
-    d.line([(m, H - m), (W - m, H - m)], fill="black")
-    d.line([(m, m), (m, H - m)], fill="black")
-    for n in xs:
-        d.text((fx(n) - 3, H - m + 5), str(n), fill="black")
-    for v in (lo, (lo + hi) / 2, hi):
-        d.text((4, fy(v) - 5), f"{v:.1f}", fill="black")
-    d.text((m, 8), f"{ylabel} vs N (best-of-N, DM verifier)", fill="black")
-    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
-    for k, (name, s) in enumerate(series.items()):
-        c = colours[k % len(colours)]
-        line = [(fx(n), fy(v)) for n, v, _ in s]
-        d.line(line, fill=c, width=2)
-        for (_, v, sd), (x, y) in zip(s, line):
-            d.line([(x, fy(v - sd)), (x, fy(v + sd))], fill=c)
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((W - m - 110, m + 14 * k), name, fill=c)
-    img.save(path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The whole pipeline
 
@@ -602,8 +577,6 @@ def token_locality(items, cache) -> dict:
     fraction of the tokens in the *other* cells whose code stays the same (1.0 = a perfectly
     local tokenizer: the WM could copy them). `eq2_changed` / `eq2_unchanged`: mean Eq. 2 weight (mean 1 per image,
     no mix) on tokens of cells whose content changed / did not."""
-    from train import recognition_weights
-
     kept = same = 0
     w_changed, w_unchanged = [], []
     for it in items:
@@ -629,7 +602,7 @@ def pseudo_label_quality(records: list[dict], kept: list[dict]) -> dict:
     """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
     labelled action from the source frame (the judge reads both frames back from pixels)."""
     def correct(r):
-        src, tgt = world.parse(Image.open(r["input"])), world.parse(Image.open(r["output"]))
+        src, tgt = world.parse(open_image(r["input"])), world.parse(open_image(r["output"]))
         return world.consistent(src, world.parse_action(r["action"]), tgt)
 
     ok_all = [correct(r) for r in records]
@@ -641,10 +614,6 @@ def pseudo_label_quality(records: list[dict], kept: list[dict]) -> dict:
 def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
     """out/examples.png: source | C-FT | C-FDM | C-FDM best-of-n | target for a few test items of each verb, and
     out/search_example.png: the n ranked candidates of one item with their DM scores."""
-    from search import best_of_n
-    from tokenizer import preprocess_image
-    from train_world import generate_targets
-
     picks, seen = [], set()
     for it in items:
         if it.extra.get("verb") not in seen:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from common import arg, refuse_overwrite, run
+from draw import save_grid
 from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import score_actions
 from train_world import generate_targets
@@ -75,8 +76,6 @@ def best_of_n(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, 
 def main(argv=None):
     cfg = parse_config(SearchConfig, argv, description="Best-of-N world-model sampling verified by the dynamics model.")
     refuse_overwrite(cfg.out, cfg.force)
-    from eval import save_grid
-
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
     dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)

@@ -57,7 +57,9 @@ from common import (
     recover_dir,
     run,
 )
+from data import Item, load_benchmark, read_records
 from model import Chameleon, ChameleonConfig, check_keys
+from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer, preprocess_image
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -182,8 +184,6 @@ def load_tokenizers(tokenizer_dir: str):
     - an HF Chameleon/Anole folder: model.safetensors[.index.json] (its `model.vqmodel.*` encoder) + tokenizer.json,
       plus, to look at generated images, vqgan_decoder.safetensors made by tokenizer.convert_vqgan_ckpt from the
       original vqgan.ckpt (HF checkpoints carry no decoder)."""
-    from tokenizer import ImageTokenizer, TextTokenizer
-
     text = TextTokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
     if os.path.isdir(os.path.join(tokenizer_dir, "vq")):
         image = ImageTokenizer.load(os.path.join(tokenizer_dir, "vq"))
@@ -200,8 +200,6 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
 
     The features are the encoder's pre-quantisation output: the "recognition model" of Eq. 2.
     """
-    from tokenizer import MAX_PIXELS_PER_PASS, preprocess_image
-
     cache = {} if cache is None else cache
     if size != image_tok.cfg.resolution:
         raise UserError(f"--image_size={size}, but the image tokenizer was made for {image_tok.cfg.resolution}px "
@@ -218,19 +216,6 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
         for p, c, f in zip(chunk, codes.cpu(), feats.float().cpu()):
             cache[p] = (c, f)
     return cache
-
-
-def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
-    """Eq. 2 token weights: w_l = ||z_s^(l) - z_t^(l)||^2 over channels, normalised to mean 1 over the image.
-
-    feats (C, h, w) -> weights (h*w,) in raster order (the order of the VQ codes). The paper does not state the
-    normalisation; mean 1 keeps the loss on the same scale as plain CE, so learning rates transfer. `mix` blends
-    with uniform weights (a floor: every token keeps at least weight `mix`). Identical images -> uniform weights.
-    """
-    d = (feat_src.float() - feat_tgt.float()).pow(2).sum(dim=0).flatten()  # (h*w,)
-    mean = d.mean()
-    w = d / mean if mean > 0 else torch.ones_like(d)
-    return (1.0 - mix) * w + mix
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -754,8 +739,6 @@ def pretrain_examples(items, codes: dict, tok) -> list:
 
 def load_captions(path: str):
     """Image-caption pairs ([{"image", "caption"}], paths relative to the file) as Items with the caption as text."""
-    from data import Item, read_records
-
     root = os.path.dirname(os.path.abspath(path))
     items = []
     for i, r in enumerate(read_records(path)):
@@ -768,8 +751,6 @@ def load_captions(path: str):
 
 def load_items(paths: str):
     """Items of one or more Aurora-Bench-style JSON files (comma-separated)."""
-    from data import load_benchmark
-
     items = []
     for p in [p for p in paths.split(",") if p]:
         items.extend(load_benchmark(p))

@@ -5,7 +5,7 @@ text. Two losses over the target image tokens l = 1..L:
 - plain cross-entropy ("C-FT" in the paper): every token counts the same;
 - the recognition-weighted loss of Eq. 2 ("C-FDM"): token l is weighted by w_l = ||z_s^(l) - z_t^(l)||^2, the
   squared distance between the VQ encoder's pre-quantisation features of source and target at that position
-  (train.recognition_weights; normalised to mean 1 per image, optionally mixed with uniform weights). Most tokens
+  (recognition_weights below; normalised to mean 1 per image, optionally mixed with uniform weights). Most tokens
   of an edit are copies of the source; the weights move the loss onto the tokens the action changed.
 Bootstrapping (Eq. 1) is simply more data: pass the labelled and the DM-labelled JSON files together in --data.
 
@@ -27,6 +27,8 @@ from itertools import groupby
 import torch
 
 from common import UserError, arg, run
+from draw import save_triplet_grid
+from metrics import item_scores, judge_items
 from model import generate_image
 from train import (
     TrainConfig,
@@ -35,7 +37,6 @@ from train import (
     pack,
     parse_config,
     prepare_pairs,
-    recognition_weights,
     sequence_nll,
     train,
 )
@@ -47,6 +48,19 @@ WM_PROMPT = " Edit:"
 class WorldTrainConfig(TrainConfig):
     uncond_prob: float = arg(0.0, "0..1")  # fraction of examples duplicated without their action (for CFG); 0 = off
     grid_items: int = arg(8, ">=0")  # items shown in the (source | action | sample | target) grid at each evaluation
+
+
+def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+    """Eq. 2 token weights: w_l = ||z_s^(l) - z_t^(l)||^2 over channels, normalised to mean 1 over the image.
+
+    feats (C, h, w) -> weights (h*w,) in raster order (the order of the VQ codes). The paper does not state the
+    normalisation; mean 1 keeps the loss on the same scale as plain CE, so learning rates transfer. `mix` blends
+    with uniform weights (a floor: every token keeps at least weight `mix`). Identical images -> uniform weights.
+    """
+    d = (feat_src.float() - feat_tgt.float()).pow(2).sum(dim=0).flatten()  # (h*w,)
+    mean = d.mean()
+    w = d / mean if mean > 0 else torch.ones_like(d)
+    return (1.0 - mix) * w + mix
 
 
 def wm_prompt(tok, src_codes, action: str | None) -> list[int]:
@@ -135,8 +149,6 @@ def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_
 def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_grid: int = 8, seed: int = 0):
     """Sample one target per validation item, score it with the world's judge when the item carries a symbolic
     action, and write the (source | action | sample | target) grid PNG."""
-    from eval import item_scores, judge_items, save_triplet_grid
-
     g = torch.Generator().manual_seed(seed)
     src = torch.stack([codes[str(it.input_path)][0] for it in items])
     samples = generate_targets(model, tok, src, [it.instruction for it in items], generator=g)[:, 0]  # (N, L)

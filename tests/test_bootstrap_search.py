@@ -4,7 +4,8 @@ import torch
 from conftest import ACTIONS, tiny_model
 
 from bootstrap import action_class, label_pairs, stratified_top_k
-from eval import bleu, markdown_table, rouge_l
+from eval import markdown_table
+from metrics import bleu, rouge_l
 from search import best_of_n
 from train import TrainConfig, train
 from train_dynamics import dm_example, score_actions

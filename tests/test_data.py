@@ -115,8 +115,6 @@ def test_load_image_errors_name_file(tmp_path):
     Image.new("RGBA", (40, 20), (0, 0, 0, 0)).save(tmp_path / "t.png")
     img = data.load_image(tmp_path / "t.png", size=16)
     assert img.size == (16, 16) and img.getpixel((8, 8)) == (255, 255, 255)  # transparency onto white
-    x = data.image_tensor(tmp_path / "t.png", 16)
-    assert tuple(x.shape) == (3, 16, 16) and float(x.min()) >= -1 and float(x.max()) <= 1
 
 
 def test_select_keyframes_spacing_and_k():

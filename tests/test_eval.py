@@ -1,13 +1,15 @@
-"""eval.py on a written mini world benchmark: baselines through the judge, the LLM-judge switch, grids."""
-
-import os
+"""eval.py and metrics.py on a written mini world benchmark: baselines through the judge, the LLM-judge switch,
+draw.py's grids."""
 
 import pytest
 import torch
+from PIL import Image
 
 import world
-from eval import item_scores, judge_items, llm_judge_config, save_grid, score_by_task
-from tokenizer import preprocess_image
+from draw import save_grid
+from eval import score_by_task
+from metrics import item_scores, judge_items, llm_judge_config
+from tokenizer import preprocess_image, to_pil
 from train import load_items
 
 
@@ -41,9 +43,16 @@ def test_llm_judge_needs_its_environment(monkeypatch, capsys):
     assert llm_judge_config() == ("http://127.0.0.1:9/v1", "m", "k")
 
 
-def test_save_grid_writes_a_png(tmp_path, mini):
+def test_save_grid_places_enlarged_images_under_their_titles(tmp_path, mini):
     items = load_items(mini["test"])[:2]
     rows = [[preprocess_image(it.input_path, 32), preprocess_image(it.output_path, 32)] for it in items]
     path = tmp_path / "g.png"
     save_grid(rows, [["a", "b"]] * 2, str(path), title="t", row_titles=[it.instruction for it in items])
-    assert os.path.getsize(path) > 0
+    img = Image.open(path)
+    # 32 px images are enlarged 4x to 128; pad 4, title 18, row title 14, caption 14
+    assert img.size == (4 + 2 * (128 + 4), 18 + 2 * (14 + 128 + 14 + 4) + 4)
+    for r, c in ((0, 0), (1, 1)):
+        src = to_pil(rows[r][c])
+        x0, y0 = 4 + c * (128 + 4), 18 + 4 + r * (14 + 128 + 14 + 4) + 14
+        for x, y in ((0, 0), (13, 21), (31, 31)):
+            assert img.getpixel((x0 + 4 * x + 2, y0 + 4 * y + 2)) == src.getpixel((x, y))

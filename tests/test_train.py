@@ -18,13 +18,12 @@ from train import (
     lr_at,
     merge_lora,
     parse_config,
-    recognition_weights,
     sequence_nll,
     train,
     weighted_nll,
 )
 from train_dynamics import dm_example, dm_examples, predict_actions, score_actions
-from train_world import wm_example
+from train_world import recognition_weights, wm_example
 
 L = 4  # image tokens per "image" in these tests
 
