@@ -271,6 +271,45 @@ def read_tensors(path) -> dict:
         raise UserError(f"{path}: cannot read tensors ({e})") from None
 
 
+class CheckpointError(UserError):
+    """A checkpoint that does not fit the model: lists every missing / unexpected / mis-shaped key at once."""
+
+
+def safetensors_files(path, prefix: str = "") -> tuple[list[str], str]:
+    """The safetensors files of an HF-layout folder that hold keys starting with `prefix`: the shards listed in
+    model.safetensors.index.json, or model.safetensors. Returns (file names in `path`, a description for errors)."""
+    index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        weight_map = read_json(index, "shard index")["weight_map"]  # key -> shard file name
+        files = sorted({f for k, f in weight_map.items() if k.startswith(prefix)})
+        return files, f"{index} (shards {', '.join(files)})"
+    if os.path.isfile(single):
+        return ["model.safetensors"], single
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json exists")
+
+
+def check_keys(expected: dict, found: dict, path, strict: bool = True):
+    """Compare a model's {key: shape} with a checkpoint's {key: (file, shape)}; raise one CheckpointError listing
+    every missing, unexpected (when strict) and mis-shaped key, so a bad checkpoint is diagnosed in one read."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected)) if strict else []
+    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k][1])
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"checkpoint {path} does not match the model:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}):")
+        lines += [f"    {k}  expected shape {list(expected[k])}" for k in missing]
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}):")
+        lines += [f"    {k}  found shape {list(found[k][1])} in {found[k][0]}" for k in unexpected]
+    if mismatched:
+        lines.append(f"  shape mismatches ({len(mismatched)}):")
+        lines += [f"    {k}  expected {list(expected[k])}, found {list(found[k][1])} in {found[k][0]}"
+                  for k in mismatched]
+    raise CheckpointError("\n".join(lines))
+
+
 def refuse_overwrite(path, force: bool) -> None:
     """A single output file (not a folder, so it carries no marker) that exists is replaced only with --force=true:
     nothing tells whether worldboot wrote it."""

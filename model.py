@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import UserError, read_json
+from common import CheckpointError, check_keys, read_json, safetensors_files
 from tokenizer import ImageTokenizer, VQConfig
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -300,10 +300,6 @@ class Block(nn.Module):
 # the model
 
 
-class CheckpointError(UserError):
-    """A checkpoint that does not fit the model: lists every missing / unexpected / mis-shaped key at once."""
-
-
 class Chameleon(nn.Module):
     def __init__(self, config: ChameleonConfig):
         super().__init__()
@@ -417,12 +413,7 @@ class Chameleon(nn.Module):
         # our own save_pretrained stores the exact ChameleonConfig next to the HF fields
         config = ChameleonConfig.from_dict(hf["worldboot"]) if "worldboot" in hf else ChameleonConfig.from_hf(hf)
 
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            weight_map = read_json(index, "shard index")["weight_map"]  # key -> shard file name
-            files = sorted(set(weight_map.values()))
-        else:
-            files = ["model.safetensors"]
+        files, _ = safetensors_files(path)
 
         # 1) read only the headers: which key lives in which file, with which shape
         found = {}  # key -> (file, shape)
@@ -477,28 +468,6 @@ class Chameleon(nn.Module):
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-def check_keys(expected: dict, found: dict, path, strict: bool):
-    """Compare a model's {key: shape} with a checkpoint's {key: (file, shape)}; raise one CheckpointError listing
-    every missing, unexpected (when strict) and mis-shaped key, so a bad checkpoint is diagnosed in one read."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected)) if strict else []
-    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k][1])
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"checkpoint {path} does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}):")
-        lines += [f"    {k}  expected shape {list(expected[k])}" for k in missing]
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}):")
-        lines += [f"    {k}  found shape {list(found[k][1])} in {found[k][0]}" for k in unexpected]
-    if mismatched:
-        lines.append(f"  shape mismatches ({len(mismatched)}):")
-        lines += [f"    {k}  expected {list(expected[k])}, found {list(found[k][1])} in {found[k][0]}"
-                  for k in mismatched]
-    raise CheckpointError("\n".join(lines))
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # sampling and generation
 
@@ -537,23 +506,13 @@ def token_logprobs(logits, idx):
     return -nll.view(B, T - 1)
 
 
-def _vocab_mask(V: int, allowed, device) -> torch.Tensor:
-    """allowed: (lo, hi) range or a bool mask (V,) -> bool mask (V,) of permitted ids."""
-    if isinstance(allowed, torch.Tensor):
-        return allowed.to(device=device, dtype=torch.bool)
-    lo, hi = allowed
-    mask = torch.zeros(V, dtype=torch.bool, device=device)
-    mask[lo:hi] = True
-    return mask
-
-
 @torch.no_grad()
 def generate_text(model: Chameleon, idx, max_new_tokens: int, eos_id: int | None = None, allowed=None,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   generator: torch.Generator | None = None, pad_id: int | None = None):
     """Continue idx (B, T) (prompts of equal length) with text: returns new tokens (B, n), n <= max_new_tokens.
 
-    allowed: (lo, hi) or bool mask (V,) of permitted ids; default = every non-image id (whatever the model's
+    allowed: bool mask (V,) of permitted ids; default = every non-image id (whatever the model's
     mask_image_logits). After a row emits eos_id it is filled with pad_id (default eos_id); stops when all rows did.
     """
     cfg = model.config
@@ -563,7 +522,7 @@ def generate_text(model: Chameleon, idx, max_new_tokens: int, eos_id: int | None
         keep = torch.ones(V, dtype=torch.bool, device=idx.device)
         keep[cfg.image_token_start:cfg.image_token_end] = False
     else:
-        keep = _vocab_mask(V, allowed, idx.device)
+        keep = allowed.to(device=idx.device, dtype=torch.bool)
     pad = eos_id if pad_id is None else pad_id
     cache = KVCache.for_model(model, B, T + max_new_tokens)
     logits = model(idx, kv_cache=cache, last_only=True)[:, -1]  # (B, V) prefill

@@ -36,7 +36,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from common import UserError, arg, atomic_write, parse_config, read_json, read_tensors, run
+from common import (
+    UserError,
+    arg,
+    atomic_write,
+    check_keys,
+    parse_config,
+    read_json,
+    read_tensors,
+    run,
+    safetensors_files,
+)
 
 # Images per VQ encoder or decoder pass are bounded by their pixels: 4 M is 16 images at 512 px (~0.67 GB each to
 # encode, ~0.69 GB to decode, measured), while 32 px batches of up to 4,096 go through in one pass
@@ -405,10 +415,14 @@ class ImageTokenizer(nn.Module):
         (= codebook + beta * commitment) and "loss" (= recon + vq, what train_vqgan minimises)."""
         z_q, losses, codes = self.quantize(self.encode_features(x))
         recon = self.decode_latents(z_q)
-        rec = F.l1_loss(recon, x) if self.cfg.recon_loss == "l1" else F.mse_loss(recon, x)
+        rec = self.recon_loss(recon, x)
         losses = {"recon": rec, **losses}
         losses["loss"] = rec + losses["vq"]
         return recon, losses, codes
+
+    def recon_loss(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The pixel reconstruction loss, cfg.recon_loss: L1 or MSE."""
+        return F.l1_loss(recon, x) if self.cfg.recon_loss == "l1" else F.mse_loss(recon, x)
 
     # --- persistence -------------------------------------------------------------------------------------------
 
@@ -456,15 +470,7 @@ class ImageTokenizer(nn.Module):
         if not isinstance(hf_cfg, dict) or not isinstance(hf_cfg.get("vq_config") or {}, dict):
             raise UserError(f"{cfg_file}: expected a JSON object with a 'vq_config' object")
         cfg = VQConfig.from_dict(hf_cfg.get("vq_config") or {})  # absent -> HF defaults = Chameleon-7B
-        index, single = d / "model.safetensors.index.json", d / "model.safetensors"
-        if index.is_file():
-            wmap = read_json(index, "shard index")["weight_map"]
-            files = sorted({f for k, f in wmap.items() if k.startswith(HF_VQ_PREFIX)})
-            source = f"{index} (shards {', '.join(files)})"
-        elif single.is_file():
-            files, source = [single.name], str(single)
-        else:
-            raise FileNotFoundError(f"ImageTokenizer.from_pretrained: neither {single} nor {index} exists")
+        files, source = safetensors_files(d, HF_VQ_PREFIX)
         sd = {}
         for f in files:
             with safe_open(str(d / f), framework="pt") as fh:
@@ -481,7 +487,7 @@ class ImageTokenizer(nn.Module):
                 raise UserError(f"no 'decoder.*' tensors in {decoder_path}")
             _load_checked(model.decoder, {k[len("decoder."):]: v for k, v in dec.items()}, str(decoder_path))
             model_wo_dec = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.")}
-            _check_keys(model_wo_dec, sd, source)
+            check_keys(_shapes(model_wo_dec), {k: (source, tuple(v.shape)) for k, v in sd.items()}, source)
             model.load_state_dict(sd, strict=False)
         else:
             _load_checked(model, sd, source)
@@ -492,13 +498,11 @@ class ImageTokenizer(nn.Module):
 
 HF_VQ_PREFIX = "model.vqmodel."
 
-# Our encoder/quantize/quant_conv/post_quant_conv names equal HF's ChameleonVQVAE names and the original vqgan.ckpt
-# names (both are taming-transformers' names; checked against transformers 5.24 and facebookresearch/chameleon's
-# vqgan.py), so the maps below are identities on the name after the prefix. They are written out so a checkpoint
-# with different names needs one edit here. Keys of vqgan.ckpt outside these prefixes (e.g. `loss.*`, the LPIPS and
-# discriminator weights of a training checkpoint) are dropped by convert_vqgan_ckpt.
+# Our encoder/quantize/quant_conv/post_quant_conv names equal HF's ChameleonVQVAE names (after its `model.vqmodel.`
+# prefix) and the original vqgan.ckpt names: both are taming-transformers' names (checked against transformers 5.24
+# and facebookresearch/chameleon's vqgan.py), so no rename map is needed. Keys of vqgan.ckpt outside these prefixes
+# (e.g. `loss.*`, the LPIPS and discriminator weights of a training checkpoint) are dropped by convert_vqgan_ckpt.
 VQGAN_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
-VQGAN_RENAMES: dict[str, str] = {"quantize.embedding.weight": "quantize.embedding.weight"}  # original -> ours
 
 
 def hf_to_ours(key: str) -> str:
@@ -506,33 +510,13 @@ def hf_to_ours(key: str) -> str:
     return key[len(HF_VQ_PREFIX):] if key.startswith(HF_VQ_PREFIX) else key
 
 
-def ours_to_hf(key: str) -> str:
-    return HF_VQ_PREFIX + key
-
-
-def vqgan_to_ours(key: str) -> str | None:
-    """Original vqgan.ckpt key -> our key, or None for keys we do not keep."""
-    if not key.startswith(VQGAN_PREFIXES):
-        return None
-    return VQGAN_RENAMES.get(key, key)
-
-
-def _check_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> None:
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or shapes:
-        def show(xs):
-            return ", ".join(xs[:20]) + (f" ... (+{len(xs) - 20} more)" if len(xs) > 20 else "") if xs else "none"
-
-        raise ValueError(f"weights in {source} do not match the model:\n  missing: {show(missing)}\n"
-                         f"  unexpected: {show(unexpected)}\n  mis-shaped: {show(shapes)}")
+def _shapes(sd: Mapping[str, torch.Tensor]) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def _load_checked(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
     """load_state_dict with an error that lists missing / unexpected / mis-shaped keys and names the file."""
-    _check_keys(module.state_dict(), sd, source)
+    check_keys(_shapes(module.state_dict()), {k: (source, tuple(v.shape)) for k, v in sd.items()}, source)
     module.load_state_dict(dict(sd), strict=True)  # copy_ casts dtype (e.g. bf16 checkpoint -> fp32 model)
 
 
@@ -564,11 +548,10 @@ def convert_vqgan_ckpt(ckpt: str | os.PathLike | Mapping, out_path: str | os.Pat
         raise ValueError(f"convert_vqgan_ckpt: {source} holds no state_dict mapping")
     out, dropped = {}, []
     for k, v in sd.items():
-        new = vqgan_to_ours(k) if torch.is_tensor(v) else None
-        if new is None:
-            dropped.append(k)
+        if torch.is_tensor(v) and k.startswith(VQGAN_PREFIXES):
+            out[k] = v.detach().contiguous().clone()
         else:
-            out[new] = v.detach().contiguous().clone()
+            dropped.append(k)
     if not any(k.startswith("encoder.") for k in out):
         raise ValueError(f"convert_vqgan_ckpt: no encoder.* tensors in {source}: not a VQGAN checkpoint")
     save_file(out, str(out_path))
@@ -589,17 +572,22 @@ def codebook_usage(codes: torch.Tensor, num_embeddings: int) -> dict:
     return {"usage": (counts > 0).double().mean().item(), "perplexity": entropy.exp().item()}
 
 
+def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distances (N, K) between rows of a (N, D) and b (K, D), as |a|^2 + |b|^2 - 2 a.b (the quantiser's
+    expression, VectorQuantizer.nearest, which keeps the reference's einsum), clamped at 0 against rounding."""
+    return (torch.sum(a**2, 1, keepdim=True) + torch.sum(b**2, 1) - 2 * a @ b.t()).clamp(min=0)
+
+
 @torch.no_grad()
 def kmeans(z: torch.Tensor, k: int, gen: torch.Generator, iters: int = 15) -> torch.Tensor:
     """k-means++ seeding then Lloyd iterations on rows of z (N, D) -> centroids (k, D). An empty cluster keeps its
-    seed. Distances use the quantiser's |z|^2 + |e|^2 - 2 z.e."""
-    dist = lambda a, b: (torch.sum(a**2, 1, keepdim=True) + torch.sum(b**2, 1) - 2 * a @ b.t()).clamp(min=0)
+    seed. Distances: sq_dist."""
     cent = z[torch.randint(0, z.shape[0], (1,), generator=gen)]  # (1, D)
     while cent.shape[0] < k:  # k-means++: next seed drawn in proportion to squared distance to the nearest seed
-        w = dist(z, cent).amin(1) + 1e-12
+        w = sq_dist(z, cent).amin(1) + 1e-12
         cent = torch.cat([cent, z[torch.multinomial(w, 1, generator=gen)]])
     for _ in range(iters):
-        assign = dist(z, cent).argmin(1)  # (N,)
+        assign = sq_dist(z, cent).argmin(1)  # (N,)
         for j in range(k):
             members = z[assign == j]
             if len(members):
@@ -668,8 +656,7 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
             if live.shape[0] == 0:
                 weight = torch.ones(z.shape[0], device=z.device)
             else:
-                weight = (torch.sum(z**2, 1, keepdim=True) + torch.sum(live**2, 1) - 2 * z @ live.t()).amin(1)
-                weight = weight.clamp(min=0) + 1e-12
+                weight = sq_dist(z, live).amin(1) + 1e-12
             pick = torch.multinomial(weight.cpu(), n, replacement=n > z.shape[0], generator=gen).to(z.device)
             emb[dead] = z[pick] + 1e-3 * z.std() * torch.randn(n, z.shape[1], generator=gen).to(z.device)
             st = opt.state.get(emb, {})
@@ -692,7 +679,7 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     for _ in wbar:
         x = batch()
         recon = model.decode_latents(model.encode_features(x))
-        rec = F.l1_loss(recon, x) if cfg.recon_loss == "l1" else F.mse_loss(recon, x)
+        rec = model.recon_loss(recon, x)
         opt.zero_grad(set_to_none=True)
         rec.backward()
         opt.step()
@@ -713,7 +700,7 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
         z = model.encode_features(x)  # (B, D, h, w)
         z_q, losses, codes = model.quantize(z)
         recon = model.decode_latents(z_q)
-        rec = F.l1_loss(recon, x) if cfg.recon_loss == "l1" else F.mse_loss(recon, x)
+        rec = model.recon_loss(recon, x)
         loss = rec + losses["vq"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -49,6 +49,7 @@ from common import (
     arg,
     atomic_dir,
     atomic_write,
+    check_keys,
     claim_dir,
     interruptible,
     parse_config,
@@ -58,7 +59,7 @@ from common import (
     run,
 )
 from data import Item, load_benchmark, read_records
-from model import Chameleon, ChameleonConfig, check_keys
+from model import Chameleon, ChameleonConfig
 from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer, preprocess_image
 
 # ----------------------------------------------------------------------------------------------------------------

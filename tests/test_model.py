@@ -164,8 +164,10 @@ def test_generate_text_restricts_to_text_and_pads_after_eos():
         lg = m(torch.cat([x, greedy[:, :t]], 1))[:, -1]
         lg[:, IMG_LO:IMG_HI] = float("-inf")
         assert torch.equal(greedy[:, t], lg.argmax(-1))
-    # eos: make token 3 the only allowed one after the first step -> every row stops, later slots are padding
-    out = generate_text(m, x, 6, eos_id=3, allowed=(3, 4), pad_id=0)
+    # eos: make token 3 the only allowed one -> every row stops after one step
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[3] = True
+    out = generate_text(m, x, 6, eos_id=3, allowed=mask, pad_id=0)
     assert out.shape == (2, 1) and (out == 3).all()
     mask = torch.zeros(V, dtype=torch.bool)
     mask[[3, 5]] = True

@@ -261,14 +261,15 @@ def test_from_pretrained_errors(tmp_path):
         ImageTokenizer.from_pretrained(tmp_path / "renamed")
     msg = str(e.value)
     assert "model.safetensors" in msg and "renamed" in msg
-    assert "missing: encoder.conv_in.weight" in msg and "unexpected: encoder.conv_in.weightX" in msg
+    assert "missing keys (1):\n    encoder.conv_in.weight  expected shape" in msg
+    assert "unexpected keys (1):\n    encoder.conv_in.weightX" in msg
 
     def reshape(sd):
         sd["model.vqmodel.quantize.embedding.weight"] = torch.randn(17, 8)
 
     write_hf_dir(tmp_path / "shape", m, shards=2, edit=reshape)
-    with pytest.raises(ValueError, match=r"(?s)model.safetensors.index.json.*mis-shaped: quantize.embedding.weight: "
-                                         r"file \(17, 8\) vs model \(16, 8\)"):
+    with pytest.raises(ValueError, match=r"(?s)model.safetensors.index.json.*shape mismatches \(1\):\n    "
+                                         r"quantize.embedding.weight  expected \[16, 8\], found \[17, 8\]"):
         ImageTokenizer.from_pretrained(tmp_path / "shape")
     with pytest.raises(FileNotFoundError, match="config.json"):
         ImageTokenizer.from_pretrained(tmp_path / "empty")
