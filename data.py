@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import Image, UnidentifiedImageError
 
 from common import UserError
-from tokenizer import open_image, to_rgb  # the one image loader (errors name the file; 16-bit, transparency)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -177,22 +177,98 @@ def write_benchmark(items: list[Item], json_path, image_root=None) -> None:
     json_path.write_text(json.dumps(recs, indent=1))
 
 
+def load_captions(path: str):
+    """Image-caption pairs ([{"image", "caption"}], paths relative to the file) as Items with the caption as text."""
+    root = os.path.dirname(os.path.abspath(path))
+    items = []
+    for i, r in enumerate(read_records(path)):
+        if not isinstance(r, dict) or not isinstance(r.get("image"), str) or not str(r.get("caption", "")).strip():
+            raise UserError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
+        items.append(Item(id=r.get("id", f"cap-{i}"), input_path=os.path.join(root, r["image"]),
+                          instruction=r["caption"], output_path=None, task="caption"))
+    return items
+
+
+def load_items(paths: str):
+    """Items of one or more Aurora-Bench-style JSON files (comma-separated)."""
+    items = []
+    for p in [p for p in paths.split(",") if p]:
+        items.extend(load_benchmark(p))
+    if not items:
+        raise UserError(f"{paths}: no valid items")
+    return items
+
+
 # -----------------------------------------------------------------------------
 # images
 
 
+def open_image(path_or_pil) -> Image.Image:
+    """The one image loader of worldboot (load_image and preprocess_image use it): errors name the file."""
+    if isinstance(path_or_pil, Image.Image):
+        return path_or_pil
+    path = str(path_or_pil)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now, so a truncated/corrupt file fails here with its name
+            return im.copy()  # detached from the file handle
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image file {path}: {e}") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited onto white (as HF's convert_to_rgb and Meta's
+    _whiten_transparency do), so a transparent background does not turn black. 16-bit greyscale (PNG) is scaled
+    to 8 bits (PIL's convert clips it, which turns almost every pixel white)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    return img.convert("RGB")
+
+
 def load_image(path, size: int | None = None) -> Image.Image:
     """Open an image as RGB (transparency composited onto white, as HF's Chameleon processor does); with `size`,
-    resize the shortest side to size (LANCZOS) and centre-crop to size x size. Errors name the file."""
+    resized and centre-cropped to size x size as preprocess_image does. Errors name the file."""
     img = to_rgb(open_image(path))
-    if size is not None and img.size != (size, size):
-        w, h = img.size
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return img
+    return img if size is None else resize_crop(img, size)
+
+
+# HF's ChameleonImageProcessor: rescale by 0.0078 then normalise with mean 1, std 1, i.e. x * 0.0078 - 1. So pixel 0
+# -> -1 and pixel 255 -> 0.989 (not exactly 1: 0.0078 approximates 2/255 = 0.007843). Meta's reference tokenizer uses
+# x / 255 * 2 - 1 instead; the difference is < 0.011 and we follow HF, which is what the HF-converted models saw in
+# the parity tests of this repo. Resize: shortest side -> size with LANCZOS, long side int(size * long / short) (HF
+# truncates; Meta rounds), then a centre crop with offsets (side - size) // 2.
+HF_RESCALE = 0.0078
+
+
+def resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shortest side -> size (LANCZOS), then the centre size x size crop, as HF's ChameleonImageProcessor."""
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess_image(path_or_pil, size: int = 512) -> torch.Tensor:
+    """Image file path or PIL image -> (3, size, size) float32 in [-1, 1), as HF's ChameleonImageProcessor."""
+    img = resize_crop(to_rgb(open_image(path_or_pil)), size)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, size, size) in [0, 255]
+    return x * HF_RESCALE - 1.0
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> RGB PIL image: clamp, (x + 1) / 2 * 255, truncated to uint8 (Meta's reference)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2 * 255).permute(1, 2, 0)  # (H, W, 3)
+    return Image.fromarray(x.numpy().astype(np.uint8), "RGB")
 
 
 # -----------------------------------------------------------------------------

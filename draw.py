@@ -10,7 +10,7 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
-from tokenizer import preprocess_image, to_pil
+from data import preprocess_image, to_pil
 
 
 def _as_pil(x, scale: int) -> Image.Image:

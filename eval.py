@@ -26,11 +26,11 @@ import torch
 
 import world
 from common import UserError, arg, atomic_write, claim_dir, run
+from data import load_items, preprocess_image, to_pil
 from draw import save_triplet_grid
 from metrics import aggregate, bleu, item_scores, judge_items, llm_judge, llm_judge_config, rouge_l, world_judgeable
 from search import MAX_N, best_of_n, scored_candidates
-from tokenizer import preprocess_image, to_pil
-from train import encode_images, load_items, load_model, load_tokenizers, parse_config
+from train import encode_images, load_model, load_tokenizers, parse_config
 from train_dynamics import normalise_action, predict_actions
 from train_world import generate_targets, score_targets
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import world
-from tokenizer import preprocess_image, to_pil
+from data import preprocess_image, to_pil
 
 
 def pixel_l1(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -44,6 +44,7 @@ import torch
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from common import UserError, atomic_write, claim_dir, run
+from data import load_captions, load_items, open_image, preprocess_image, to_pil
 from draw import curve_png, save_grid
 from eval import baselines, eval_dm, eval_search_controls, eval_wm, write_jsonl
 from search import MAX_N, best_of_n
@@ -52,9 +53,6 @@ from tokenizer import (
     TextTokenizer,
     VQConfig,
     codebook_usage,
-    open_image,
-    preprocess_image,
-    to_pil,
     train_vqgan,
 )
 from train import (
@@ -62,8 +60,6 @@ from train import (
     DRAW_PROMPT,
     TrainConfig,
     encode_images,
-    load_captions,
-    load_items,
     load_model,
     parse_config,
     pretrain_examples,

@@ -30,11 +30,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 
 from common import (
     UserError,
@@ -734,67 +732,6 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
             acc, n_acc, restarted = {}, 0, 0
             log_counts.zero_()
     return model.eval(), hist
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Image pre/post-processing
-
-
-def open_image(path_or_pil) -> Image.Image:
-    """The one image loader of worldboot (data.load_image and preprocess_image use it): errors name the file."""
-    if isinstance(path_or_pil, Image.Image):
-        return path_or_pil
-    path = str(path_or_pil)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated/corrupt file fails here with its name
-            return im.copy()  # detached from the file handle
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image file {path}: {e}") from e
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited onto white (as HF's convert_to_rgb and Meta's
-    _whiten_transparency do), so a transparent background does not turn black. 16-bit greyscale (PNG) is scaled
-    to 8 bits (PIL's convert clips it, which turns almost every pixel white)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I"):
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8), "L")
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        img = img.convert("RGBA")
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img).convert("RGB")
-    return img.convert("RGB")
-
-
-# HF's ChameleonImageProcessor: rescale by 0.0078 then normalise with mean 1, std 1, i.e. x * 0.0078 - 1. So pixel 0
-# -> -1 and pixel 255 -> 0.989 (not exactly 1: 0.0078 approximates 2/255 = 0.007843). Meta's reference tokenizer uses
-# x / 255 * 2 - 1 instead; the difference is < 0.011 and we follow HF, which is what the HF-converted models saw in
-# the parity tests of this repo. Resize: shortest side -> size with LANCZOS, long side int(size * long / short) (HF
-# truncates; Meta rounds), then a centre crop with offsets (side - size) // 2.
-HF_RESCALE = 0.0078
-
-
-def preprocess_image(path_or_pil, size: int = 512) -> torch.Tensor:
-    """Image file path or PIL image -> (3, size, size) float32 in [-1, 1), as HF's ChameleonImageProcessor."""
-    img = to_rgb(open_image(path_or_pil))
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, size, size) in [0, 255]
-    return x * HF_RESCALE - 1.0
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> RGB PIL image: clamp, (x + 1) / 2 * 255, truncated to uint8 (Meta's reference)."""
-    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2 * 255).permute(1, 2, 0)  # (H, W, 3)
-    return Image.fromarray(x.numpy().astype(np.uint8), "RGB")
 
 
 # -----------------------------------------------------------------------------------------------------------------

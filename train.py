@@ -58,9 +58,9 @@ from common import (
     recover_dir,
     run,
 )
-from data import Item, load_benchmark, read_records
+from data import load_captions, load_items, preprocess_image
 from model import Chameleon, ChameleonConfig
-from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer, preprocess_image
+from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -736,28 +736,6 @@ def pretrain_examples(items, codes: dict, tok) -> list:
         out.append(pack([([tok.bos_id], 0), (tok.encode(DRAW_PROMPT) + cap, 0), ([tok.boi_id], 0),
                          (img[1:-1], 1), ([tok.eoi_id], 0)]))
     return out
-
-
-def load_captions(path: str):
-    """Image-caption pairs ([{"image", "caption"}], paths relative to the file) as Items with the caption as text."""
-    root = os.path.dirname(os.path.abspath(path))
-    items = []
-    for i, r in enumerate(read_records(path)):
-        if not isinstance(r, dict) or not isinstance(r.get("image"), str) or not str(r.get("caption", "")).strip():
-            raise UserError(f"{path}: item {i} needs non-empty 'image' and 'caption' fields")
-        items.append(Item(id=r.get("id", f"cap-{i}"), input_path=os.path.join(root, r["image"]),
-                          instruction=r["caption"], output_path=None, task="caption"))
-    return items
-
-
-def load_items(paths: str):
-    """Items of one or more Aurora-Bench-style JSON files (comma-separated)."""
-    items = []
-    for p in [p for p in paths.split(",") if p]:
-        items.extend(load_benchmark(p))
-    if not items:
-        raise UserError(f"{paths}: no valid items")
-    return items
 
 
 def prepare_pairs(cfg: TrainConfig):

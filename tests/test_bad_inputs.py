@@ -185,7 +185,7 @@ def test_scripts_print_one_line_without_traceback_and_debug_shows_it(ws):
 
 
 def test_16_bit_png_keeps_its_grey_level(tmp_path):
-    from tokenizer import preprocess_image
+    from data import preprocess_image
 
     path = tmp_path / "grey16.png"
     Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(path)  # 50% grey in 16 bits

@@ -6,11 +6,10 @@ import torch
 from PIL import Image
 
 import world
+from data import load_items, preprocess_image, to_pil
 from draw import save_grid
 from eval import score_by_task
 from metrics import item_scores, judge_items, llm_judge_config
-from tokenizer import preprocess_image, to_pil
-from train import load_items
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ pytest.importorskip("transformers", reason="transformers (the reference implemen
 from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig  # noqa: E402
 from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAE  # noqa: E402
 
-from tokenizer import ImageTokenizer, VQConfig, hf_to_ours, image_token_name, preprocess_image  # noqa: E402
+from data import preprocess_image  # noqa: E402
+from tokenizer import ImageTokenizer, VQConfig, hf_to_ours, image_token_name  # noqa: E402
 
 # transformers' own tiny test config (base_channels 32 for GroupNorm(32), channel_multiplier [1, 2], embed_dim 5),
 # with a few more codes so argmin has real choices; one variant adds attention blocks on the down path.

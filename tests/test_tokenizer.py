@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from data import HF_RESCALE, preprocess_image, to_pil
 from tokenizer import (
-    HF_RESCALE,
     ImageTokenizer,
     TextTokenizer,
     VectorQuantizer,
@@ -20,8 +20,6 @@ from tokenizer import (
     convert_vqgan_ckpt,
     image_token_code,
     image_token_name,
-    preprocess_image,
-    to_pil,
     train_vqgan,
 )
 
