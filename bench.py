@@ -65,9 +65,9 @@ import train
 import world
 from common import atomic_write
 from data import Item, write_benchmark
-from model import Chameleon, ChameleonConfig, generate_image
+from model import Chameleon, ChameleonConfig, apply_lora, generate_image
 from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours
-from train import TrainConfig, apply_lora, sequence_nll
+from train import TrainConfig, sequence_nll
 from train_dynamics import DM_PROMPT
 from train_world import WM_PROMPT
 

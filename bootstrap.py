@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_model
 from common import UserError, arg, atomic_write, refuse_overwrite, run
 from data import all_video_pairs
-from train import encode_images, load_model, load_tokenizers, parse_config
+from train import encode_images, load_tokenizers, parse_config
 from train_dynamics import predict_actions, score_actions
 
 

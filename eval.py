@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 
 import world
+from checkpoint import load_model
 from common import UserError, arg, atomic_write, claim_dir, run
 from data import load_items, preprocess_image, to_pil
 from draw import save_triplet_grid
 from metrics import aggregate, bleu, item_scores, judge_items, llm_judge, llm_judge_config, rouge_l, world_judgeable
 from search import MAX_N, best_of_n, scored_candidates
-from train import encode_images, load_model, load_tokenizers, parse_config
+from train import encode_images, load_tokenizers, parse_config
 from train_dynamics import normalise_action, predict_actions
 from train_world import generate_targets, score_targets
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from common import CheckpointError, check_keys, read_json, safetensors_files
+from common import CheckpointError, UserError, check_keys, read_json, safetensors_files
 from tokenizer import ImageTokenizer, VQConfig
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -466,6 +467,58 @@ class Chameleon(nn.Module):
             json.dump(hf, f, indent=1)
         sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LoRA (paper App. H: r=16, alpha=32, dropout 0.05 on the linear layers)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A dropout(x); W frozen, B starts at zero so the wrapped model starts unchanged."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: str) -> int:
+    """Wrap the named linear layers (by attribute name, e.g. q_proj) with adapters and freeze everything else.
+
+    Returns the number of wrapped layers. Only adapters train: the paper fine-tunes Anole-7B this way.
+    """
+    names = {t.strip() for t in targets.split(",") if t.strip()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in names and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha, dropout))
+                wrapped += 1
+    if wrapped == 0:
+        raise UserError(f"--lora_targets={targets!r} matched no nn.Linear in the model")
+    return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scale * B A) and restore plain nn.Linear: export format."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight += (child.lora_B @ child.lora_A * child.scale).to(child.base.weight.dtype)
+                child.base.weight.requires_grad_(True)
+                setattr(module, name, child.base)
+    return model
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch
 
 import world
 from bootstrap import BootstrapConfig, bootstrap
+from checkpoint import load_model
 from common import UserError, atomic_write, claim_dir, run
 from data import load_captions, load_items, open_image, preprocess_image, to_pil
 from draw import curve_png, save_grid
@@ -60,7 +61,6 @@ from train import (
     DRAW_PROMPT,
     TrainConfig,
     encode_images,
-    load_model,
     parse_config,
     pretrain_examples,
     train,

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_model
 from common import arg, refuse_overwrite, run
 from draw import save_grid
-from train import encode_images, load_model, load_tokenizers, parse_config
+from train import encode_images, load_tokenizers, parse_config
 from train_dynamics import score_actions
 from train_world import generate_targets
 

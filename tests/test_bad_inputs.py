@@ -22,9 +22,10 @@ LONG = "move the red circle " + "very " * 300 + "far left"
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_tok):
     """A workspace: tokenizers, a tiny labelled data set, DM and WM checkpoints, and broken variants of each."""
+    from checkpoint import save_checkpoint
     from model import Chameleon, ChameleonConfig
     from tokenizer import ImageTokenizer, VQConfig
-    from train import TrainConfig, save_checkpoint
+    from train import TrainConfig
 
     w = tmp_path_factory.mktemp("ws")
     tok = w / "tok"

@@ -9,7 +9,8 @@ import torch
 from conftest import fsdp_case, tiny_model, torchrun2
 from safetensors.torch import load_file
 
-from train import load_model, train
+from checkpoint import load_model
+from train import train
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_fsdp_resume_equals_uninterrupted(fsdp_runs):
 
 
 def test_fsdp_checkpoint_loads_in_one_process(fsdp_runs, tmp_path):
-    """The FSDP checkpoint is an ordinary one: train.load_model, then the HF layout and back."""
+    """The FSDP checkpoint is an ordinary one: checkpoint.load_model, then the HF layout and back."""
     from model import Chameleon
 
     model, meta = load_model(str(fsdp_runs / "full" / "ckpt"))

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import ACTIONS, tiny_model
 
-import train as train_mod
-from train import TrainConfig, load_model, train
+import checkpoint as checkpoint_mod
+from checkpoint import load_model
+from train import TrainConfig, train
 from train_dynamics import dm_example
 
 
@@ -42,7 +43,7 @@ def run_and_kill_at(n: int, out, tok, ex) -> bool:
             return wrapped
 
         try:
-            train_mod.save_file = event(train_mod.save_file)  # a weights file written (not yet fsynced)
+            checkpoint_mod.save_file = event(checkpoint_mod.save_file)  # a weights file written (not yet fsynced)
             os.fsync, os.replace = event(os.fsync), event(os.replace)  # a file (or folder) made durable; replaced
             os.rename, shutil.rmtree = event(os.rename), event(shutil.rmtree)  # the folder swap
             train(cfg(out), ex, tok, model=tiny_model(tok))

@@ -9,14 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import ACTIONS, tiny_model
 
+from model import LoRALinear, apply_lora, merge_lora
 from train import (
-    LoRALinear,
     Sampler,
     TrainConfig,
-    apply_lora,
     collate,
     lr_at,
-    merge_lora,
     parse_config,
     sequence_nll,
     train,
@@ -163,7 +161,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_tok, tmp_path):
 
 
 def test_checkpoint_errors_are_readable(tiny_tok, tmp_path):
-    from train import load_model, save_checkpoint
+    from checkpoint import load_model, save_checkpoint
 
     tok = tiny_tok
     model = tiny_model(tok)
