@@ -192,8 +192,7 @@ def main(argv=None):
             print(f"\n### {task}\n" + markdown_table(rows, cols))
         save_triplet_grid(items[:8], images[:8], os.path.join(cfg.out, "samples.png"))
         results = {"wm": res, "baselines": base}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=1))
     print(f"results -> {os.path.join(cfg.out, 'results.json')}")
 
 

@@ -23,17 +23,12 @@ Run:  python reproduce.py [--preset=laptop] [--seeds=0,1] [--jobs=N] [--out=out]
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import multiprocessing
 import os
-import random
-import re
 import shutil
-import statistics
-import subprocess
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -45,28 +40,25 @@ import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import load_model
 from common import UserError, atomic_write, claim_dir, run
-from data import load_captions, load_items, open_image, preprocess_image, to_pil
-from draw import curve_png, save_grid
-from eval import baselines, eval_dm, eval_search_controls, eval_wm, write_jsonl
+from data import load_captions, load_items, open_image, preprocess_image
+from draw import save_grid
+from eval import baselines, eval_dm, eval_search_controls, eval_wm
+from report import provenance, write_items, write_report
 from search import MAX_N, best_of_n
 from tokenizer import (
     ImageTokenizer,
     TextTokenizer,
-    VQConfig,
-    codebook_usage,
-    train_vqgan,
 )
 from train import (
-    CAPTION_PROMPT,
-    DRAW_PROMPT,
     TrainConfig,
     encode_images,
     parse_config,
     pretrain_examples,
     train,
 )
-from train_dynamics import DM_PROMPT, dm_examples
-from train_world import WM_PROMPT, generate_targets, recognition_weights, wm_examples
+from train_dynamics import dm_examples
+from train_tokenizer import train_bpe, train_vq
+from train_world import generate_targets, recognition_weights, wm_examples
 
 
 @dataclass
@@ -145,6 +137,246 @@ PRESETS = {
                 lr=1e-3, boot_k=10000, boot_samples=4),
 }
 
+
+VARIANTS = {  # the WMs of Tables 2-4: report name -> (folder in out/seed<s>/, uses the DM's synthetic data, loss)
+    "C-FT": ("wm_ce", False, "none"),
+    "labelled + weighted": ("wm_eq2", False, "recognition"),
+    "labelled + synthetic": ("wm_ce_syn", True, "none"),
+    "C-FDM (labelled + synthetic + weighted)": ("wm_eq2_syn", True, "recognition"),
+}
+C_FDM = "C-FDM (labelled + synthetic + weighted)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pipeline: the stages in order, then the report
+
+
+def main(argv=None):
+    cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device=cuda: no CUDA device here (use --device=cpu or auto)")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
+    torch.set_num_threads(cfg.threads)
+    seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    t_start = time.time()
+    claim_dir(cfg.out, "reproduce.py", ours=("stages",))
+    stages = Stages(cfg.out, cfg)
+    log(f"reproduce: preset {cfg.preset}, seeds {seeds}, out {cfg.out}, device {device}, "
+        f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+    paths, wcfg = build_data(cfg)  # 1. data
+    image_tok, tok, tok_res = build_tokenizers(cfg, paths, stages, device)  # 2. tokenizers
+    image_tok.to(device)
+    data = load_and_encode(paths, wcfg, image_tok)
+    tok_res = {**tok_res, **token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"])}
+    pre_cfg = train_cfg(cfg, "pretrain", "pretrain", cfg.pretrain_steps, seed=1000, init="scratch")  # 3. pretrain
+    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg,
+                                 pretrain_examples(data["captions"], data["cache"], tok), tok, device)
+    zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
+    base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
+                                                                        wcfg.image_size))
+    jobs = Jobs(cfg, stages, tok, device, init=os.path.join(cfg.out, "pretrain", "ckpt"))
+    per_seed = {}
+    for seed in seeds:  # 5-7. per seed: fine-tuning, bootstrapping, search
+        R = stages.get(f"seed{seed}")
+        if R is None or "controls" not in R:  # (results cached before per-item records existed are recomputed)
+            R = stages.put(f"seed{seed}", run_seed(cfg, seed, jobs, paths, wcfg, data, image_tok, tok,
+                                                   grids=seed == seeds[0]))
+            write_items(cfg, seed, R["items"], R["controls"])
+        per_seed[seed] = R
+    jobs.close()
+
+    runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
+    report = write_report(cfg, seeds, [int(n) for n in cfg.search_n.split(",")], tok_res, zs, base, per_seed,
+                          time.time() - t_start, provenance(cfg, seeds, device, runs))
+    log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stages
+
+
+def build_data(cfg: ReproConfig) -> dict:
+    wcfg = world.WorldConfig(n_train=cfg.n_train, n_videos=cfg.n_videos, n_val=cfg.n_val, n_test=cfg.n_test,
+                             n_comp=cfg.n_comp, n_captions=cfg.n_captions)
+    return world.build(os.path.join(cfg.out, "data"), wcfg, log=log), wcfg
+
+
+def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torch.device):
+    """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text), by
+    train_tokenizer.py's functions; each is reused from out/tok when its settings are unchanged."""
+    tok_dir = os.path.join(cfg.out, "tok")
+    res = stages.get("vq")
+    if res is None:
+        vq, res = train_vq(cfg, paths, device, log)
+        vq.save(os.path.join(tok_dir, "vq"))
+        res = stages.put("vq", res)
+    vq = ImageTokenizer.load(os.path.join(tok_dir, "vq")).eval()
+    bpe = stages.get("bpe")
+    if bpe is None:
+        text_tok, bpe = train_bpe(cfg, paths, vq.cfg.num_embeddings)
+        text_tok.save(os.path.join(tok_dir, "tokenizer.json"))
+        bpe = stages.put("bpe", bpe)
+    text_tok = TextTokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    return vq, text_tok, {**res, **bpe}
+
+
+def load_and_encode(paths: dict, wcfg, image_tok) -> dict:
+    """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages)."""
+    data = {"train": load_items(paths["train"]), "val": load_items(paths["val"]),
+            "test": load_items(paths["test"]) + load_items(paths["test_comp"]),
+            "captions": load_captions(paths["captions"]), "cache": {}}
+    encode_images(image_tok, [p for it in data["train"] + data["val"] + data["test"]
+                              for p in (it.input_path, it.output_path)] +
+                  [it.input_path for it in data["captions"]], wcfg.image_size, cache=data["cache"])
+    return data
+
+
+def zero_shot(stages: Stages, pretrained, tok, image_tok, data: dict, temperature: float) -> dict:
+    """The foundation model used as DM and as WM without fine-tuning (paper Table 1/2, zero-shot rows)."""
+    zs = stages.get("zeroshot")
+    if zs is None:
+        pretrained.config.mask_image_logits = True
+        zdm, _ = eval_dm(pretrained, tok, data["test"], data["cache"])
+        pretrained.config.mask_image_logits = False
+        zwm, _, _ = eval_wm(pretrained, tok, image_tok, data["test"], data["cache"], seed=0, temperature=temperature)
+        zs = stages.put("zeroshot", {"dm": zdm, "wm": zwm})
+    return zs
+
+
+def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: dict, image_tok, tok,
+             grids: bool) -> dict:
+    """One replicate: the DM and the WMs fine-tuned from the pre-trained model (Sec. 3.1), the DM's labels of the
+    unlabelled videos (Sec. 3.2), the WM variants on them, DM-verified best-of-N and its controls (Sec. 3.3)."""
+    d, cache, test = f"seed{seed}", data["cache"], data["test"]
+    ns = [int(n) for n in cfg.search_n.split(",")]
+
+    def start_wm(folder: str, weighting: str, items):
+        ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed)
+        tcfg = train_cfg(cfg, f"{d}/{folder}", "wm", cfg.ft_steps, seed, weighting=weighting, weight_mix=cfg.weight_mix)
+        return jobs.start(f"{d}_{folder}", tcfg, ex)
+
+    R = {}
+    dm_job = jobs.start(f"{d}_dm", train_cfg(cfg, f"{d}/dm", "dm", cfg.ft_steps, seed),
+                        dm_examples(data["train"], cache, tok))
+    wm_jobs = {name: start_wm(folder, weighting, data["train"]) for name, (folder, syn, weighting) in VARIANTS.items()
+               if not syn}
+    dm, R["dm_train"] = jobs.finish(dm_job)
+    dm.config.mask_image_logits = True
+    R["dm"], dm_items = eval_dm(dm, tok, test, cache)
+    R["items"] = {"dm": dm_items, "wm": {}, "search": {}}  # per-item results: the report's paired statistics
+    log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f}")
+
+    # bootstrapping: the DM labels the unlabelled video pairs
+    syn_path = os.path.join(cfg.out, d, "synthetic.json")
+    bcfg = BootstrapConfig(videos=paths["videos_dir"], out=syn_path, k=cfg.boot_k, n_samples=cfg.boot_samples,
+                           keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=wcfg.image_size, seed=seed,
+                           temperature=1.0)
+    records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
+    R["pseudo"] = pseudo_label_quality(records, kept)
+    log(f"{d}: pseudo-labels {R['pseudo']}")
+    syn_items = load_items(syn_path)
+    wm_jobs.update({name: start_wm(folder, weighting, data["train"] + syn_items)
+                    for name, (folder, syn, weighting) in VARIANTS.items() if syn})
+    wms = {}
+    for name, (folder, _, _) in VARIANTS.items():
+        wms[name], R[f"wm_train_{folder}"] = jobs.finish(wm_jobs[name])
+    R["wm"] = {}
+    for name, wm in wms.items():
+        R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test, cache, seed=seed,
+                                                           temperature=cfg.temperature)
+        log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
+    R["search"] = {}
+    for name in ("C-FT", C_FDM):
+        R["search"][name], R["items"]["search"][name] = {}, {}
+        for n in ns:
+            R["search"][name][str(n)], _, R["items"]["search"][name][str(n)] = eval_wm(
+                wms[name], tok, image_tok, test, cache, dm=dm, n=n, seed=seed, temperature=cfg.temperature)
+        log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
+                                               for n in ns))
+    # controls for best-of-N: the same max(ns) candidates per item picked at random, by the WM's likelihood, by
+    # the DM, and by the judge (the ceiling)
+    R["controls"] = {name: eval_search_controls(wms[name], dm, tok, image_tok, test, cache, max(ns), seed=seed,
+                                                temperature=cfg.temperature) for name in ("C-FT", C_FDM)}
+    if grids:
+        example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
+    return R
+
+
+def token_locality(items, cache) -> dict:
+    """How local the VQ tokens are, on labelled pairs. An edit changes one or two cells; `unchanged_code_kept` is the
+    fraction of the tokens in the *other* cells whose code stays the same (1.0 = a perfectly
+    local tokenizer: the WM could copy them). `eq2_changed` / `eq2_unchanged`: mean Eq. 2 weight (mean 1 per image,
+    no mix) on tokens of cells whose content changed / did not."""
+    kept = same = 0
+    w_changed, w_unchanged = [], []
+    for it in items:
+        s, t = world.Scene.from_json(it.extra["src_scene"]), world.Scene.from_json(it.extra["tgt_scene"])
+        (cs, fs), (ct, ft) = cache[str(it.input_path)], cache[str(it.output_path)]
+        side, grid = math.isqrt(len(cs)), it.extra.get("grid", world.GRID)  # tokens per image side, cells per side
+        w = recognition_weights(fs, ft)
+        for i in range(len(cs)):
+            r, c = divmod(i, side)
+            cell = (r * grid // side, c * grid // side)  # the grid cell this token lies in
+            if s.at(cell) == t.at(cell):
+                same += 1
+                kept += int(cs[i] == ct[i])
+                w_unchanged.append(float(w[i]))
+            else:
+                w_changed.append(float(w[i]))
+    mean = lambda v: sum(v) / len(v) if v else float("nan")
+    return {"unchanged_code_kept": kept / max(1, same), "eq2_changed": mean(w_changed),
+            "eq2_unchanged": mean(w_unchanged)}
+
+
+def pseudo_label_quality(records: list[dict], kept: list[dict]) -> dict:
+    """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
+    labelled action from the source frame (the judge reads both frames back from pixels)."""
+    def correct(r):
+        src, tgt = world.parse(open_image(r["input"])), world.parse(open_image(r["output"]))
+        return world.consistent(src, world.parse_action(r["action"]), tgt)
+
+    ok_all = [correct(r) for r in records]
+    ok_kept = [correct(r) for r in kept]
+    return {"pairs": len(records), "kept": len(kept), "acc_before": sum(ok_all) / max(1, len(ok_all)),
+            "acc_after": sum(ok_kept) / max(1, len(ok_kept))}
+
+
+def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
+    """out/examples.png: source | C-FT | C-FDM | C-FDM best-of-n | target for a few test items of each verb, and
+    out/search_example.png: the n ranked candidates of one item with their DM scores."""
+    picks, seen = [], set()
+    for it in items:
+        if it.extra.get("verb") not in seen:
+            seen.add(it.extra.get("verb"))
+            picks.append(it)
+    src = torch.stack([cache[str(it.input_path)][0] for it in picks])
+    acts = [it.instruction for it in picks]
+    g = torch.Generator().manual_seed(seed)
+    ft = generate_targets(wms["C-FT"], tok, src, acts, generator=g)[:, 0]
+    fdm_model = wms[C_FDM]
+    fdm = generate_targets(fdm_model, tok, src, acts, generator=g)[:, 0]
+    cands, scores = best_of_n(fdm_model, dm, tok, src, acts, n, generator=g)
+    dec = lambda c: image_tok.decode(c.to(next(image_tok.parameters()).device)).cpu()
+    rows = [[preprocess_image(it.input_path, 32), a, b, c, preprocess_image(it.output_path, 32)]
+            for it, a, b, c in zip(picks, dec(ft), dec(fdm), dec(cands[:, 0]))]
+    save_grid(rows, [["source", "C-FT", "C-FDM", f"best of {n}", "target"]] * len(rows),
+              os.path.join(cfg.out, "examples.png"), row_titles=acts)
+    i = 0
+    imgs = dec(cands[i])
+    save_grid([[preprocess_image(picks[i].input_path, 32), *imgs]],
+              [["source"] + [f"{s:.1f}" for s in scores[i].tolist()]], os.path.join(cfg.out, "search_example.png"),
+              title=f"'{acts[i]}': C-FDM candidates ranked by log p_DM(action | source, candidate)")
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Caching and worker processes: a stage is skipped when its results exist for the same settings; fine-tuning runs
+# that need nothing from each other train side by side in worker processes
+
+
 # The stage settings that change results; a cached stage is reused only when these match.
 SHARED_KEYS = ("threads", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample", "vq_codes",
                "vq_warmup", "vq_images", "vq_batch",
@@ -202,65 +434,6 @@ def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Stages 1-3: data, tokenizers, foundation model
-
-
-def build_data(cfg: ReproConfig) -> dict:
-    wcfg = world.WorldConfig(n_train=cfg.n_train, n_videos=cfg.n_videos, n_val=cfg.n_val, n_test=cfg.n_test,
-                             n_comp=cfg.n_comp, n_captions=cfg.n_captions)
-    return world.build(os.path.join(cfg.out, "data"), wcfg, log=log), wcfg
-
-
-def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torch.device):
-    """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text)."""
-    tok_dir = os.path.join(cfg.out, "tok")
-    res = stages.get("vq")
-    if res is None:
-        # The VQGAN sees freshly rendered world scenes with 4-8 objects: denser than the task scenes (2-4
-        # objects), so objects are not a rare sliver of pixels next to the background.
-        rng = random.Random(12345)
-        images = torch.stack([preprocess_image(world.render(world.sample_scene(rng, min_objects=4, max_objects=8)),
-                                               32) for _ in range(cfg.vq_images)])
-        check = torch.stack([preprocess_image(p, 32) for it in load_items(paths["val"])
-                             for p in (it.input_path, it.output_path)])
-        levels = int(math.log2(cfg.vq_downsample)) + 1
-        vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=cfg.vq_codes, recon_loss="mse",
-                                   channel_multiplier=(1, 1, 2, 2, 4)[:levels])
-        log(f"tokenizers: VQGAN {vcfg.resolution}px -> {32 // cfg.vq_downsample}^2 tokens, {cfg.vq_codes} codes, "
-            f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
-        t0 = time.time()
-        vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3,
-                               betas=(0.9, 0.99), ae_warmup=cfg.vq_warmup, seed=0, device=device)
-        vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
-        with torch.no_grad():  # checked on held-out task images (the validation split)
-            codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
-            recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
-        usage = codebook_usage(codes, vcfg.num_embeddings)
-        # how much of the world survives the tokenizer: the judge reads scenes back from reconstructions
-        ok = sum(world.parse(to_pil(r)) == world.parse(to_pil(c)) for r, c in zip(recon, check))
-        vq.save(os.path.join(tok_dir, "vq"))
-        res = stages.put("vq", {"vq_seconds": round(time.time() - t0, 1),
-                                "recon_l1": (recon - check).abs().mean().item() / 2, "scene_recovered": ok / len(check),
-                                **{k: float(v) for k, v in usage.items()}, "final_recon": hist["recon"][-1]})
-        log(f"tokenizers: recon L1 {res['recon_l1']:.4f}, scenes recovered from reconstructions "
-            f"{100 * res['scene_recovered']:.1f}%, codebook usage {usage}")
-    vq = ImageTokenizer.load(os.path.join(tok_dir, "vq")).eval()
-
-    bpe = stages.get("bpe")
-    if bpe is None:
-        texts = [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
-        texts += [s["instruction"] for v in json.load(open(paths["videos_hidden"])).values() for s in v["steps"]
-                  if not s["hold"]]  # the videos' text is the world's language, never paired with their frames
-        texts += [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
-        text_tok = TextTokenizer.train(texts, vocab_size=cfg.bpe_vocab, n_image_codes=vq.cfg.num_embeddings)
-        text_tok.save(os.path.join(tok_dir, "tokenizer.json"))
-        lengths = [len(text_tok.encode(t)) for t in texts[:2000]]
-        bpe = stages.put("bpe", {"vocab": text_tok.vocab_size, "mean_tokens": sum(lengths) / len(lengths)})
-    text_tok = TextTokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-    return vq, text_tok, {**res, **bpe}
-
-
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
@@ -300,518 +473,31 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
     return model.to(device), stages.put(name, result)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Report helpers
+class Jobs:
+    """Fine-tuning runs as jobs: side by side in `jobs` worker processes on a CPU ("spawn", so that no worker inherits
+    the parent's torch threads), one after the other otherwise. Each starts from the checkpoint `init`."""
 
+    def __init__(self, cfg: ReproConfig, stages: Stages, tok, device, init: str):
+        self.args, self.device = (cfg, stages), device
+        self.tok, self.init = tok, init
+        n = 1 if device.type != "cpu" else cfg.jobs or min(3, max(1, usable_cores() // cfg.threads))
+        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) if n > 1 else None
 
-def measured(values: list[float]) -> list[float]:
-    """The per-seed values that exist (a stage may report None or NaN)."""
-    return [v for v in values if v is not None and not math.isnan(v)]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = measured(values)
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def fmt(values: list[float], digits: int = 2) -> str:
-    m, s = mean_std(values)
-    if math.isnan(m):
-        return "-"
-    one_seed = len(measured(values)) == 1  # no spread to show
-    return f"{m:.{digits}f}" if one_seed else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def paired_interval(a: list[list[float]], b: list[list[float]], n_boot: int = 10000, seed: int = 0,
-                    level: float = 0.95) -> dict:
-    """Paired bootstrap of mean(a - b). a[r][i], b[r][i]: replicate r's value on test item i (the same items, in the
-    same order, in every replicate and in both arms). Each resample draws the items with replacement, the same draw for
-    every replicate (replicates are kept whole, as clusters), and averages over items and replicates. Returns the mean
-    difference, the percentile interval and each replicate's own mean difference."""
-    import numpy as np
-
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # (R, I)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for k in range(0, n_boot, 1000):  # in chunks: (R, chunk, I) at a time
-        idx = rng.integers(0, d.shape[1], size=(min(1000, n_boot - k), d.shape[1]))
-        boots.append(d[:, idx].mean(axis=(0, 2)))
-    lo, hi = np.quantile(np.concatenate(boots), [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "per_replicate": d.mean(axis=1).tolist(),
-            "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b))}
-
-
-def verdict(iv: dict) -> str:
-    """An effect is "shown" only when its 95% interval excludes 0 and every replicate's own difference has the same
-    sign; "reversed" when the same holds below 0; otherwise "not shown". With one replicate the interval covers the
-    sampling of test items only, not of training seeds, worlds or tokenizers."""
-    reps = iv["per_replicate"]
-    if iv["lo"] > 0 and all(r > 0 for r in reps):
-        return "shown"
-    if iv["hi"] < 0 and all(r < 0 for r in reps):
-        return "reversed"
-    return "not shown"
-
-
-def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
-    """The report's contrasts, paired item by item over the test items and the replicates: (what, metric, arm A,
-    arm B, their per-replicate per-item values)."""
-    fdm, top = "C-FDM (labelled + synthetic + weighted)", str(max(ns))
-
-    def wm(name, metric="score", n=None):  # [replicate][item], items in the test order
-        return [[rec.get(metric, float("nan")) for rec in (r["items"]["wm"][name] if n is None else
-                                                           r["items"]["search"][name][n])] for r in S]
-
-    # Finding 1 on one footing: the share of items each model solves (DM: its action is valid; WM: judge success
-    # 10), on the same items (the DM is scored on items with a target, which all test items have)
-    dm_ids = {rec["id"] for rec in S[0]["items"]["dm"]}
-    dm = [[float(rec["correct"]) for rec in r["items"]["dm"]] for r in S]
-    wm_solved = [[float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in dm_ids]
-                 for r in S]
-    rows = [("the DM solves more items than the WM (C-FT) learns to", "solved", "DM", "WM (C-FT)", dm, wm_solved),
-            ("synthetic data (CE loss) improves the WM", "score", "labelled + synthetic", "C-FT",
-             wm("labelled + synthetic"), wm("C-FT")),
-            ("bootstrapping with DM-labelled video improves the WM (with Eq. 2)", "score", "C-FDM",
-             "labelled + weighted", wm(fdm), wm("labelled + weighted"))]
-    for metric in ("score", "success", "minimal"):
-        rows.append(("the recognition-weighted loss (Eq. 2) improves the WM", metric, "C-FDM", "labelled + synthetic",
-                     wm(fdm, metric), wm("labelled + synthetic", metric)))
-    rows += [("the full method (C-FDM) beats fine-tuning alone (C-FT)", "score", "C-FDM", "C-FT", wm(fdm),
-              wm("C-FT")),
-             (f"DM-verified best-of-{top} improves C-FT over N=1", "score", f"C-FT, N={top}", "C-FT, N=1",
-              wm("C-FT", n=top), wm("C-FT", n="1")),
-             (f"DM-verified best-of-{top} improves C-FDM over N=1", "score", f"C-FDM, N={top}", "C-FDM, N=1",
-              wm(fdm, n=top), wm(fdm, n="1"))]
-    for name, short in (("C-FT", "C-FT"), (fdm, "C-FDM")):  # the control: the same candidates picked at random
-        rows.append((f"the DM picks better than chance among {top} candidates ({short})", "score",
-                     f"DM pick of {top}", f"random pick of {top}", [pick(r["controls"][name], int(top), "dm")
-                                                                     for r in S],
-                     [pick(r["controls"][name], int(top), "random") for r in S]))
-    return [{"what": w, "metric": m, "a": na, "b": nb, **paired_interval(a, b)} for w, m, na, nb, a, b in rows]
-
-
-def pick(recs: list[dict], k: int, by: str) -> list[float]:
-    """Judge score per item of the candidate that `by` picks among the first k: "random" (the expected score of a
-    uniform pick), "wm" / "dm" (highest likelihood / verifier score) or "oracle" (the judge's best)."""
-    out = []
-    for r in recs:
-        j = r["judge"][:k]
-        if by == "random":
-            out.append(sum(j) / k)
-        elif by == "oracle":
-            out.append(max(j))
-        else:
-            s = r[by][:k]
-            out.append(j[s.index(max(s))])
-    return out
-
-
-def write_items(cfg: ReproConfig, seed: int, items: dict, controls: dict):
-    """out/seed<s>/items/*.jsonl: one record per test item and model (id, split, action class, success, minimal,
-    score, l1; the DM's prediction and whether it is correct; every best-of-N candidate's DM, WM and judge score)."""
-    slug = lambda name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    d = os.path.join(cfg.out, f"seed{seed}", "items")
-    os.makedirs(d, exist_ok=True)
-    write_jsonl(os.path.join(d, "dm.jsonl"), items["dm"])
-    for name, recs in items["wm"].items():
-        write_jsonl(os.path.join(d, f"wm_{slug(name)}.jsonl"), recs)
-    for name, recs in controls.items():
-        write_jsonl(os.path.join(d, f"candidates_{slug(name)}.jsonl"), recs)
-    for name, by_n in items["search"].items():
-        for n, recs in by_n.items():
-            write_jsonl(os.path.join(d, f"search_{slug(name)}_n{n}.jsonl"), recs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The whole pipeline
-
-
-def main(argv=None):
-    cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device=cuda: no CUDA device here (use --device=cpu or auto)")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
-    torch.set_num_threads(cfg.threads)
-    seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
-    ns = [int(n) for n in cfg.search_n.split(",")]
-    t_start = time.time()
-    claim_dir(cfg.out, "reproduce.py", ours=("stages",))
-    stages = Stages(cfg.out, cfg)
-    log(f"reproduce: preset {cfg.preset}, seeds {seeds}, out {cfg.out}, device {device}, "
-        f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-
-    # 1-2. data and tokenizers
-    paths, wcfg = build_data(cfg)
-    image_tok, tok, tok_res = build_tokenizers(cfg, paths, stages, device)
-    image_tok.to(device)
-    train_items = load_items(paths["train"])
-    val_items = load_items(paths["val"])
-    test_items = load_items(paths["test"]) + load_items(paths["test_comp"])
-    captions = load_captions(paths["captions"])
-    size = wcfg.image_size
-    cache: dict = {}
-    encode_images(image_tok, [p for it in train_items + val_items + test_items for p in (it.input_path,
-                                                                                         it.output_path)] +
-                  [it.input_path for it in captions], size, cache=cache)
-
-    tok_res = {**tok_res, **token_locality([it for it in train_items if "src_scene" in it.extra], cache)}
-
-    # 3. the foundation model: caption <-> image
-    pre_cfg = train_cfg(cfg, "pretrain", "pretrain", cfg.pretrain_steps, seed=1000, init="scratch")
-    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, pretrain_examples(captions, cache, tok), tok,
-                                 device)
-    pre_ckpt = os.path.join(cfg.out, "pretrain", "ckpt")
-
-    # 4. zero-shot: the foundation model used as DM and as WM without fine-tuning
-    zs = stages.get("zeroshot")
-    if zs is None:
-        pretrained.config.mask_image_logits = True
-        zdm, _ = eval_dm(pretrained, tok, test_items, cache)
-        pretrained.config.mask_image_logits = False
-        zwm, _, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
-        zs = stages.put("zeroshot", {"dm": zdm, "wm": zwm})
-    base = stages.get("baselines") or stages.put("baselines", baselines(test_items, cache, image_tok, size))
-
-    # 5-7. per seed: fine-tuning, bootstrapping, search. Fine-tuning runs that need nothing from each other train side
-    # by side in `jobs` worker processes (CPU only; "spawn" so that no worker inherits the parent's torch threads)
-    jobs = 1 if device.type != "cpu" else cfg.jobs or min(3, max(1, usable_cores() // cfg.threads))
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) if jobs > 1 else None
-
-    def start(name: str, tcfg: TrainConfig, examples) -> tuple[Future, TrainConfig]:
-        args = (cfg, stages, name, tcfg, examples, tok, device, pre_ckpt)
-        if pool is not None:
-            return pool.submit(train_stage, *args), tcfg
+    def start(self, name: str, tcfg: TrainConfig, examples) -> tuple[Future, TrainConfig]:
+        args = (*self.args, name, tcfg, examples, self.tok, self.device, self.init)
+        if self.pool is not None:
+            return self.pool.submit(train_stage, *args), tcfg
         done = Future()
         done.set_result(train_stage(*args))
         return done, tcfg
 
-    def finish(job: tuple[Future, TrainConfig]):  # -> (model, stage result)
+    def finish(self, job: tuple[Future, TrainConfig]):  # -> (model, stage result)
         result = job[0].result()
-        return load_model(os.path.join(job[1].out_dir, "ckpt"), device)[0], result
+        return load_model(os.path.join(job[1].out_dir, "ckpt"), self.device)[0], result
 
-    variants = {  # name: (uses the DM's synthetic data, weighting) -- Table 3/4
-        "C-FT": (False, "none"),
-        "labelled + weighted": (False, "recognition"),
-        "labelled + synthetic": (True, "none"),
-        "C-FDM (labelled + synthetic + weighted)": (True, "recognition"),
-    }
-
-    def start_wm(seed: int, k: int, weighting: str, items):  # WM variant k on these items
-        ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed)
-        return start(f"seed{seed}_wm{k}", train_cfg(cfg, f"seed{seed}/wm{k}", "wm", cfg.ft_steps, seed,
-                                                    weighting=weighting, weight_mix=cfg.weight_mix), ex)
-
-    per_seed = {}
-    for seed in seeds:
-        R = stages.get(f"seed{seed}")
-        if R is not None and "controls" in R:  # (results cached before per-item records existed are recomputed)
-            per_seed[seed] = R
-            continue
-        R = {}
-        d = f"seed{seed}"
-        dm_job = start(f"{d}_dm", train_cfg(cfg, f"{d}/dm", "dm", cfg.ft_steps, seed),
-                       dm_examples(train_items, cache, tok))
-        wm_jobs = {k: start_wm(seed, k, weighting, train_items)
-                   for k, (syn, weighting) in enumerate(variants.values()) if not syn}
-        dm, R["dm_train"] = finish(dm_job)
-        dm.config.mask_image_logits = True
-        R["dm"], dm_items = eval_dm(dm, tok, test_items, cache)
-        # per-item results (the paired statistics of the report are computed from these)
-        R["items"] = {"dm": dm_items, "wm": {}, "search": {}}
-        log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f}")
-
-        # bootstrapping: the DM labels the unlabelled video pairs
-        syn_path = os.path.join(cfg.out, d, "synthetic.json")
-        bcfg = BootstrapConfig(videos=paths["videos_dir"], out=syn_path, k=cfg.boot_k, n_samples=cfg.boot_samples,
-                               keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=size, seed=seed,
-                               temperature=1.0)
-        records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
-        R["pseudo"] = pseudo_label_quality(records, kept)
-        log(f"{d}: pseudo-labels {R['pseudo']}")
-        syn_items = load_items(syn_path)
-        wm_jobs.update({k: start_wm(seed, k, weighting, train_items + syn_items)
-                        for k, (syn, weighting) in enumerate(variants.values()) if syn})
-        wms = {}
-        for k, name in enumerate(variants):
-            wms[name], R[f"wm_train_{k}"] = finish(wm_jobs[k])
-        R["wm"] = {}
-        for name, wm in wms.items():
-            R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test_items, cache, seed=seed,
-                                                               temperature=cfg.temperature)
-            log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
-        R["search"] = {}
-        for name in ("C-FT", "C-FDM (labelled + synthetic + weighted)"):
-            R["search"][name], R["items"]["search"][name] = {}, {}
-            for n in ns:
-                R["search"][name][str(n)], _, R["items"]["search"][name][str(n)] = eval_wm(
-                    wms[name], tok, image_tok, test_items, cache, dm=dm, n=n, seed=seed, temperature=cfg.temperature)
-            log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
-                                                   for n in ns))
-        # controls for best-of-N: the same max(ns) candidates per item picked at random, by the WM's likelihood, by
-        # the DM, and by the judge (the ceiling)
-        R["controls"] = {name: eval_search_controls(wms[name], dm, tok, image_tok, test_items, cache, max(ns),
-                                                    seed=seed, temperature=cfg.temperature)
-                         for name in ("C-FT", "C-FDM (labelled + synthetic + weighted)")}
-        if seed == seeds[0]:
-            example_grids(cfg, wms, dm, tok, image_tok, test_items, cache, seed, max(ns))
-        per_seed[seed] = stages.put(f"seed{seed}", R)
-        write_items(cfg, seed, R["items"], R["controls"])
-    if pool is not None:
-        pool.shutdown()
-
-    report = write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, time.time() - t_start,
-                          provenance(cfg, seeds, device))
-    log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
-
-
-def token_locality(items, cache) -> dict:
-    """How local the VQ tokens are, on labelled pairs. An edit changes one or two cells; `unchanged_code_kept` is the
-    fraction of the tokens in the *other* cells whose code stays the same (1.0 = a perfectly
-    local tokenizer: the WM could copy them). `eq2_changed` / `eq2_unchanged`: mean Eq. 2 weight (mean 1 per image,
-    no mix) on tokens of cells whose content changed / did not."""
-    kept = same = 0
-    w_changed, w_unchanged = [], []
-    for it in items:
-        s, t = world.Scene.from_json(it.extra["src_scene"]), world.Scene.from_json(it.extra["tgt_scene"])
-        (cs, fs), (ct, ft) = cache[str(it.input_path)], cache[str(it.output_path)]
-        side, grid = math.isqrt(len(cs)), it.extra.get("grid", world.GRID)  # tokens per image side, cells per side
-        w = recognition_weights(fs, ft)
-        for i in range(len(cs)):
-            r, c = divmod(i, side)
-            cell = (r * grid // side, c * grid // side)  # the grid cell this token lies in
-            if s.at(cell) == t.at(cell):
-                same += 1
-                kept += int(cs[i] == ct[i])
-                w_unchanged.append(float(w[i]))
-            else:
-                w_changed.append(float(w[i]))
-    mean = lambda v: sum(v) / len(v) if v else float("nan")
-    return {"unchanged_code_kept": kept / max(1, same), "eq2_changed": mean(w_changed),
-            "eq2_unchanged": mean(w_unchanged)}
-
-
-def pseudo_label_quality(records: list[dict], kept: list[dict]) -> dict:
-    """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
-    labelled action from the source frame (the judge reads both frames back from pixels)."""
-    def correct(r):
-        src, tgt = world.parse(open_image(r["input"])), world.parse(open_image(r["output"]))
-        return world.consistent(src, world.parse_action(r["action"]), tgt)
-
-    ok_all = [correct(r) for r in records]
-    ok_kept = [correct(r) for r in kept]
-    return {"pairs": len(records), "kept": len(kept), "acc_before": sum(ok_all) / max(1, len(ok_all)),
-            "acc_after": sum(ok_kept) / max(1, len(ok_kept))}
-
-
-def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
-    """out/examples.png: source | C-FT | C-FDM | C-FDM best-of-n | target for a few test items of each verb, and
-    out/search_example.png: the n ranked candidates of one item with their DM scores."""
-    picks, seen = [], set()
-    for it in items:
-        if it.extra.get("verb") not in seen:
-            seen.add(it.extra.get("verb"))
-            picks.append(it)
-    src = torch.stack([cache[str(it.input_path)][0] for it in picks])
-    acts = [it.instruction for it in picks]
-    g = torch.Generator().manual_seed(seed)
-    ft = generate_targets(wms["C-FT"], tok, src, acts, generator=g)[:, 0]
-    fdm_model = wms["C-FDM (labelled + synthetic + weighted)"]
-    fdm = generate_targets(fdm_model, tok, src, acts, generator=g)[:, 0]
-    cands, scores = best_of_n(fdm_model, dm, tok, src, acts, n, generator=g)
-    dec = lambda c: image_tok.decode(c.to(next(image_tok.parameters()).device)).cpu()
-    rows = [[preprocess_image(it.input_path, 32), a, b, c, preprocess_image(it.output_path, 32)]
-            for it, a, b, c in zip(picks, dec(ft), dec(fdm), dec(cands[:, 0]))]
-    save_grid(rows, [["source", "C-FT", "C-FDM", f"best of {n}", "target"]] * len(rows),
-              os.path.join(cfg.out, "examples.png"), row_titles=acts)
-    i = 0
-    imgs = dec(cands[i])
-    save_grid([[preprocess_image(picks[i].input_path, 32), *imgs]],
-              [["source"] + [f"{s:.1f}" for s in scores[i].tolist()]], os.path.join(cfg.out, "search_example.png"),
-              title=f"'{acts[i]}': C-FDM candidates ranked by log p_DM(action | source, candidate)")
-
-
-def sha(paths: list[str]) -> str:
-    """A short content hash of these files (in this order); '-' when one is missing."""
-    h = hashlib.sha256()
-    for p in paths:
-        if not os.path.exists(p):
-            return "-"
-        with open(p, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:12]
-
-
-def provenance(cfg: ReproConfig, seeds: list[int], device: torch.device) -> dict:
-    """What determines the numbers, for the report header: two runs whose entries all match should give the same
-    report byte for byte; a different CPU capability (other kernels, other rounding) may not."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True)
-    try:
-        commit = git("rev-parse", "--short=12", "HEAD").stdout.strip() or "unknown"
-        commit += " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no").stdout else ""
-    except OSError:  # no git
-        commit = "unknown"
-    out = lambda *p: os.path.join(cfg.out, *p)
-    weights = lambda run: out(run, "ckpt", "model.safetensors")
-    stages = {"data": sha([out("data", f + ".json") for f in ("train", "val", "test", "test_comp", "captions")]),
-              "vqgan": sha([out("tok", "vq", "model.safetensors")]), "bpe": sha([out("tok", "tokenizer.json")]),
-              "pretrain": sha([weights("pretrain")])}
-    for s in seeds:
-        stages[f"seed{s}"] = " ".join(f"{run} {sha([weights(f'seed{s}/{run}')])}" for run in
-                                      ("dm", "wm0", "wm1", "wm2", "wm3")) + \
-            f" synthetic {sha([out(f'seed{s}', 'synthetic.json')])}"
-    return {"commit": commit, "torch": torch.__version__, "device": device.type,
-            "dtype": "float32" if device.type == "cpu" else "bfloat16 autocast", "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
-
-
-def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> str:
-    S = [per_seed[s] for s in seeds]
-    tasks = [t for t in zs["wm"] if t != "all"]
-    L = [f"# worldboot: the paper in miniature (preset `{cfg.preset}`, seeds {', '.join(map(str, seeds))})", ""]
-    L += [f"Produced by `python reproduce.py --preset={cfg.preset} --seeds={cfg.seeds}` in {seconds / 60:.1f} min "
-          f"with {cfg.threads} torch thread(s) per process in every stage. "
-          "Numbers are mean ± standard deviation over the fine-tuning seeds (a single number: one seed). "
-          "Scores are the world judge's 0-10 "
-          "(success, minimal editing, score = their min per sample, as the paper's GPT-4o protocol); L1 is the "
-          "mean pixel difference to the target (0-1). `world` is the test split, `world_comp` the compositional "
-          "split (colour/shape/verb combinations never seen in training).", ""]
-    L += ["What determines these numbers (runs that agree on every line should match byte for byte from the Setup "
-          "section on; other CPUs run other kernels, which round differently):", "",
-          f"- commit {prov['commit']}, torch {prov['torch']}, device {prov['device']}, dtype {prov['dtype']}, "
-          f"{prov['threads']} intra-op thread(s) per process, CPU capability {prov['cpu_capability']}",
-          "- stage outputs (sha256, 12 hex): " + "; ".join(f"{k} {v}" for k, v in prov["stage_hashes"].items()),
-          "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
-    body_start = len(L)
-    L += ["## Setup", "",
-          f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_test} test + "
-          f"{cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
-          f"- tokenizers: VQGAN {32 // cfg.vq_downsample}x{32 // cfg.vq_downsample} tokens per 32x32 image, "
-          f"{cfg.vq_codes} codes; reconstruction L1 {tok_res['recon_l1']:.4f}; the judge recovers "
-          f"{100 * tok_res['scene_recovered']:.1f}% of scenes from reconstructions; BPE vocabulary {tok_res['vocab']}",
-          f"- token locality (train pairs): an edit changes one or two cells, yet only "
-          f"{100 * tok_res['unchanged_code_kept']:.0f}% of the tokens of unchanged cells keep their code (the encoder "
-          f"sees beyond its cell); Eq. 2 weights average {tok_res['eq2_changed']:.2f} on tokens of changed cells and "
-          f"{tok_res['eq2_unchanged']:.2f} on those of unchanged ones",
-          f"- model: {cfg.n_layer} layers x {cfg.n_embd} wide; pre-training {cfg.pretrain_steps} steps; every DM and "
-          f"WM fine-tuned for {cfg.ft_steps} steps of batch {cfg.batch_size} from the same pre-trained model",
-          f"- bootstrapping: the DM labels {S[0]['pseudo']['pairs']} video pairs, stratified top-K keeps "
-          f"{S[0]['pseudo']['kept']}", ""]
-
-    # Table 1: DM metrics + the first finding
-    L += ["## Table 1: the dynamics model (action prediction on the test splits)", "",
-          "| model | action accuracy | BLEU-4 | ROUGE-L |", "|---|---|---|---|",
-          f"| zero-shot (pre-trained model) | {zs['dm']['action_acc']:.2f} | {zs['dm']['bleu']:.2f} | "
-          f"{zs['dm']['rougeL']:.2f} |",
-          f"| fine-tuned DM | {fmt([r['dm']['action_acc'] for r in S])} | {fmt([r['dm']['bleu'] for r in S])} | "
-          f"{fmt([r['dm']['rougeL'] for r in S])} |", ""]
-    dm_acc = [r["dm"]["action_acc"] for r in S]
-    wm_succ = [r["wm"]["C-FT"]["all"]["success"] / 10 for r in S]
-    L += ["Same labelled triplets, same steps and batch: fine-tuned DM action accuracy vs fine-tuned WM (C-FT) "
-          "editing success rate (success/10):", "",
-          "| | DM action accuracy | WM success rate |", "|---|---|---|",
-          f"| fine-tuned | {fmt(dm_acc)} | {fmt(wm_succ)} |", ""]
-
-    # Table 2: WM per subset
-    cols = ["score", "success", "minimal", "l1"]
-    L += ["## Table 2: world models per subset (N = 1)", ""]
-    for task in tasks + ["all"]:
-        L += [f"### {task}", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        L.append("| zero-shot | " + " | ".join(f"{zs['wm'][task].get(c, float('nan')):.2f}" for c in cols) + " |")
-        for name in S[0]["wm"]:
-            L.append(f"| {name} | " + " | ".join(fmt([r["wm"][name][task].get(c) for r in S]) for c in cols) + " |")
-        for bname, b in base.items():
-            L.append(f"| {bname} | " + " | ".join(f"{b[task].get(c, float('nan')):.2f}" for c in cols) + " |")
-        L.append("")
-
-    # Table 3 and 4
-    def sc(name, task="all"):
-        return [r["wm"][name][task]["score"] for r in S]
-
-    fdm, plain = "C-FDM (labelled + synthetic + weighted)", "labelled + synthetic"
-    L += ["## Table 3: recognition-weighted vs standard loss (labelled + synthetic data)", "",
-          "| loss | world | world_comp | all |", "|---|---|---|---|",
-          f"| standard CE | {fmt(sc(plain, 'world'))} | {fmt(sc(plain, 'world_comp'))} | {fmt(sc(plain))} |",
-          f"| weighted (Eq. 2) | {fmt(sc(fdm, 'world'))} | {fmt(sc(fdm, 'world_comp'))} | {fmt(sc(fdm))} |", ""]
-    L += ["## Table 4: ablations (score, all test items)", "", "| model | score | Δ vs C-FDM |", "|---|---|---|"]
-    full = mean_std(sc(fdm))[0]
-    for name, label in ((fdm, "C-FDM"), ("labelled + weighted", "− synthetic data"),
-                        ("labelled + synthetic", "− weighting"), ("C-FT", "− both (C-FT)")):
-        L.append(f"| {label} | {fmt(sc(name))} | {mean_std(sc(name))[0] - full:+.2f} |")
-    L.append("")
-
-    # Pseudo-labels
-    L += ["## Pseudo-label quality (DM labels of unlabelled video pairs, checked against the hidden truth)", "",
-          "| | pairs | accuracy |", "|---|---|---|",
-          f"| all labelled pairs | {S[0]['pseudo']['pairs']} | {fmt([r['pseudo']['acc_before'] for r in S])} |",
-          f"| kept by stratified top-K | {S[0]['pseudo']['kept']} | {fmt([r['pseudo']['acc_after'] for r in S])} |",
-          ""]
-
-    # Best-of-N
-    L += ["## Best-of-N with the DM as verifier (score, all test items)", "",
-          "| model | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
-    series = {}
-    for name in S[0]["search"]:
-        vals = {n: [r["search"][name][str(n)]["all"]["score"] for r in S] for n in ns}
-        L.append(f"| {name} | " + " | ".join(fmt(vals[n]) for n in ns) + " |")
-        series[name.split(" ")[0]] = [(n, *mean_std(vals[n])) for n in ns]
-    curve_png(series, os.path.join(cfg.out, "best_of_n.png"), "score")
-    L += ["", "![best-of-N](best_of_n.png)", ""]
-    top = max(ns)
-    ks = sorted({k for k in (1, 2, 3, 4, top) if k <= top})
-    L += [f"### Controls: the same {top} candidates per item, each picker choosing among the first N", "",
-          "| model | picker | " + " | ".join(f"N={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
-    agree = []
-    for name in S[0]["controls"]:
-        for by, label in (("random", "random (expected)"), ("wm", "WM likelihood"), ("dm", "DM verifier"),
-                          ("oracle", "oracle (the judge)")):
-            L.append(f"| {name.split(' ')[0]} | {label} | " + " | ".join(
-                fmt([statistics.fmean(pick(r["controls"][name], k, by)) for r in S]) for k in ks) + " |")
-        for by in ("dm", "wm"):  # how often the picker's choice is (one of) the judge's best
-            hit = [statistics.fmean(float(p == o) for p, o in zip(pick(r["controls"][name], top, by),
-                                                                  pick(r["controls"][name], top, "oracle")))
-                   for r in S]
-            agree.append(f"{'DM' if by == 'dm' else 'WM likelihood'} on {name.split(' ')[0]}: {fmt(hit)}")
-    L += ["", f"How often the picker's candidate scores as high as the judge's best of {top}: " + "; ".join(agree)
-          + ". The paper uses N=3 and reports +5-7% from verification on real data, none on its synthetic subset.",
-          ""]
-
-    # Findings, stated from paired per-item intervals
-    R = len(S)
-    L += ["## Findings", "",
-          f"Each contrast pairs the two arms item by item over the {len(S[0]['items']['wm']['C-FT'])} test items"
-          + (f" and the {R} replicates" if R > 1 else "") + ": mean difference, 95% paired-bootstrap interval "
-          "(10,000 resamples of the test items" + (", replicates kept whole" if R > 1 else "") + "), each "
-          "replicate's own difference, and the verdict: **shown** only when the interval excludes 0 and every "
-          "replicate agrees in sign" + ("." if R > 1 else "; with one replicate the interval covers the sampling of "
-                                         "test items only, not of training seeds, worlds or tokenizers."), "",
-          "| finding | metric | A | B | mean A | mean B | A − B | 95% interval | per replicate | verdict |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
-    found = contrasts(S, ns)
-    for c in found:
-        L.append(f"| {c['what']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | "
-                 f"{c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
-                 f"{', '.join(f'{x:+.2f}' for x in c['per_replicate'])} | **{verdict(c)}** |")
-    L += ["", "`solved`: the DM's greedy action is valid for the pair; the WM's sample (temperature "
-          f"{cfg.temperature}) gets the judge's full success score (10). Per-item records: "
-          "`seed<s>/items/*.jsonl`.", ""]
-    L += ["## Pictures", "", "- `examples.png`: source | C-FT | C-FDM | C-FDM best-of-N | target, one row per verb",
-          "- `search_example.png`: one item's candidates ranked by the DM", "- `data/samples.png`: world triplets",
-          "", "![examples](examples.png)", "", "![search](search_example.png)", ""]
-    tables_hash = hashlib.sha256("\n".join(L[body_start:]).encode()).hexdigest()[:12]
-    L = [line.replace("{TABLES_HASH}", tables_hash) for line in L]
-    path = os.path.join(cfg.out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(L))
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash}, "findings": found,
-                   "tokenizers": tok_res, "zeroshot": zs, "baselines": base,
-                   "per_seed": {str(k): v for k, v in per_seed.items()}}, f, indent=1)
-    return path
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_parallel_fine_tuning_jobs_give_the_same_models(tmp_path):
     for f in (b / "stages").glob("seed0*"):
         f.unlink()
     reproduce.main(["--preset=smoke", f"--out={b}", "--jobs=2"])
-    for run in ("dm", "wm0", "wm1", "wm2", "wm3"):
+    for run in ("dm", "wm_ce", "wm_eq2", "wm_ce_syn", "wm_eq2_syn"):
         w = [(root / "seed0" / run / "ckpt" / "model.safetensors").read_bytes() for root in (a, b)]
         assert w[0] == w[1], run
     assert (a / "report.md").read_text().split("## Setup")[1] == (b / "report.md").read_text().split("## Setup")[1]
@@ -59,7 +59,7 @@ def test_verdict_rule_false_positives_and_power(reps):
     time."""
     import numpy as np
 
-    from reproduce import paired_interval, verdict
+    from report import paired_interval, verdict
 
     rng = np.random.default_rng(0)
     sims = 200
@@ -72,7 +72,7 @@ def test_verdict_rule_false_positives_and_power(reps):
 
 
 def test_paired_interval_on_a_hand_made_case():
-    from reproduce import paired_interval, verdict
+    from report import paired_interval, verdict
 
     iv = paired_interval([[10, 10, 0, 10]], [[0, 10, 0, 0]], n_boot=2000)
     assert iv["diff"] == 5.0 and iv["per_replicate"] == [5.0] and iv["mean_a"] == 7.5 and iv["mean_b"] == 2.5
@@ -163,7 +163,7 @@ def test_a_stage_folder_is_deleted_only_when_ours_and_stale(tmp_path, capsys, ti
 
 
 def test_best_of_n_pickers_on_hand_made_candidates():
-    from reproduce import pick
+    from report import pick
 
     recs = [{"judge": [0, 10, 5], "dm": [1.0, 0.0, 3.0], "wm": [0.0, 2.0, 1.0]}]
     assert pick(recs, 3, "random") == [5.0] and pick(recs, 3, "oracle") == [10]

@@ -445,3 +445,22 @@ def test_text_tokenizer_file_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{ not json")
     with pytest.raises(ValueError, match="bad.json"):
         TextTokenizer.from_file(tmp_path / "bad.json")
+
+
+def test_train_tokenizer_script_writes_both_tokenizers(tmp_path):
+    """Stage 2 on its own (train_tokenizer.py): a VQGAN and a BPE trained on a world data folder, loadable as
+    train.load_tokenizers loads reproduce.py's."""
+    import train_tokenizer
+    import world
+    from train import load_tokenizers
+
+    world.build(str(tmp_path / "data"), world.WorldConfig(n_train=14, n_val=7, n_test=7, n_comp=7, n_videos=2,
+                                                          n_captions=10), log=lambda s: None)
+    train_tokenizer.main([f"--data={tmp_path / 'data'}", f"--out={tmp_path / 'tok'}", "--vq_downsample=8",
+                          "--vq_codes=16", "--vq_warmup=2", "--vq_steps=2", "--vq_batch=4", "--vq_images=8",
+                          "--bpe_vocab=400"])
+    image_tok, tok = load_tokenizers(str(tmp_path / "tok"))
+    assert image_tok.cfg.grid == 4 and image_tok.cfg.num_embeddings == 16 and tok.n_image_codes == 16
+    codes = image_tok.encode(torch.zeros(1, 3, 32, 32))
+    assert codes.shape == (1, 16) and tok.is_image_id(int(tok.image_ids(codes)[0, 0]))
+    assert tok.decode(tok.encode(" Edit: remove the red circle")) == " Edit: remove the red circle"
