@@ -192,40 +192,6 @@ def apply_rope(x, cos, sin):  # x: (B, n_head, T, head_dim); cos/sin: (T, head_d
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer, for batched prefill-then-decode.
-
-    All sequences of a batch share one position counter, so prompts in a batch must have equal length (no padding
-    support: it keeps RoPE positions and the causal mask trivial). `pos` = number of tokens already cached.
-    Keys are stored transposed, (head_dim, position), so a decode step's q @ k^T reads them in the fast memory order.
-    """
-
-    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device=None, dtype=None):
-        # empty, not zeros: attention only ever reads positions < pos, which were written first
-        self.kt = [torch.empty(batch_size, n_kv_head, head_dim, max_len, device=device, dtype=dtype)
-                   for _ in range(n_layer)]
-        self.v = [torch.empty(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
-                  for _ in range(n_layer)]
-        self.max_len = max_len
-        self.pos = 0
-
-    @classmethod
-    def for_model(cls, model: Chameleon, batch_size: int, max_len: int | None = None) -> KVCache:
-        c = model.config
-        w = model.lm_head.weight
-        return cls(c.n_layer, batch_size, c.n_kv_head, max_len or c.max_seq_len, c.head_dim, w.device, w.dtype)
-
-    def update(self, layer: int, k, v):
-        """Write k, v (B, n_kv_head, T, head_dim) at pos..pos+T; return all cached keys TRANSPOSED,
-        (B, n_kv_head, head_dim, pos+T), and values (B, n_kv_head, pos+T, head_dim)."""
-        T = k.shape[2]
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache is full: {self.pos} + {T} tokens > max_len {self.max_len}")
-        self.kt[layer][..., self.pos:self.pos + T] = k.transpose(2, 3)
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        return self.kt[layer][..., :self.pos + T], self.v[layer][:, :, :self.pos + T]
-
-
 class Attention(nn.Module):
     def __init__(self, config: ChameleonConfig, layer_idx: int):
         super().__init__()
@@ -247,24 +213,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, n_kv_head, head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # RoPE after QK-norm, as in HF
-        kt = k.transpose(2, 3)  # (B, n_kv_head, head_dim, T)
-        if kv_cache is not None:
-            kt, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, head_dim, S), (B, n_kv_head, S, head_dim)
-        # GQA: each kv head serves n_head // n_kv_head consecutive query heads (HF's repeat_kv)
-        rep = self.n_head // self.n_kv_head
-        if rep > 1:
-            kt = kt.repeat_interleave(rep, dim=1)  # (B, n_head, head_dim, S)
-            v = v.repeat_interleave(rep, dim=1)  # (B, n_head, S, head_dim)
-        S = v.shape[2]  # past + T
-        if S == T:  # no past: plain causal attention
-            y = F.scaled_dot_product_attention(q, kt.transpose(2, 3), v, is_causal=True)
-        elif T == 1:  # decode step: one new token sees every cached one. Written out (2 matmuls and a softmax):
-            # faster than the fused kernel at this shape on CPU (measured), with keys read in their stored order
-            att = (q * self.head_dim ** -0.5) @ kt  # (B, n_head, 1, S)
-            y = att.softmax(dim=-1) @ v  # (B, n_head, 1, head_dim)
-        else:  # a chunk after a past: query t (absolute S-T+t) sees keys <= S-T+t (is_causal would be top-left)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            y = F.scaled_dot_product_attention(q, kt.transpose(2, 3), v, attn_mask=mask)
+        rep = self.n_head // self.n_kv_head  # GQA: each kv head serves `rep` consecutive query heads
+        if kv_cache is None:  # the plain algorithm: causal attention over the whole sequence
+            k, v = repeat_kv(k, v, rep)  # (B, n_head, T, head_dim) each
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
+        else:  # prefill or decode step through the KV cache (speed-ups section at the end of this file)
+            y = cached_attention(q, k, v, kv_cache, self.layer_idx, rep)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_head * head_dim)
         return self.o_proj(y)
 
@@ -319,18 +273,7 @@ class Chameleon(nn.Module):
         self._init_rope()
         for m in (self.model.embed_tokens, self.model.layers, self.lm_head):  # the VQ model keeps its own init
             m.apply(self._init_weights)
-        self._use_in_major_weights()
-
-    def _use_in_major_weights(self):
-        """Store each transformer Linear weight (out, in) as the transpose of a contiguous (in, out) tensor.
-
-        Shape, values and state-dict are unchanged (and .to() / load_state_dict keep the layout); only the memory order
-        differs. Why: decoding multiplies ONE row per sequence by each weight, and MKL's one-row matmul runs about 2x
-        faster (CPU, measured) when the weight is stored input-major; large training matmuls run at the same speed.
-        """
-        for m in [*self.model.layers.modules(), self.lm_head]:
-            if isinstance(m, nn.Linear) and m.weight.is_contiguous() and m.weight.device.type != "meta":
-                m.weight.data = m.weight.data.t().contiguous().t()  # (out, in) view of an (in, out) tensor
+        use_in_major_weights(self)  # memory order only (speed-ups section at the end of this file)
 
     def _init_rope(self):
         """(Re)build the cos/sin tables. Non-persistent buffers: not in checkpoints, so rebuilt after a meta load."""
@@ -451,7 +394,7 @@ class Chameleon(nn.Module):
             except Exception as e:
                 raise CheckpointError(f"cannot read checkpoint file {fpath}: {type(e).__name__}: {e}") from e
         model._init_rope()  # non-persistent buffers are still on meta
-        model._use_in_major_weights()  # the loaded tensors replaced the parameters (assign=True): re-lay them out
+        use_in_major_weights(model)  # the loaded tensors replaced the parameters (assign=True): re-lay them out
         if config.vq is not None:
             model.model.vqmodel.requires_grad_(False)
         return model.to(device).eval()
@@ -543,12 +486,7 @@ def sample(logits, temperature: float = 1.0, top_k: int | None = None, top_p: fl
         # drop a token when the tokens ranked above it already hold >= top_p of the mass (the top one always stays)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    # inverse-CDF draw: the first id whose cumulative probability exceeds u ~ U(0, total). The same distribution as
-    # torch.multinomial, but one random number per row instead of one per vocabulary entry (4x faster at batch 8).
-    # fp64 sums keep tiny probabilities' mass; an id of probability 0 never spans any u, so it is never drawn.
-    cdf = logits.softmax(dim=-1).double().cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # (clamp: u rounded up)
+    return inverse_cdf_draw(logits.softmax(dim=-1), generator)  # = torch.multinomial(probs, 1), faster (see there)
 
 
 def token_logprobs(logits, idx):
@@ -651,6 +589,99 @@ def generate_image(model: Chameleon, idx, n_tokens: int, boi_id: int, eoi_id: in
             logits = step([tok[:, None] if g.shape[0] == B else tok[:, None].repeat(g.shape[0] // B, 1)
                            for g in groups])
     return torch.stack(out, dim=1)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# CPU decode speed-ups, fenced: none changes what is computed, only how fast. Generation is one token at a time, so a
+# decode step is a handful of one-row matmuls; these make it cheaper on a CPU (measured effect in each comment). The
+# plain algorithm above reads without them: `use_in_major_weights` only changes memory order, `cached_attention` is
+# attention over the cache, `inverse_cdf_draw` is torch.multinomial. (Also here, above: apply_rope's roll with a
+# pre-negated sin table, 3 ops instead of 6; generate_image's lm_head restricted to the image rows.)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, for batched prefill-then-decode.
+
+    All sequences of a batch share one position counter, so prompts in a batch must have equal length (no padding
+    support: it keeps RoPE positions and the causal mask trivial). `pos` = number of tokens already cached.
+    Keys are stored transposed, (head_dim, position), so a decode step's q @ k^T reads them in the fast memory order.
+    """
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device=None, dtype=None):
+        # empty, not zeros: attention only ever reads positions < pos, which were written first
+        self.kt = [torch.empty(batch_size, n_kv_head, head_dim, max_len, device=device, dtype=dtype)
+                   for _ in range(n_layer)]
+        self.v = [torch.empty(batch_size, n_kv_head, max_len, head_dim, device=device, dtype=dtype)
+                  for _ in range(n_layer)]
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: Chameleon, batch_size: int, max_len: int | None = None) -> KVCache:
+        c = model.config
+        w = model.lm_head.weight
+        return cls(c.n_layer, batch_size, c.n_kv_head, max_len or c.max_seq_len, c.head_dim, w.device, w.dtype)
+
+    def update(self, layer: int, k, v):
+        """Write k, v (B, n_kv_head, T, head_dim) at pos..pos+T; return all cached keys TRANSPOSED,
+        (B, n_kv_head, head_dim, pos+T), and values (B, n_kv_head, pos+T, head_dim)."""
+        T = k.shape[2]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache is full: {self.pos} + {T} tokens > max_len {self.max_len}")
+        self.kt[layer][..., self.pos:self.pos + T] = k.transpose(2, 3)
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        return self.kt[layer][..., :self.pos + T], self.v[layer][:, :, :self.pos + T]
+
+
+def repeat_kv(k, v, rep: int):
+    """GQA's repeat of the key and value heads (HF's repeat_kv): (B, n_kv_head, T, head_dim) each -> (B, n_kv_head *
+    rep, T, head_dim). Keys are repeated in the transposed (head_dim, T) layout the KV cache stores them in, then
+    viewed back: the same memory order with and without the cache, so attention gives the same bits either way."""
+    if rep == 1:
+        return k, v
+    return k.transpose(2, 3).repeat_interleave(rep, dim=1).transpose(2, 3), v.repeat_interleave(rep, dim=1)
+
+
+def cached_attention(q, k, v, kv_cache: KVCache, layer: int, rep: int):
+    """Causal attention of q (B, n_head, T, head_dim) over the cache after appending k, v (B, n_kv_head, T,
+    head_dim) to it; returns (B, n_head, T, head_dim)."""
+    T = q.shape[2]
+    kt, v = kv_cache.update(layer, k, v)  # (B, n_kv_head, head_dim, S), (B, n_kv_head, S, head_dim)
+    if rep > 1:
+        kt = kt.repeat_interleave(rep, dim=1)  # (B, n_head, head_dim, S)
+        v = v.repeat_interleave(rep, dim=1)  # (B, n_head, S, head_dim)
+    S = v.shape[2]  # past + T
+    if S == T:  # no past (a prefill): plain causal attention
+        return F.scaled_dot_product_attention(q, kt.transpose(2, 3), v, is_causal=True)
+    if T == 1:  # decode step: one new token sees every cached one. Written out (2 matmuls and a softmax): faster
+        # than the fused kernel at this shape on CPU (measured), with keys read in their stored order
+        att = (q * q.shape[-1] ** -0.5) @ kt  # (B, n_head, 1, S)
+        return att.softmax(dim=-1) @ v  # (B, n_head, 1, head_dim)
+    # a chunk after a past: query t (absolute S-T+t) sees keys <= S-T+t (is_causal would align top-left)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, kt.transpose(2, 3), v, attn_mask=mask)
+
+
+def use_in_major_weights(model: Chameleon):
+    """Store each transformer Linear weight (out, in) as the transpose of a contiguous (in, out) tensor.
+
+    Shape, values and state-dict are unchanged (and .to() / load_state_dict keep the layout); only the memory order
+    differs. Why: decoding multiplies ONE row per sequence by each weight, and MKL's one-row matmul runs about 2x
+    faster (CPU, measured) when the weight is stored input-major; large training matmuls run at the same speed.
+    """
+    for m in [*model.model.layers.modules(), model.lm_head]:
+        if isinstance(m, nn.Linear) and m.weight.is_contiguous() and m.weight.device.type != "meta":
+            m.weight.data = m.weight.data.t().contiguous().t()  # (out, in) view of an (in, out) tensor
+
+
+def inverse_cdf_draw(probs, generator: torch.Generator | None = None):
+    """probs (B, V) -> one id per row drawn from it: the first id whose cumulative probability exceeds u ~ U(0,
+    total). The same distribution as torch.multinomial(probs, 1), but one random number per row instead of one per
+    vocabulary entry (4x faster at batch 8). fp64 sums keep tiny probabilities' mass; an id of probability 0 never
+    spans any u, so it is never drawn."""
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # (clamp: u rounded up)
 
 
 __all__ = ["ChameleonConfig", "Chameleon", "KVCache", "CheckpointError", "sample", "token_logprobs",
