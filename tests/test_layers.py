@@ -8,6 +8,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # "file:module" pairs allowed to import a project module inside a function (none today; add one only for a heavy
 # optional dependency, and say which in a comment at the import)
 ALLOWED_LAZY: set[str] = set()
+# the layers as the README's file tree draws them: a module may import only modules before it in this list
+ORDER = ["common", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train", "train_dynamics",
+         "train_world", "train_tokenizer", "bootstrap", "search", "eval", "report", "reproduce", "bench"]
 
 
 def project_imports() -> tuple[dict[str, set[str]], list[str]]:
@@ -69,3 +72,10 @@ def test_no_import_cycle():
 def test_no_project_import_inside_a_function():
     _, lazy = project_imports()
     assert not lazy, "\n".join(lazy)
+
+
+def test_imports_follow_the_readme_layers():
+    edges, _ = project_imports()
+    assert not (new := sorted(set(edges) - set(ORDER))), f"add {new} to ORDER (and to the README's file tree)"
+    upward = [f"{m} imports {n}" for m in ORDER for n in sorted(edges.get(m, ())) if ORDER.index(n) > ORDER.index(m)]
+    assert not upward, "imports against the layers: " + "; ".join(upward)
