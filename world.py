@@ -501,14 +501,6 @@ def parse(image, grid: int = GRID) -> Scene:
     return Scene(tuple(objs))
 
 
-def pixel_l1(a, b) -> float:
-    """Mean absolute pixel difference in [0,1] (the paper's L1 metric; rewards copying the input)."""
-    xa, xb = _to_array(a), _to_array(b)
-    if xa.shape != xb.shape:
-        raise ValueError(f"pixel_l1: shapes differ {xa.shape} vs {xb.shape}")
-    return float(np.abs(xa - xb).mean())
-
-
 # -----------------------------------------------------------------------------
 # judge
 

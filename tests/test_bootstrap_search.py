@@ -3,7 +3,7 @@
 import torch
 from conftest import ACTIONS, tiny_model
 
-from bootstrap import action_class, label_pairs, stratified_top_k
+from bootstrap import label_pairs, stratified_top_k
 from eval import markdown_table
 from metrics import bleu, rouge_l
 from search import best_of_n
@@ -24,11 +24,6 @@ def test_stratified_top_k_count_and_balance():
     kept = stratified_top_k(recs, 12)  # a class that runs out drops out of the rotation
     assert sum(r["verb"] == "add" for r in kept) == 2 and sum(r["verb"] == "remove" for r in kept) == 3
     assert len(stratified_top_k(recs, 100)) == len(recs)
-
-
-def test_action_class_is_the_verb():
-    assert action_class("Move the red circle left") == "move"
-    assert action_class("  ") == ""
 
 
 def codes(seed, L=4):

@@ -8,7 +8,7 @@ from PIL import Image
 
 import data
 import world
-from data import BenchmarkError, Item, load_benchmark, select_keyframes, video_pairs, write_benchmark
+from data import BenchmarkError, load_benchmark, select_keyframes, video_pairs, write_benchmark
 
 
 def make_bench(root, n=4):
@@ -159,8 +159,3 @@ def test_world_videos_pairs_match_hidden_truth(tmp_path):
     for split in ("train", "test_comp"):
         items = load_benchmark(paths[split], strict=True)
         assert all(it.scorable and it.task.startswith("world") for it in items)
-
-
-def test_item_dataclass_defaults(tmp_path):
-    it = Item("a", tmp_path / "x.png", "remove the red circle", None, "world")
-    assert it.extra == {} and not it.scorable

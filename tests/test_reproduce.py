@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from PIL import Image
 
 
 @pytest.mark.slow
@@ -14,8 +15,11 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Best-of-N", "Findings"):
         assert heading in report
-    for png in ("examples.png", "search_example.png", "best_of_n.png"):
-        assert os.path.getsize(out / png) > 0
+    # the pictures have their layout: 32 px images enlarged 4x to 128 px cells with 4 px gaps and a caption line
+    # (draw.save_grid); examples: source | C-FT | C-FDM | best-of-2 | target, one 160 px row per action class
+    assert Image.open(out / "examples.png").size == (4 + 5 * 132, 7 * 160 + 4)
+    assert Image.open(out / "search_example.png").size == (4 + 3 * 132, 18 + 146 + 4)  # source + 2; a title
+    assert Image.open(out / "best_of_n.png").size == (420, 260)
     # stages are cached: a second run reuses everything and rewrites the same tables
     reproduce.main(["--preset=smoke", f"--out={out}", "--seeds=0,1"])
     assert (out / "report.md").read_text().split("## Setup")[1] == report.split("## Setup")[1]

@@ -301,12 +301,6 @@ def test_cli_rejects_unknown_keys(capsys):
     assert "--n_train" in capsys.readouterr().out
 
 
-def test_pixel_l1():
-    s = random_scenes(1)[0]
-    assert world.pixel_l1(render(s), render(s)) == 0.0
-    assert world.pixel_l1(render(s), render(Scene())) > 0.0
-
-
 def test_build_refuses_foreign_folder(tmp_path):
     from common import UserError
 
