@@ -41,7 +41,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import json
@@ -56,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 import train
 import world
-from common import atomic_write
+from common import arg, atomic_write, parse_config
 from data import Item, write_benchmark
 from model import Chameleon, ChameleonConfig, apply_lora, generate_image
 from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours
@@ -82,68 +82,6 @@ PROMPT_LEN = 8  # text prompt before BOI; the last prompt token is BOI (id 3)
 BOI = 3
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--config", default="small", help=f"comma-separated subset of {list(CONFIGS)}")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (bf16 is meant for cuda)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads (both sides)")
-    p.add_argument("--quick", action="store_true", help="short decodes (16/64 tokens), 1 rep: a smoke run")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per measurement (median reported)")
-    p.add_argument("--decode_lens", default="64,1024", help="image tokens per decode measurement")
-    p.add_argument("--batches", default="1,8", help="decode batch sizes")
-    p.add_argument("--best_of", type=int, default=8, help="N of the best-of-N row (vs N = 1), 64-token images")
-    p.add_argument("--train_batch", type=int, default=8, help="sequences per training step")
-    p.add_argument("--train_len", type=int, default=128, help="tokens per training sequence")
-    p.add_argument("--hf_attn", default="sdpa", help="reference attn_implementation: sdpa (default) or eager")
-    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--preset", default="", help="also time decode of this ChameleonConfig preset (chameleon-7b), "
-                                                "random weights, ours only (cuda)")
-    p.add_argument("--peak_flops", type=float, default=989e12, help="accelerator peak FLOP/s for MFU (cuda)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default="out/bench.jsonl", help="append one JSON line per run here ('' = don't)")
-    p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # internal: memory subprocess (ours|ref)
-    p.add_argument("--ckpt", default="", help=argparse.SUPPRESS)  # internal: checkpoint dir for the worker
-    p.add_argument("--preset_shrink", action="store_true", help=argparse.SUPPRESS)  # internal: gpu_check CPU dry run
-    r = p.add_argument_group("rehearsal (the README's full-scale commands on an Anole-shaped random checkpoint)")
-    r.add_argument("--rehearse", action="store_true", help="run the rehearsal; results JSON -> --out")
-    r.add_argument("--rehearse_dir", default="out/rehearsal", help="its working folder (checkpoint, data, runs)")
-    r.add_argument("--rehearse_size", default="full", choices=sorted(REHEARSAL_SIZES),
-                   help="full: Anole-7B widths, heads, vocabulary and VQ (512 px); small: the same layout in miniature")
-    r.add_argument("--rehearse_layers", type=int, default=1, help="transformer layers of the built checkpoint")
-    r.add_argument("--rehearse_steps", type=int, default=3, help="optimizer steps of the DM and WM fine-tuning")
-    r.add_argument("--scaling", default="dm:1:2100,dm:2:2100,dm:4:2100,dm:1:1050,dm:1:2100:full,wm:1:2100,"
-                                        "wm:1:2100:full,vq:4",
-                   help="memory probes: a training step task:layers:tokens[:full] (full = logits at every position) "
-                        "or VQ encode + decode of a batch, vq:images ('' = none)")
-    r.add_argument("--rehearse_from", default="", choices=["", *REHEARSAL_STAGES],
-                   help="continue a rehearsal at this stage, keeping the earlier stages' files and numbers")
-    r.add_argument("--rehearse_build", action="store_true", help=argparse.SUPPRESS)  # internal: the build stage
-    r.add_argument("--rehearse_probe", default="", help=argparse.SUPPRESS)  # internal: one scaling probe
-    g = p.add_argument_group("GPU check (one command; each part in its own time-limited subprocess)")
-    g.add_argument("--gpu_check", action="store_true", help="run the parts below; results JSON -> --out")
-    g.add_argument("--gpu_parts", default="a,b,c", help="a: ours vs HF (bf16 train step, MFU, decode, best-of-8); "
-                                                        "b: 7B preset decode; c: a short reproduce.py --preset=gpu")
-    g.add_argument("--part_limits", default="170,100,180", help="seconds allowed to parts a, b, c")
-    p.add_argument("--out", default="", help="results JSON of --rehearse / --gpu_check (default: in out/)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.decode_lens, args.reps = "16,64", 1
-    for name in [c for c in args.config.split(",") if c]:  # '' = no comparison (e.g. --preset only)
-        if name not in CONFIGS:
-            p.error(f"unknown config {name!r}; choose from {list(CONFIGS)}")
-    if not set(args.gpu_parts.split(",")) <= set(GPU_PARTS) or len(args.part_limits.split(",")) != len(GPU_PARTS):
-        p.error(f"--gpu_parts is a subset of {list(GPU_PARTS)}; --part_limits gives one number per part")
-    for spec in [x for x in args.scaling.split(",") if x]:
-        f = spec.split(":")
-        vq = len(f) == 2 and f[0] == "vq" and f[1].isdigit()
-        if not vq and (len(f) not in (3, 4) or f[0] not in ("dm", "wm") or not (f[1].isdigit() and f[2].isdigit())
-                       or f[3:] not in ([], ["full"])):
-            p.error(f"--scaling entry {spec!r}: expected task:layers:tokens[:full] (task dm or wm) or vq:images")
-    return args
-
-
 # size -> HF ChameleonConfig widths, VQConfig.chameleon() overrides and the image side. "full" is Anole-7B in all but
 # depth (4096 wide, 32 heads, 11,008 SwiGLU, 65,536 ids, 512 px -> 1,024 codes of 8,192); "small" keeps its id
 # layout and a vocabulary large enough for train.sequence_nll's loss-positions path, at CI size.
@@ -155,6 +93,72 @@ REHEARSAL_SIZES = {
 }
 GPU_PARTS = ("a", "b", "c")
 REHEARSAL_STAGES = ("build", "convert", "dm", "bootstrap", "wm", "search", "eval", "probes")
+
+
+def _configs_ok(v: str):
+    return None if {c for c in v.split(",") if c} <= set(CONFIGS) else f"a comma-separated subset of {list(CONFIGS)}"
+
+
+def _scaling_ok(v: str):
+    for spec in [x for x in v.split(",") if x]:
+        f = spec.split(":")
+        vq = len(f) == 2 and f[0] == "vq" and f[1].isdigit()
+        if not vq and (len(f) not in (3, 4) or f[0] not in ("dm", "wm") or not (f[1].isdigit() and f[2].isdigit())
+                       or f[3:] not in ([], ["full"])):
+            return f"entries task:layers:tokens[:full] (task dm or wm) or vq:images, not {spec!r}"
+    return None
+
+
+@dataclass
+class BenchConfig:
+    config: str = arg("small", _configs_ok)  # comma-separated subset of CONFIGS ('' = none, e.g. --preset only)
+    device: str = "cpu"  # cpu or cuda: where both sides run
+    dtype: str = "float32"  # float32 or bfloat16 (bf16 is meant for cuda)
+    threads: int = arg(torch.get_num_threads(), ">=1")  # torch intra-op threads (both sides)
+    quick: bool = False  # short decodes (16/64 tokens), 1 rep: a smoke run
+    reps: int = arg(3, ">=1")  # timed runs per measurement (median reported)
+    decode_lens: str = arg("64,1024", "ints>=1")  # image tokens per decode measurement
+    batches: str = arg("1,8", "ints>=1")  # decode batch sizes
+    best_of: int = arg(8, ">=1")  # N of the best-of-N row (vs N = 1), 64-token images
+    train_batch: int = arg(8, ">=1")  # sequences per training step
+    train_len: int = arg(128, ">=2")  # tokens per training sequence
+    hf_attn: str = "sdpa"  # the reference's attn_implementation: sdpa or eager
+    no_memory: bool = False  # skip the peak-memory subprocesses
+    preset: str = ""  # also time decode of this ChameleonConfig preset (chameleon-7b), random weights, ours only (cuda)
+    peak_flops: float = arg(989e12, ">0")  # accelerator peak FLOP/s for MFU (cuda)
+    seed: int = arg(0, ">=0")  # random weights and prompts
+    results: str = "out/bench.jsonl"  # append one JSON line per run here ('' = don't)
+    worker: str = ""  # internal: the memory subprocess (ours or ref)
+    ckpt: str = ""  # internal: checkpoint folder for the worker
+    preset_shrink: bool = False  # internal: gpu_check's CPU dry run
+    # --- rehearsal: the README's full-scale commands on an Anole-shaped random checkpoint
+    rehearse: bool = False  # run the rehearsal; results JSON -> --out
+    rehearse_dir: str = "out/rehearsal"  # its working folder (checkpoint, data, runs)
+    rehearse_size: str = arg("full", tuple(sorted(REHEARSAL_SIZES)))  # full: Anole-7B widths, heads, vocabulary and
+    # VQ (512 px); small: the same layout in miniature
+    rehearse_layers: int = arg(1, ">=1")  # transformer layers of the built checkpoint
+    rehearse_steps: int = arg(3, ">=1")  # optimizer steps of the DM and WM fine-tuning
+    scaling: str = arg("dm:1:2100,dm:2:2100,dm:4:2100,dm:1:1050,dm:1:2100:full,wm:1:2100,wm:1:2100:full,vq:4",
+                       _scaling_ok)  # memory probes: a training step task:layers:tokens[:full] (full = logits at
+    # every position) or VQ encode + decode of a batch, vq:images ('' = none)
+    rehearse_from: str = arg("", ("", *REHEARSAL_STAGES))  # continue a rehearsal at this stage, keeping the earlier
+    # stages' files and numbers
+    rehearse_build: bool = False  # internal: the build stage
+    rehearse_probe: str = ""  # internal: one scaling probe
+    # --- GPU check (one command; each part in its own time-limited subprocess)
+    gpu_check: bool = False  # run the parts below; results JSON -> --out
+    gpu_parts: str = arg("a,b,c", lambda v: None if set(v.split(",")) <= set(GPU_PARTS) else f"a subset of {GPU_PARTS}")
+    # a: ours vs HF (bf16 train step, MFU, decode, best-of-8); b: 7B preset decode; c: a short reproduce.py --preset=gpu
+    part_limits: str = arg("170,100,180", lambda v: None if len(v.split(",")) == len(GPU_PARTS) else
+                           f"{len(GPU_PARTS)} comma-separated seconds, one per part")  # seconds allowed to parts a-c
+    out: str = ""  # results JSON of --rehearse / --gpu_check (default: in out/)
+
+
+def parse_args(argv=None) -> BenchConfig:
+    args = parse_config(BenchConfig, argv, description=__doc__.split("\n\n")[0])
+    if args.quick:
+        args.decode_lens, args.reps = "16,64", 1
+    return args
 
 
 def make_config(name: str) -> ChameleonConfig:

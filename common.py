@@ -105,7 +105,8 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
         default = f.default if f.default is not dataclasses.MISSING else None
         default = (defaults or {}).get(f.name, default)
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})")
+        bare = dict(nargs="?", const=True) if kind is _bool else {}  # `--flag` alone = `--flag=true`
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})", **bare)
     parser.add_argument("--debug", type=_bool, nargs="?", const=True, default=False,
                         help="show the traceback of an error (or WORLDBOOT_DEBUG=1)")
     args = parser.parse_args(argv)

@@ -38,6 +38,15 @@ def test_cli_rejects_unknown_keys():
         bench.parse_args(["--config=huge"])
 
 
+def test_cli_is_the_common_parser():
+    """bench.py's flags go through common.parse_config like every script's: a bare boolean flag means true, and
+    --key=value works for booleans too."""
+    assert bench.parse_args(["--quick"]).quick is True and bench.parse_args(["--quick=true"]).reps == 1
+    assert bench.parse_args(["--quick=false"]).quick is False and bench.parse_args([]).reps == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quic"])  # abbreviations fail
+
+
 def test_gpu_check_arguments():
     for bad in (["--gpu_parts=a,d"], ["--part_limits=1,2"], ["--scaling=xx:1:2"], ["--scaling=dm:1"]):
         with pytest.raises(SystemExit):
