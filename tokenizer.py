@@ -122,6 +122,8 @@ class VQConfig:
         - codebook 256 x 32: a handful of colours x edge orientations x positions inside a patch needs a few hundred
           codes; 256 stays ~90% used with dead-code restarts (an 8192 book would be mostly dead and would make the
           transformer's output layer needlessly wide). embed_dim 32 keeps the nearest-neighbour search cheap.
+          The main job (train_tokenizer.py, called by reproduce.py) changes three of these: 128 codes
+          (--vq_codes), the MSE reconstruction loss, and the number of levels from --vq_downsample.
         - latent_channels 64 = the top level's width.
         - attention only in the mid block (8x8 = 64 positions, cheap); none at 32x32 or 16x16.
         """
