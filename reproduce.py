@@ -80,7 +80,8 @@ class ReproConfig:
     n_train: int = 10000  # labelled triplets (the supervised data of DM and WM). With 1,000 the tiny DM memorised
     # them (train accuracy 100%, test 2-5%) instead of learning to compare two images
     n_videos: int = 400  # unlabelled videos (9 frames each: ~6 changed pairs per video)
-    n_val: int = 64  # validation triplets
+    n_val: int = 210  # validation triplets: as many as test and balanced the same way, so a setting chosen on
+    # validation is chosen as precisely as test would measure it
     n_test: int = 210  # test triplets (balanced over the 7 action classes)
     n_comp: int = 140  # compositional test triplets (held-out colour/shape/verb combinations)
     n_captions: int = 20000  # image-caption pairs for pre-training. With 2,000 (600 steps) the pre-trained model
@@ -128,11 +129,11 @@ class ReproConfig:
 
 PRESETS = {
     "laptop": {},
-    "smoke": dict(n_train=56, n_videos=24, n_val=14, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
+    "smoke": dict(n_train=56, n_videos=24, n_val=28, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
                   vq_images=256,
                   n_layer=2, n_embd=64, pretrain_steps=30, ft_steps=20, batch_size=16, boot_k=60, boot_samples=1,
                   search_n="1,2"),
-    "gpu": dict(n_train=20000, n_videos=3000, n_val=200, n_test=700, n_comp=350, n_captions=40000, vq_steps=3000,
+    "gpu": dict(n_train=20000, n_videos=3000, n_val=700, n_test=700, n_comp=350, n_captions=40000, vq_steps=3000,
                 vq_codes=128, n_layer=8, n_embd=512, pretrain_steps=4000, ft_steps=3000, batch_size=128,
                 lr=1e-3, boot_k=10000, boot_samples=4),
 }
@@ -144,14 +145,17 @@ SHARED_KEYS = ("threads", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n
 
 
 def settings_hash(cfg: ReproConfig, keys) -> str:
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    # the world's generation version too: a stage trained on an older world's data is not reused
+    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "data_version": world.DATA_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
 STAGE_KEYS = {
-    "vq": ("threads", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val"),
-    "bpe": ("n_train", "n_videos", "n_captions", "bpe_vocab", "vq_codes"),
+    "vq": ("threads", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val", "n_test",
+           "n_comp"),  # checked on val, whose scenes avoid test's: all three sizes shape it
+    "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
+    # avoid the evaluation splits' scenes, so those sizes shape its text too
     "pretrain": SHARED_KEYS,
 }
 
@@ -204,8 +208,14 @@ def build_data(cfg: ReproConfig) -> dict:
     return world.build(os.path.join(cfg.out, "data"), wcfg, log=log), wcfg
 
 
+def bpe_texts(paths: dict) -> list[str]:
+    """The text the BPE learns from: what the method holds with its labels, i.e. the captions and the labelled train
+    instructions. Not the unlabelled videos' hidden actions (the report's answer key), nor val or test."""
+    return [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
+
+
 def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torch.device):
-    """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text)."""
+    """The VQGAN (trained on rendered world scenes) and the BPE (trained on the captions and train instructions)."""
     from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, codebook_usage, preprocess_image, to_pil, train_vqgan
 
     tok_dir = os.path.join(cfg.out, "tok")
@@ -247,10 +257,7 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torc
         from train_dynamics import DM_PROMPT
         from train_world import WM_PROMPT
 
-        texts = [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
-        texts += [s["instruction"] for v in json.load(open(paths["videos_hidden"])).values() for s in v["steps"]
-                  if not s["hold"]]  # the videos' text is the world's language, never paired with their frames
-        texts += [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
+        texts = bpe_texts(paths) + [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
         text_tok = TextTokenizer.train(texts, vocab_size=cfg.bpe_vocab, n_image_codes=vq.cfg.num_embeddings)
         text_tok.save(os.path.join(tok_dir, "tokenizer.json"))
         lengths = [len(text_tok.encode(t)) for t in texts[:2000]]
@@ -714,7 +721,8 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
           "Scores are the world judge's 0-10 "
           "(success, minimal editing, score = their min per sample, as the paper's GPT-4o protocol); L1 is the "
           "mean pixel difference to the target (0-1). `world` is the test split, `world_comp` the compositional "
-          "split (colour/shape/verb combinations never seen in training).", ""]
+          "split (colour/shape/verb combinations whose picture change and wording no training data shows; no test "
+          "source scene is shown in training either: world.py's docstring).", ""]
     L += ["What determines these numbers (runs that agree on every line should match byte for byte from the Setup "
           "section on; other CPUs run other kernels, which round differently):", "",
           f"- commit {prov['commit']}, torch {prov['torch']}, device {prov['device']}, dtype {prov['dtype']}, "
@@ -723,8 +731,8 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
           "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
     body_start = len(L)
     L += ["## Setup", "",
-          f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_test} test + "
-          f"{cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
+          f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_val} validation, "
+          f"{cfg.n_test} test + {cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
           f"- tokenizers: VQGAN {32 // cfg.vq_downsample}x{32 // cfg.vq_downsample} tokens per 32x32 image, "
           f"{cfg.vq_codes} codes; reconstruction L1 {tok_res['recon_l1']:.4f}; the judge recovers "
           f"{100 * tok_res['scene_recovered']:.1f}% of scenes from reconstructions; BPE vocabulary {tok_res['vocab']}",
