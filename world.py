@@ -687,8 +687,8 @@ def heldout_wording(held) -> re.Pattern:
 
 
 def split_leaks(data: dict, cfg) -> dict:
-    """What `generate`'s splits show that they should hold out (every count is 0 for `generate`; the tests assert
-    it, on worlds small and large):
+    """What the splits of `generate`'s output show that they should hold out (every count is 0 for `generate`;
+    tests/test_world.py asserts it):
         heldout_change_<split>  train / val / test items and video transitions whose change a held-out action
                                 produces (`shows_heldout`), or that change a held-out object type in the change
                                 class of its held-out verb (`changes`): e.g. the green circle relocated at all when
