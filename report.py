@@ -185,7 +185,8 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
           "Scores are the world judge's 0-10 "
           "(success, minimal editing, score = their min per sample, as the paper's GPT-4o protocol); L1 is the "
           "mean pixel difference to the target (0-1). `world` is the test split, `world_comp` the compositional "
-          "split (colour/shape/verb combinations never seen in training).", ""]
+          "split (colour/shape/verb combinations whose picture change and wording no training data shows; no test "
+          "source scene is shown in training either: world.py's docstring).", ""]
     L += ["What determines these numbers (runs that agree on every line should match byte for byte from the Setup "
           "section on; other CPUs run other kernels, which round differently):", "",
           f"- commit {prov['commit']}, torch {prov['torch']}, device {prov['device']}, dtype {prov['dtype']}, "
@@ -194,8 +195,8 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
           "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
     body_start = len(L)
     L += ["## Setup", "",
-          f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_test} test + "
-          f"{cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
+          f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_val} validation, "
+          f"{cfg.n_test} test + {cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
           f"- tokenizers: VQGAN {32 // cfg.vq_downsample}x{32 // cfg.vq_downsample} tokens per 32x32 image, "
           f"{cfg.vq_codes} codes; reconstruction L1 {tok_res['recon_l1']:.4f}; the judge recovers "
           f"{100 * tok_res['scene_recovered']:.1f}% of scenes from reconstructions; BPE vocabulary {tok_res['vocab']}",

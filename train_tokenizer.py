@@ -14,7 +14,6 @@ Run:  python train_tokenizer.py --data=out/data --out=out/tok   (writes out/tok/
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -34,7 +33,7 @@ from train_world import WM_PROMPT
 
 @dataclass
 class TokenizerConfig:
-    data: str = arg("out/data", "required")  # world.py's output folder (train/val/captions/videos_hidden .json)
+    data: str = arg("out/data", "required")  # world.py's output folder (train/val/captions .json)
     out: str = arg("out/tok", "required")  # writes vq/ (the VQGAN) and tokenizer.json (the BPE) here
     vq_downsample: int = arg(4, (2, 4, 8, 16))  # 32x32 images -> (32 / this)^2 tokens (reproduce.py --vq_downsample)
     vq_codes: int = arg(128, ">=2")  # codebook size
@@ -49,7 +48,7 @@ class TokenizerConfig:
 
 def world_paths(data_dir: str) -> dict:
     """The files of a world.py data folder that the tokenizers read."""
-    return {n: os.path.join(data_dir, n + ".json") for n in ("train", "val", "captions", "videos_hidden")}
+    return {n: os.path.join(data_dir, n + ".json") for n in ("train", "val", "captions")}
 
 
 def train_vq(cfg, paths: dict, device, log=print):
@@ -85,13 +84,16 @@ def train_vq(cfg, paths: dict, device, log=print):
     return vq, res
 
 
+def bpe_texts(paths: dict) -> list[str]:
+    """The text the BPE learns from: what the method holds with its labels, i.e. the captions and the labelled train
+    instructions. Not the unlabelled videos' hidden actions (the report's answer key), nor val or test."""
+    return [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
+
+
 def train_bpe(cfg, paths: dict, n_image_codes: int):
-    """The BPE on all of the world's text. Returns (TextTokenizer, results: vocabulary, mean tokens per text)."""
-    texts = [it.instruction for it in load_captions(paths["captions"]) + load_items(paths["train"])]
-    with open(paths["videos_hidden"]) as f:
-        texts += [s["instruction"] for v in json.load(f).values() for s in v["steps"]
-                  if not s["hold"]]  # the videos' text is the world's language, never paired with their frames
-    texts += [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
+    """The BPE on the captions and train instructions. Returns (TextTokenizer, results: vocabulary, mean tokens per
+    text)."""
+    texts = bpe_texts(paths) + [CAPTION_PROMPT, DRAW_PROMPT, DM_PROMPT, WM_PROMPT] * 20
     text_tok = TextTokenizer.train(texts, vocab_size=cfg.bpe_vocab, n_image_codes=n_image_codes)
     lengths = [len(text_tok.encode(t)) for t in texts[:2000]]
     return text_tok, {"vocab": text_tok.vocab_size, "mean_tokens": sum(lengths) / len(lengths)}

@@ -36,12 +36,21 @@ image)` reads the image back with the detector `parse` and checks the action's p
 nothing else changed (minimal); `judge_item(json_item, image)` does the same from a benchmark item.
 
 Splits (all seeded and deterministic): labelled train triplets, unlabelled videos (frames only; the true actions go to
-a separate hidden file), val, test, a compositional test, and image-caption pairs for pre-training. Compositional
-split: for each verb one (colour, shape) is held out (7 triples such as "green circle + move", all object types
-distinct, `heldout_combos`). An item "uses" the triples (colour, shape, verb) of every object its instruction names
-(`combos`: X, Y, the added object, and a recolour's result). Train, val, test and every video step use none of the
-held-out triples; every test_comp item uses at least one. Held-out object types still appear in training as
-bystanders, with other verbs, and in captions: only the combination is new.
+a separate hidden file), val (as large as test by default, action classes balanced the same way), test, a
+compositional test, and image-caption pairs for pre-training. Compositional split: for each verb one (colour, shape)
+is held out (7 triples such as "green circle + move", all object types distinct, `heldout_combos`); every test_comp
+item names at least one (`combos`: X, Y, the added object, and a recolour's result, each paired with the verb). The
+split withholds the picture change, not only the wording. Train, val, test and every video step
+  - name no held-out triple (so "next to the green circle" is unseen when (green circle, next_to) is held out);
+  - change no held-out object type in its verb's change class (`CHANGE_CLASS`, `changes`): move, move_somewhere and
+    next_to all relocate one object and their outcomes coincide (a move_somewhere that lands one cell over is a move),
+    so a held-out mover is never relocated at all, and no "move the green circle ..." wording appears either;
+  - show no change a held-out action produces on the same source (`shows_heldout`): e.g. "move the red square up"
+    that lands beside the green circle is exactly "put the red square next to the green circle".
+Held-out object types still appear in training as bystanders, with verbs of other classes, and in captions: only the
+combination is new. The evaluation splits are drawn first and their source scenes are reserved: no train source or
+target, video frame or caption shows one, and val, test and test_comp share none. `split_leaks` counts each of these
+(all 0; the tests assert it). The BPE tokenizer learns from captions and train instructions only (reproduce.py).
 
 Run `python world.py --out=out/data` to build the data set; `--help` lists the options.
 """
@@ -54,6 +63,7 @@ import json
 import random
 import re
 import shutil
+import string
 import textwrap
 import time
 from collections import Counter
@@ -88,7 +98,7 @@ GRID = 4  # default grid (cells per side)
 IMAGE_SIZE = 32  # default image side in pixels
 ROW_WORDS = ("top", "upper", "lower", "bottom")  # cell names for the default 4x4 grid
 COL_WORDS = ("left", "mid-left", "mid-right", "right")
-DATA_VERSION = 1  # bump when generation changes, so build() does not reuse stale data
+DATA_VERSION = 2  # bump when generation changes, so build() does not reuse stale data
 
 
 # -----------------------------------------------------------------------------
@@ -619,6 +629,91 @@ def combos(action: Action) -> set[tuple[str, str, str]]:
     return {(c, s, action.verb) for c, s in ids}
 
 
+# Verbs whose outcomes can be the same picture change share a change class. A move is a move_somewhere of one cell,
+# either is a next_to when it lands beside another object, and a next_to can land its object in any cell (beside some
+# other object): all three relocate one object. An add at a named cell is an add somewhere that landed there (one
+# verb already). remove, recolour and swap change a scene in ways no other single action does.
+CHANGE_CLASS = {"move": "relocate", "move_somewhere": "relocate", "next_to": "relocate", "remove": "remove",
+                "add": "add", "recolour": "recolour", "swap": "swap"}
+
+
+def changes(action: Action) -> set[tuple[str, str, str]]:
+    """The (colour, shape, change class) of every object the action changes: X (for add, the added object), Y of a
+    swap, and a recolour's result. next_to's Y stays put: it is named (`combos`) but not changed."""
+    ids = {action.target} | ({action.ref} if action.verb == "swap" else set())
+    if action.verb == "recolour":
+        ids.add((action.colour, action.target[1]))
+    return {(c, s, CHANGE_CLASS[action.verb]) for c, s in ids}
+
+
+def shows_heldout(src: Scene, tgt: Scene, held, grid: int = GRID, max_objects: int = 4) -> bool:
+    """Whether the change src -> tgt is one a held-out action produces on src: some action that names a held-out
+    triple (`combos`) has tgt among its outcomes. E.g. with (green circle, move) held out, "slide the green circle
+    somewhere to the left" landing one cell over; with (green circle, next_to) held out, "move the red square up"
+    landing beside the green circle (exactly "put the red square next to the green circle")."""
+    return src != tgt and any(tgt in outcomes(src, a, grid, max_objects) for v in VERBS
+                              for a in candidates(src, v, grid, max_objects) if combos(a) & held)
+
+
+def heldout_wording(held) -> re.Pattern:
+    """A pattern that finds the wording of any held-out instruction, up to the held-out object's name, in every
+    paraphrase: "move the green circle" (X of a held-out move), "next to the green circle" (Y of a held-out next_to),
+    "add a green circle", "make the red circle green" (a recolour into a held-out object type), ..."""
+    pats = []
+    for c, s, v in sorted(held):
+        roles = {"move": ("x",), "move_somewhere": ("x",), "next_to": ("x", "y"), "remove": ("x",), "add": ("add",),
+                 "recolour": ("x", "result"), "swap": ("x", "y")}[v]
+        for key in (v, "add_somewhere") if v == "add" else (v,):
+            for t in TEMPLATES[key]:
+                for role in roles:
+                    fill = {"x": {"x": f"{c} {s}"}, "y": {"y": f"{c} {s}"}, "add": {"c": c, "s": s},
+                            "result": {"x": f"[a-z]+ {s}", "c": c}}[role]
+                    pat, last = "", 0
+                    for lit, field, _, _ in string.Formatter().parse(t):
+                        pat += re.escape(lit)
+                        if field is not None:
+                            pat += fill.get(field, ".+?")
+                            last = len(pat) if field in fill else last
+                    pats.append(pat[:last])  # cut after the held-out object: the rest is any action's wording
+    return re.compile(r"\b(?:" + "|".join(sorted(set(pats))) + r")\b")
+
+
+def split_leaks(data: dict, cfg) -> dict:
+    """What the splits of `generate`'s output show that they should hold out (every count is 0 for `generate`;
+    tests/test_world.py asserts it):
+        heldout_change_<split>  train / val / test items and video transitions whose change a held-out action
+                                produces (`shows_heldout`), or that change a held-out object type in the change
+                                class of its held-out verb (`changes`): e.g. the green circle relocated at all when
+                                (green circle, move) is held out
+        heldout_wording_<split> train / val / video instructions with a held-out instruction's wording
+        test_scenes_seen        test and test_comp source scenes that train (source or target), a video frame or a
+                                caption shows
+        val_scenes_seen         the same for val's source scenes
+        val_test_shared         val source scenes that are also test or test_comp source scenes"""
+    held = {tuple(h) for h in data["heldout"]}
+    held_changes = {(c, s, CHANGE_CLASS[v]) for c, s, v in held}
+    wording = heldout_wording(held)
+    leaks_change = lambda s, a, t: bool(changes(a) & held_changes) or shows_heldout(s, t, held, cfg.grid,
+                                                                                   cfg.max_objects)
+    steps = [(v["scenes"][st["t"] - 1], Action.from_json(st["action"]), v["scenes"][st["t"]], st["instruction"])
+             for v in data["videos"] for st in v["steps"] if not st["hold"]]
+    trips = {split: [(r["src"], r["action"], r["tgt"], r["instruction"]) for r in data[split]]
+             for split in ("train", "val", "test")}
+    trips["videos"] = steps
+    out = {}
+    for split, ts in trips.items():
+        out[f"heldout_change_{split}"] = sum(leaks_change(s, a, t) for s, a, t, _ in ts)
+        if split != "test":
+            out[f"heldout_wording_{split}"] = sum(wording.search(text) is not None for *_, text in ts)
+    shown = {x for r in data["train"] for x in (r["src"], r["tgt"])} | {s for v in data["videos"] for s in v["scenes"]}
+    shown |= {c["scene"] for c in data["captions"]}
+    test_src = {r["src"] for split in ("test", "test_comp") for r in data[split]}
+    val_src = {r["src"] for r in data["val"]}
+    out.update(test_scenes_seen=len(test_src & shown), val_scenes_seen=len(val_src & shown),
+               val_test_shared=len(val_src & test_src))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # data set generation
 
@@ -631,8 +726,8 @@ class WorldConfig:
     min_objects: int = arg(2, ">=1")  # objects per scene (sampled uniformly in [min, max])
     max_objects: int = arg(4, ">=1")
     n_train: int = arg(400, ">=1")  # labelled (source, instruction, target) triplets: the supervised WM/DM data
-    n_val: int = arg(150, ">=1")
-    n_test: int = arg(200, ">=1")
+    n_val: int = arg(210, ">=1")  # validation triplets: as many as test, so a choice made on them is as precise
+    n_test: int = arg(210, ">=1")  # test triplets (a multiple of 7 balances the action classes exactly, as in val)
     n_comp: int = arg(150, ">=1")  # compositional test: every item mentions a held-out (colour, shape, verb)
     comp_per_verb: int = arg(1, ">=1")  # held-out object types per verb
     n_videos: int = arg(300, ">=1")  # unlabelled videos
@@ -654,79 +749,92 @@ class WorldConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _triplet(cfg: WorldConfig, rng: random.Random, keep, verb: str, include=None) -> tuple[Scene, Action, Scene]:
+def _triplet(cfg: WorldConfig, rng: random.Random, keep, verb: str, include=None,
+             ok=None) -> tuple[Scene, Action, Scene]:
     """One (source, action, target) of the given verb (the callers cycle through VERBS so action classes are
-    balanced even though e.g. add needs a scene with room): scenes until one admits that verb."""
+    balanced even though e.g. add needs a scene with room): scenes until one admits that verb and `ok(source,
+    target)` accepts the outcome."""
     for _ in range(10000):
         scene = sample_scene(rng, cfg.grid, cfg.min_objects, cfg.max_objects, include=include)
         action = sample_action(scene, rng, cfg.grid, cfg.max_objects, keep, (verb,), cfg.p_somewhere)
         if action is not None:
-            return scene, action, apply(scene, action, rng, cfg.grid, cfg.max_objects)
+            tgt = apply(scene, action, rng, cfg.grid, cfg.max_objects)
+            if ok is None or ok(scene, tgt):
+                return scene, action, tgt
     raise RuntimeError("could not sample an applicable action")
 
 
 def generate(cfg: WorldConfig) -> dict:
     """All splits as symbolic records (no files). Keys: train, val, test, test_comp (lists of triplet dicts),
-    videos (list of dicts with scenes and transitions), captions (list of dicts), heldout (sorted list)."""
+    videos (list of dicts with scenes and transitions), captions (list of dicts), heldout (sorted list).
+    The evaluation splits are drawn first so that their source scenes can be kept out of everything else."""
     held = heldout_combos(cfg.seed, cfg.comp_per_verb)
-    noncomp = lambda a: not (combos(a) & held)
+    held_changes = {(c, s, CHANGE_CLASS[v]) for c, s, v in held}
+    noncomp = lambda a: not (combos(a) & held) and not (changes(a) & held_changes)  # neither wording nor change
     is_comp = lambda a: bool(combos(a) & held)
-    seen: set = set()  # (scene, action) already used: later splits never repeat an earlier triplet
+    fresh = lambda s, t: not shows_heldout(s, t, held, cfg.grid, cfg.max_objects)
+    reserved: set[Scene] = set()  # source scenes of the evaluation splits: no other split shows them
+    unseen = lambda *scenes: not reserved.intersection(scenes)
+    seen: set = set()  # (scene, action) already used: no triplet repeats within or across splits
     out: dict = {"heldout": sorted(held)}
 
     def record(split, i, scene, action, tgt, rng, task):
         return dict(id=f"{split}-{i:05d}", split=split, task=task, verb=action.verb,
                     instruction=describe(action, rng, cfg.grid), src=scene, action=action, tgt=tgt)
 
-    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
-        rng, recs = random.Random(f"{cfg.seed}-{split}"), []
+    by_verb = {v: sorted((c, s) for c, s, vv in held if vv == v) for v in VERBS}
+    for split, n in (("test", cfg.n_test), ("test_comp", cfg.n_comp), ("val", cfg.n_val), ("train", cfg.n_train)):
+        rng, recs, comp = random.Random(f"{cfg.seed}-{split}"), [], split == "test_comp"
+        # train may show neither an evaluation source scene as its source nor as its target; val and test are
+        # disjoint by source scene (val's targets may be any scene, like test's)
+        ok = (lambda s, t: fresh(s, t) and unseen(s, t)) if split == "train" else \
+            (lambda s, t: unseen(s)) if comp else (lambda s, t: fresh(s, t) and unseen(s))
         while len(recs) < n:
-            s, a, t = _triplet(cfg, rng, noncomp, VERBS[len(recs) % len(VERBS)])  # exactly balanced verbs
+            verb = VERBS[len(recs) % len(VERBS)]  # exactly balanced verbs
+            if comp:
+                ident = rng.choice(by_verb[verb])
+                include = ident if (verb != "add" and rng.random() < 0.9) else None  # recolour-into/add need it absent
+                s, a, t = _triplet(cfg, rng, is_comp, verb, include, ok)
+            else:
+                s, a, t = _triplet(cfg, rng, noncomp, verb, ok=ok)
             if (s, a) not in seen:
                 seen.add((s, a))
-                recs.append(record(split, len(recs), s, a, t, rng, "world"))
+                recs.append(record(split, len(recs), s, a, t, rng, "world_comp" if comp else "world"))
         out[split] = recs
-        if split == "train":  # videos come right after train so they are also excluded from val/test
-            out["videos"] = _videos(cfg, noncomp, seen)
-
-    rng, recs = random.Random(f"{cfg.seed}-test_comp"), []
-    by_verb = {v: sorted((c, s) for c, s, vv in held if vv == v) for v in VERBS}
-    while len(recs) < cfg.n_comp:
-        verb = VERBS[len(recs) % len(VERBS)]  # balanced verbs
-        ident = rng.choice(by_verb[verb])
-        include = ident if (verb != "add" and rng.random() < 0.9) else None  # recolour-into / add need it absent
-        s, a, t = _triplet(cfg, rng, is_comp, verb, include)
-        if (s, a) not in seen:
-            seen.add((s, a))
-            recs.append(record("test_comp", len(recs), s, a, t, rng, "world_comp"))
-    out["test_comp"] = recs
+        if split != "train":
+            reserved |= {r["src"] for r in recs}
+    out["videos"] = _videos(cfg, noncomp, lambda s, t: fresh(s, t) and unseen(t), unseen)
 
     rng = random.Random(f"{cfg.seed}-captions")
     caps = []
-    for i in range(cfg.n_captions):
+    while len(caps) < cfg.n_captions:
         s = sample_scene(rng, cfg.grid, cfg.min_objects, cfg.max_objects)
-        caps.append(dict(id=f"cap-{i:05d}", scene=s, caption=caption(s, rng, cfg.grid)))
+        if unseen(s):
+            caps.append(dict(id=f"cap-{len(caps):05d}", scene=s, caption=caption(s, rng, cfg.grid)))
     out["captions"] = caps
     return out
 
 
-def _videos(cfg: WorldConfig, keep, seen: set) -> list[dict]:
-    """Episodes: a start scene, then per step either a hold (same frame, probability p_hold) or one sampled action."""
+def _videos(cfg: WorldConfig, keep, ok, unseen) -> list[dict]:
+    """Episodes: a start scene (`unseen`), then per step either a hold (same frame, probability p_hold) or one sampled
+    action (`keep`) whose outcome `ok(scene, new)` accepts (a few tries, else a hold)."""
     rng, vids = random.Random(f"{cfg.seed}-videos"), []
     for v in range(cfg.n_videos):
         scene = sample_scene(rng, cfg.grid, cfg.min_objects, cfg.max_objects)
+        while not unseen(scene):
+            scene = sample_scene(rng, cfg.grid, cfg.min_objects, cfg.max_objects)
         scenes, steps = [scene], []
         for t in range(1, cfg.video_len):
-            action = None if rng.random() < cfg.p_hold else sample_action(scene, rng, cfg.grid, cfg.max_objects,
-                                                                          keep, VERBS, cfg.p_somewhere)
-            if action is None:
-                steps.append(dict(t=t, hold=True))
-            else:
-                new = apply(scene, action, rng, cfg.grid, cfg.max_objects)
-                seen.add((scene, action))
-                steps.append(dict(t=t, hold=False, verb=action.verb, action=action.to_json(),
-                                  instruction=describe(action, rng, cfg.grid)))
-                scene = new
+            step = None
+            for _ in range(0 if rng.random() < cfg.p_hold else 20):
+                action = sample_action(scene, rng, cfg.grid, cfg.max_objects, keep, VERBS, cfg.p_somewhere)
+                new = apply(scene, action, rng, cfg.grid, cfg.max_objects) if action is not None else None
+                if new is not None and ok(scene, new):
+                    step = dict(t=t, hold=False, verb=action.verb, action=action.to_json(),
+                                instruction=describe(action, rng, cfg.grid))
+                    scene = new
+                    break
+            steps.append(step or dict(t=t, hold=True))
             scenes.append(scene)
         vids.append(dict(id=f"v{v:04d}", scenes=scenes, steps=steps))
     return vids

@@ -173,3 +173,20 @@ def test_best_of_n_pickers_on_hand_made_candidates():
     assert pick(recs, 3, "random") == [5.0] and pick(recs, 3, "oracle") == [10]
     assert pick(recs, 3, "dm") == [5] and pick(recs, 3, "wm") == [10]
     assert pick(recs, 2, "dm") == [0] and pick(recs, 1, "oracle") == [0]  # only the first k candidates count
+
+
+def test_bpe_learns_only_captions_and_train_instructions(tmp_path):
+    """The BPE must not see the unlabelled videos' hidden actions (nor val or test): only text the method holds."""
+    import json
+
+    import train_tokenizer
+    import world
+
+    paths = world.build(tmp_path, world.WorldConfig(n_train=14, n_val=7, n_test=7, n_comp=7, n_videos=6,
+                                                    n_captions=10), log=lambda *a: None)
+    load = lambda name: json.loads(open(paths[name]).read())
+    texts = train_tokenizer.bpe_texts(paths)
+    assert sorted(texts) == sorted([c["caption"] for c in load("captions")] + [it["instruction"]
+                                                                                 for it in load("train")])
+    hidden = {st["instruction"] for v in load("videos_hidden").values() for st in v["steps"] if not st["hold"]}
+    assert hidden - set(texts)  # the videos do say things the BPE never reads

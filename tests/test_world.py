@@ -3,6 +3,7 @@
 import json
 import os
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -232,6 +233,110 @@ def test_compositional_split_is_disjoint(small_data):
         assert combos(r["action"]) & held, r
     assert {r["verb"] for r in small_data["test_comp"]} == set(VERBS)
     assert all(r["task"] == "world_comp" for r in small_data["test_comp"])
+
+
+# A world where every leak the split guards against happens often on a naive split: many transitions (a held-out
+# change is ~3% of them) and 1-3 objects per scene, so few distinct scenes and test scenes recur elsewhere
+LEAKY = dict(n_train=700, n_val=70, n_test=70, n_comp=70, n_videos=60, n_captions=2000, min_objects=1, max_objects=3)
+
+
+@pytest.fixture(scope="module")
+def leaky_data():
+    return generate(WorldConfig(**LEAKY))
+
+
+def _transitions(data, splits=("train", "val", "test")):
+    """(split, source, action, target, instruction) of every item of `splits` and every video step that changes."""
+    out = [(s, r["src"], r["action"], r["tgt"], r["instruction"]) for s in splits for r in data[s]]
+    return out + [("videos", v["scenes"][st["t"] - 1], Action.from_json(st["action"]), v["scenes"][st["t"]],
+                   st["instruction"]) for v in data["videos"] for st in v["steps"] if not st["hold"]]
+
+
+def test_shows_heldout_sees_changes_not_wording():
+    g, r, b = ("green", "circle"), ("red", "square"), ("blue", "triangle")
+    s = Scene((Obj(1, 2, *g), Obj(3, 0, *r), Obj(0, 1, *b)))
+    moved = lambda ident, cell: s.replace(s.find(ident), Obj(*cell, *ident))
+    # "slide the green circle somewhere to the left" landing one cell over is "move the green circle left"
+    assert world.shows_heldout(s, moved(g, (1, 1)), {(*g, "move")})
+    assert not world.shows_heldout(s, moved(g, (1, 0)), {(*g, "move")})  # two cells over: no move does that
+    # "move the blue triangle right" landing beside the green circle is "put the blue triangle next to the green
+    # circle"; "move the red square up" lands beside nothing
+    assert world.shows_heldout(s, moved(b, (0, 2)), {(*g, "next_to")})
+    assert not world.shows_heldout(s, moved(r, (2, 0)), {(*g, "next_to")})
+    # an add at a named cell is an add somewhere
+    added = s.replace(None, Obj(2, 2, "cyan", "square"))
+    assert world.shows_heldout(s, added, {("cyan", "square", "add")})
+    assert not world.shows_heldout(s, added, {("cyan", "triangle", "add")})
+    # the change classes: the three relocating verbs share one
+    assert world.changes(Action("next_to", g, ref=r)) == {(*g, "relocate")}
+    up = lambda verb: world.changes(Action(verb, g, direction="up"))
+    assert up("move_somewhere") == up("move")
+    assert world.changes(Action("recolour", g, colour="red")) == {(*g, "recolour"), ("red", "circle", "recolour")}
+
+
+def test_split_withholds_heldout_changes(leaky_data):
+    held = {tuple(h) for h in leaky_data["heldout"]}
+    held_changes = {(c, s, world.CHANGE_CLASS[v]) for c, s, v in held}
+    trans = _transitions(leaky_data)
+    assert {t[0] for t in trans} == {"train", "val", "test", "videos"}
+    for split, src, a, tgt, _ in trans:
+        assert not world.changes(a) & held_changes, (split, a)
+        assert not world.shows_heldout(src, tgt, held, 4, LEAKY["max_objects"]), (split, src, a, tgt)
+    for r in leaky_data["test_comp"]:  # the held-out changes are all in test_comp
+        assert world.shows_heldout(r["src"], r["tgt"], held, 4, LEAKY["max_objects"]), r
+
+
+def test_split_withholds_heldout_wording(leaky_data):
+    wording = world.heldout_wording({tuple(h) for h in leaky_data["heldout"]})
+    for split, *_, text in _transitions(leaky_data, ("train", "val")):
+        assert not wording.search(text), (split, text)
+    assert all(wording.search(r["instruction"]) for r in leaky_data["test_comp"])
+    g = ("green", "circle")
+    assert world.heldout_wording({(*g, "move")}).search("move the green circle next to the red square")
+    assert world.heldout_wording({(*g, "next_to")}).search("place the red square beside the green circle")
+    assert world.heldout_wording({(*g, "recolour")}).search("change the colour of the blue circle to green")
+    assert not world.heldout_wording({(*g, "move")}).search("move the red square next to the green circle")
+
+
+def test_evaluation_source_scenes_are_unseen(leaky_data):
+    d = leaky_data
+    shown = {x for r in d["train"] for x in (r["src"], r["tgt"])} | {s for v in d["videos"] for s in v["scenes"]}
+    shown |= {c["scene"] for c in d["captions"]}
+    srcs = {split: {r["src"] for r in d[split]} for split in ("val", "test", "test_comp")}
+    for split, ss in srcs.items():
+        assert not ss & shown, split
+    assert not srcs["val"] & (srcs["test"] | srcs["test_comp"]) and not srcs["test"] & srcs["test_comp"]
+    assert world.split_leaks(d, WorldConfig(**LEAKY)) == dict.fromkeys(
+        ("heldout_change_train", "heldout_wording_train", "heldout_change_val", "heldout_wording_val",
+         "heldout_change_test", "heldout_change_videos", "heldout_wording_videos", "test_scenes_seen",
+         "val_scenes_seen", "val_test_shared"), 0)
+
+
+def test_split_leaks_counts_leaks(leaky_data):
+    """split_leaks is not blind: a train item that slides a held-out mover, or shows a test scene, is counted."""
+    import copy
+
+    d = copy.copy(leaky_data)
+    (c, s, _), = [h for h in d["heldout"] if h[2] == "move"]
+    others = [Obj(3, k, *i) for k, i in enumerate(i for i in world.IDENTS if i != (c, s))][:3]
+    src = Scene((Obj(0, 3, c, s), *others))  # 4 objects: no LEAKY scene has as many
+    a = Action("move_somewhere", (c, s), direction="left")
+    bad = dict(src=src, action=a, tgt=Scene((Obj(0, 2, c, s), *others)), instruction=describe(a))
+    d["train"] = d["train"] + [bad, dict(bad, src=d["test"][0]["src"])]
+    leaks = world.split_leaks(d, WorldConfig(**LEAKY))
+    assert leaks["heldout_change_train"] == 2 and leaks["heldout_wording_train"] == 2
+    assert leaks["test_scenes_seen"] == 1
+
+
+def test_val_as_large_as_test_and_balanced_alike(leaky_data):
+    import reproduce
+
+    assert WorldConfig().n_val == WorldConfig().n_test
+    for preset in reproduce.PRESETS.values():
+        cfg = {**{k: getattr(reproduce.ReproConfig, k) for k in ("n_val", "n_test")}, **preset}
+        assert cfg["n_val"] == cfg["n_test"], preset
+    count = lambda split: sorted(Counter(r["verb"] for r in leaky_data[split]).items())
+    assert count("val") == count("test") == [(v, LEAKY["n_test"] // len(VERBS)) for v in sorted(VERBS)]
 
 
 def test_heldout_parts_still_seen_in_training():
