@@ -90,6 +90,8 @@ class TrainConfig:
     weighting: str = arg("none", ("none", "recognition"))  # WM token loss: "none" = plain CE, "recognition" = Eq. 2
     # weights from VQ features
     weight_mix: float = arg(0.0, "0..1")  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a floor)
+    weight_norm: str = arg("image", ("image", "batch"))  # Eq. 2's normalisation (the paper states none): "image" =
+    # mean 1 per image; "batch" = raw w_l over the batch mean, so pairs that changed more weigh more
     lora_r: int = arg(0, ">=0")  # LoRA rank (0 = full fine-tuning; paper: 16)
     lora_alpha: float = arg(32.0, ">0")  # LoRA scale numerator (paper: 32)
     lora_dropout: float = arg(0.05, "0..<1")  # dropout on the LoRA branch input (paper: 0.05)
@@ -220,15 +222,19 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     return cache
 
 
-def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0,
+                        scale: float | None = None) -> torch.Tensor:
     """Eq. 2 token weights: w_l = ||z_s^(l) - z_t^(l)||^2 over channels, normalised to mean 1 over the image.
 
     feats (C, h, w) -> weights (h*w,) in raster order (the order of the VQ codes). The paper does not state the
     normalisation; mean 1 keeps the loss on the same scale as plain CE, so learning rates transfer. `mix` blends
     with uniform weights (a floor: every token keeps at least weight `mix`). Identical images -> uniform weights.
+    `scale` (the "batch" reading, --weight_norm=batch): divide by this instead of the image's own mean. The loss
+    divides by the batch's weight sum (forward_backward), so with mix 0 any scale gives raw w_l over the batch mean;
+    train_world passes the training set's mean raw weight, the expected batch mean, against which the floor is set.
     """
     d = (feat_src.float() - feat_tgt.float()).pow(2).sum(dim=0).flatten()  # (h*w,)
-    mean = d.mean()
+    mean = d.mean() if scale is None else torch.tensor(float(scale))
     w = d / mean if mean > 0 else torch.ones_like(d)
     return (1.0 - mix) * w + mix
 
