@@ -43,6 +43,10 @@ distinct, `heldout_combos`). An item "uses" the triples (colour, shape, verb) of
 held-out triples; every test_comp item uses at least one. Held-out object types still appear in training as
 bystanders, with other verbs, and in captions: only the combination is new.
 
+Video-like frames (`--nuisance`, off by default): every saved image gets its own sensor noise, brightness/contrast
+change and sub-pixel camera shift (`nuisance_frame`, levels at NOISE_SIGMA), as real video frames have; items then
+carry `nuisance` and the judge's detector allows the shift.
+
 Run `python world.py --out=out/data` to build the data set; `--help` lists the options.
 """
 

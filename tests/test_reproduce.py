@@ -169,3 +169,78 @@ def test_best_of_n_pickers_on_hand_made_candidates():
     assert pick(recs, 3, "random") == [5.0] and pick(recs, 3, "oracle") == [10]
     assert pick(recs, 3, "dm") == [5] and pick(recs, 3, "wm") == [10]
     assert pick(recs, 2, "dm") == [0] and pick(recs, 1, "oracle") == [0]  # only the first k candidates count
+
+
+def test_eq2_by_motion_on_hand_made_records():
+    """Table "Eq. 2 by motion": items grouped by changed cells and distance moved, weighted − standard per group,
+    success and minimal apart, paired over items and replicates; an empty group gives no row."""
+    from reproduce import EQ2_PAIRS, annotate_motion, by_motion
+
+    motion = {"a": {"cells": 1, "distance": 0}, "b": {"cells": 2, "distance": 1}, "c": {"cells": 2, "distance": 1},
+              "d": {"cells": 2, "distance": 3}}
+    rec = lambda i, s, m: {"id": i, "success": s, "minimal": m}
+    std = [rec("a", 10, 10), rec("b", 0, 10), rec("c", 0, 10), rec("d", 0, 10)]
+    wtd = [rec("a", 0, 10), rec("b", 10, 0), rec("c", 10, 10), rec("d", 10, 5)]
+    S = [{"items": {"wm": {name: [dict(r) for r in (wtd if k == 1 else std)] for _, *arms in EQ2_PAIRS
+                           for k, name in enumerate(arms, 1)}}} for _ in range(2)]  # two replicates, same numbers
+    annotate_motion(S, motion)
+    assert S[1]["items"]["wm"]["C-FT"][3] == {"id": "d", "success": 0, "minimal": 10, "cells": 2, "distance": 3}
+    rows = {(r["data"], r["edits"], r["metric"]): r for r in by_motion(S)}
+    assert {e for _, e, _ in rows} == {"one cell changes (add, remove, recolour)",
+                                       "two cells change (move, move somewhere, next to, swap)",
+                                       "an object moves 1 cell", "an object moves 3 or more cells"}  # none moves 2
+    one = rows[("labelled", "one cell changes (add, remove, recolour)", "success")]
+    assert one["n"] == 1 and one["diff"] == -10 and one["mean_b"] == 10 and one["per_replicate"] == [-10, -10]
+    two = rows[("labelled + synthetic", "two cells change (move, move somewhere, next to, swap)", "minimal")]
+    assert two["n"] == 3 and two["diff"] == (-10 + 0 - 5) / 3 and two["mean_a"] == 5
+    far = rows[("labelled", "an object moves 3 or more cells", "success")]
+    assert far["n"] == 1 and far["diff"] == 10 and far["lo"] == far["hi"] == 10
+
+
+def test_new_settings_keep_old_caches_and_separate_worlds():
+    """At their defaults --nuisance, --weight_norm and --eq2_select leave every stage hash as it was (caches made
+    before them stay valid); a video-like world retrains everything from the VQGAN on, a reading only the WMs."""
+    import dataclasses
+
+    from common import UserError
+    from reproduce import ReproConfig, Stages, parse_candidates
+
+    def hashes(**kw):
+        st = Stages.__new__(Stages)
+        st.cfg = dataclasses.replace(ReproConfig(), **kw)
+        return {n: st.hash(n) for n in ("vq", "bpe", "pretrain", "seed0", "seed0_wm1")}
+
+    old = {"vq": "621c00282387", "bpe": "47f824ca478b", "pretrain": "ce5fb4838bd8", "seed0": "bbc141f8698b",
+           "seed0_wm1": "e20b19a28cb6"}  # commit f0ceb11's
+    assert hashes() == old
+    video = hashes(nuisance=1.0)
+    assert video["bpe"] == old["bpe"] and all(video[n] != old[n] for n in ("vq", "pretrain", "seed0", "seed0_wm1"))
+    batch = hashes(weight_norm="batch")
+    assert batch["pretrain"] == old["pretrain"] and batch["seed0_wm1"] != old["seed0_wm1"]
+    assert parse_candidates("image:0.5, batch:0") == [("image", 0.5), ("batch", 0.0)]
+    for bad in ("image", "pixel:0.5", "batch:2", "image:x"):
+        with pytest.raises(UserError):
+            parse_candidates(bad)
+
+
+@pytest.mark.slow
+def test_eq2_selection_on_validation_smoke(tmp_path):
+    """--eq2_select trains each candidate reading, scores it on the validation split only, and every weighted WM then
+    uses the winner; the report carries the evidence and the by-motion table."""
+    import json
+
+    import reproduce
+
+    out = tmp_path / "out"
+    reproduce.main(["--preset=smoke", f"--out={out}", "--eq2_select=image:0.5,batch:0"])
+    res = json.loads((out / "results.json").read_text())
+    sel = res["eq2_selection"]
+    assert [(c["norm"], c["mix"]) for c in sel["candidates"]] == [("image", 0.5), ("batch", 0.0)]
+    assert all(len(c["items"]) == 14 and {r["id"][:3] for r in c["items"]} == {"val"} for c in sel["candidates"])
+    chosen = sel["candidates"][sel["chosen"]]
+    assert chosen["score"] == max(c["score"] for c in sel["candidates"])
+    assert (res["config"]["weight_norm"], res["config"]["weight_mix"]) == (chosen["norm"], chosen["mix"])
+    meta = json.loads((out / "seed0" / "wm3" / "ckpt" / "meta.json").read_text())["train_config"]
+    assert (meta["weight_norm"], meta["weight_mix"]) == (chosen["norm"], chosen["mix"])
+    report = (out / "report.md").read_text()
+    assert "chosen on the validation split" in report and "## Eq. 2 by motion" in report
