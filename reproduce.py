@@ -683,8 +683,8 @@ def main(argv=None):
         for name, wm in wms.items():
             R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test_items, cache, seed=seed,
                                                                temperature=cfg.temperature)
-            annotate_motion([R], motion)  # the records written below carry cells and distance
             log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
+        annotate_motion([R], motion)  # the records cached and written below carry cells and distance
         R["search"] = {}
         for name in ("C-FT", "C-FDM (labelled + synthetic + weighted)"):
             R["search"][name], R["items"]["search"][name] = {}, {}

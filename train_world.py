@@ -80,7 +80,7 @@ def wm_examples(items, codes: dict, tok, weighting: str = "none", mix: float = 0
     feats = [(codes[str(it.input_path)][1], codes[str(it.output_path)][1]) for it in items]
     scale = None  # "batch": the mean raw weight over all training tokens, the expected batch mean
     if weighting == "recognition" and norm == "batch":
-        scale = float(torch.cat([recognition_weights(fs, ft, scale=1.0) for fs, ft in feats]).mean()) or 1.0
+        scale = float(torch.cat([recognition_weights(fs, ft, scale=1.0) for fs, ft in feats]).mean())  # 0: uniform
     rng = random.Random(seed)
     out = []
     for it, (fs, ft) in zip(items, feats):
