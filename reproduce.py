@@ -23,6 +23,7 @@ Run:  python reproduce.py [--preset=laptop] [--seeds=0,1] [--jobs=N] [--out=out]
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -115,6 +116,15 @@ class ReproConfig:
     # locality line, with 1 or 2x2 tokens per cell), so pure Eq. 2 weights (mix 0) give copied tokens almost no loss
     # and the WM never learns to copy the source (measured with the earlier 1,000-triplet preset: score 0.00 vs 0.35
     # for plain CE, seed 0)
+    weight_norm: str = "image"  # Eq. 2's normalisation (train_world --weight_norm): "image" (mean 1 per image) or
+    # "batch" (raw weights over the batch mean: pairs with more motion weigh more)
+    eq2_select: str = ""  # choose the reading and mix of Eq. 2 on the validation split: candidates "norm:mix,..."
+    # (e.g. "image:0.5,image:0.25,batch:0,batch:0.5"), each a WM trained like "labelled + weighted" (first seed) and
+    # scored on val; the best val score (ties: the first listed) replaces --weight_norm and --weight_mix for every
+    # weighted WM, and the report records the evidence. "" = off: the flags are used as given
+    nuisance: float = 0.0  # video-like frames (world.WorldConfig.nuisance, 0 = pixel-exact, 1 = the README's
+    # levels): every image of the world, the VQGAN's training images included, gets sensor noise, a brightness/contrast
+    # change and a sub-pixel camera shift of its own
 
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
@@ -124,7 +134,8 @@ class ReproConfig:
                                                   "n_embd", "pretrain_steps", "ft_steps", "batch_size", "boot_k"),
                                                  ">=1"),
         vq_downsample=(2, 4, 8, 16), vq_codes=">=2", vq_warmup=">=0", lr=">0", boot_samples=">=0",
-        search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1")
+        search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1", weight_norm=("image", "batch"),
+        nuisance="0..1")
 
 
 PRESETS = {
@@ -161,6 +172,8 @@ def main(argv=None):
     # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
     torch.set_num_threads(cfg.threads)
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
+    if cfg.eq2_select:
+        parse_candidates(cfg.eq2_select)  # a bad list fails now, not after the tokenizers
     t_start = time.time()
     claim_dir(cfg.out, "reproduce.py", ours=("stages",))
     stages = Stages(cfg.out, cfg)
@@ -179,6 +192,11 @@ def main(argv=None):
     base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
                                                                         wcfg.image_size))
     jobs = Jobs(cfg, stages, tok, device, init=os.path.join(cfg.out, "pretrain", "ckpt"))
+    selection = None  # the weighted WMs' reading of Eq. 2, chosen on the validation split when asked
+    if cfg.eq2_select:
+        cfg, selection = select_eq2(cfg, stages, jobs, data, tok, image_tok, seeds[0])
+        stages.cfg, jobs.args = cfg, (cfg, stages)  # the weighted WMs' stage hashes carry the chosen reading
+        log(f"eq2_select: chosen --weight_norm={cfg.weight_norm} --weight_mix={cfg.weight_mix}")
     per_seed = {}
     for seed in seeds:  # 5-7. per seed: fine-tuning, bootstrapping, search
         R = stages.get(f"seed{seed}")
@@ -188,10 +206,11 @@ def main(argv=None):
             write_items(cfg, seed, R["items"], R["controls"])
         per_seed[seed] = R
     jobs.close()
+    annotate_motion(list(per_seed.values()), data["motion"])  # (records cached before these fields existed)
 
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
     report = write_report(cfg, seeds, [int(n) for n in cfg.search_n.split(",")], tok_res, zs, base, per_seed,
-                          time.time() - t_start, provenance(cfg, seeds, device, runs))
+                          time.time() - t_start, provenance(cfg, seeds, device, runs), selection)
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
@@ -201,7 +220,7 @@ def main(argv=None):
 
 def build_data(cfg: ReproConfig) -> dict:
     wcfg = world.WorldConfig(n_train=cfg.n_train, n_videos=cfg.n_videos, n_val=cfg.n_val, n_test=cfg.n_test,
-                             n_comp=cfg.n_comp, n_captions=cfg.n_captions)
+                             n_comp=cfg.n_comp, n_captions=cfg.n_captions, nuisance=cfg.nuisance)
     return world.build(os.path.join(cfg.out, "data"), wcfg, log=log), wcfg
 
 
@@ -229,6 +248,10 @@ def load_and_encode(paths: dict, wcfg, image_tok) -> dict:
     data = {"train": load_items(paths["train"]), "val": load_items(paths["val"]),
             "test": load_items(paths["test"]) + load_items(paths["test_comp"]),
             "captions": load_captions(paths["captions"]), "cache": {}}
+    # how each test edit moves things (Table 3 by motion): changed cells and distance an object moves
+    data["motion"] = {it.id: world.motion(world.Scene.from_json(it.extra["src_scene"]),
+                                          world.Scene.from_json(it.extra["tgt_scene"]))
+                      for it in data["test"] if "tgt_scene" in it.extra}
     encode_images(image_tok, [p for it in data["train"] + data["val"] + data["test"]
                               for p in (it.input_path, it.output_path)] +
                   [it.input_path for it in data["captions"]], wcfg.image_size, cache=data["cache"])
@@ -255,8 +278,9 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     ns = [int(n) for n in cfg.search_n.split(",")]
 
     def start_wm(folder: str, weighting: str, items):
-        ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed)
-        tcfg = train_cfg(cfg, f"{d}/{folder}", "wm", cfg.ft_steps, seed, weighting=weighting, weight_mix=cfg.weight_mix)
+        ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed, norm=cfg.weight_norm)
+        tcfg = train_cfg(cfg, f"{d}/{folder}", "wm", cfg.ft_steps, seed, weighting=weighting,
+                         weight_mix=cfg.weight_mix, weight_norm=cfg.weight_norm)
         return jobs.start(f"{d}_{folder}", tcfg, ex)
 
     R = {}
@@ -276,7 +300,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
                            keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=wcfg.image_size, seed=seed,
                            temperature=1.0)
     records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
-    R["pseudo"] = pseudo_label_quality(records, kept)
+    R["pseudo"] = pseudo_label_quality(records, kept, world.MAX_SHIFT * cfg.nuisance)
     log(f"{d}: pseudo-labels {R['pseudo']}")
     syn_items = load_items(syn_path)
     wm_jobs.update({name: start_wm(folder, weighting, data["train"] + syn_items)
@@ -289,6 +313,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
         R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test, cache, seed=seed,
                                                            temperature=cfg.temperature)
         log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
+    annotate_motion([R], data["motion"])  # the records cached and written carry cells and distance
     R["search"] = {}
     for name in ("C-FT", C_FDM):
         R["search"][name], R["items"]["search"][name] = {}, {}
@@ -304,6 +329,55 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     if grids:
         example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     return R
+
+
+def annotate_motion(S: list[dict], motion: dict):
+    """Add `cells` and `distance` (world.motion of the item's source and target scenes) to every WM record, in place."""
+    for r in S:
+        for recs in r["items"]["wm"].values():
+            for rec in recs:
+                rec.update(motion.get(rec["id"], {}))
+
+
+def parse_candidates(spec: str) -> list[tuple[str, float]]:
+    """--eq2_select "image:0.5,batch:0" -> [("image", 0.5), ("batch", 0.0)]; UserError naming a bad entry."""
+    out = []
+    for c in spec.split(","):
+        norm, _, mix = c.strip().partition(":")
+        try:
+            m = float(mix)
+        except ValueError:
+            m = -1.0
+        if norm not in ("image", "batch") or not 0 <= m <= 1:
+            raise UserError(f"--eq2_select: {c.strip()!r} is not norm:mix (norm image or batch, mix in [0, 1])")
+        out.append((norm, m))
+    return out
+
+
+def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, image_tok, seed: int):
+    """The validation-split choice of Eq. 2's reading (--eq2_select): each candidate (norm, mix) trains a WM as the
+    "labelled + weighted" arm does (labelled triplets, the first seed, the same steps), is scored on the validation
+    items only, and the best val score wins (ties: the first listed). Returns (cfg with that weight_norm and
+    weight_mix, the evidence: every candidate's val metrics and per-item records)."""
+    res = stages.get("eq2_select")
+    if res is None:
+        cands, started = parse_candidates(cfg.eq2_select), []
+        for k, (norm, mix) in enumerate(cands):  # side by side in the pool
+            ex = wm_examples(data["train"], data["cache"], tok, weighting="recognition", mix=mix, seed=seed, norm=norm)
+            started.append(jobs.start(f"eq2_select_{k}", train_cfg(cfg, f"eq2_select/{k}", "wm", cfg.ft_steps, seed,
+                                                                   weighting="recognition", weight_mix=mix,
+                                                                   weight_norm=norm), ex))
+        rows = []
+        for (norm, mix), job in zip(cands, started):
+            m, _, recs = eval_wm(jobs.finish(job)[0], tok, image_tok, data["val"], data["cache"], seed=seed,
+                                 temperature=cfg.temperature)
+            rows.append({"norm": norm, "mix": mix, **{k: m["all"][k] for k in ("score", "success", "minimal")},
+                         "items": recs})
+            log(f"eq2_select: {norm}:{mix} val score {m['all']['score']:.2f}")
+        best = max(range(len(rows)), key=lambda i: (rows[i]["score"], -i))
+        res = stages.put("eq2_select", {"seed": seed, "candidates": rows, "chosen": best})
+    chosen = res["candidates"][res["chosen"]]
+    return dataclasses.replace(cfg, weight_norm=chosen["norm"], weight_mix=chosen["mix"]), res
 
 
 def token_locality(items, cache) -> dict:
@@ -332,11 +406,11 @@ def token_locality(items, cache) -> dict:
             "eq2_unchanged": mean(w_unchanged)}
 
 
-def pseudo_label_quality(records: list[dict], kept: list[dict]) -> dict:
+def pseudo_label_quality(records: list[dict], kept: list[dict], max_shift: float = 0.0) -> dict:
     """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
     labelled action from the source frame (the judge reads both frames back from pixels)."""
     def correct(r):
-        src, tgt = world.parse(open_image(r["input"])), world.parse(open_image(r["output"]))
+        src, tgt = (world.parse(open_image(r[k]), max_shift=max_shift) for k in ("input", "output"))
         return world.consistent(src, world.parse_action(r["action"]), tgt)
 
     ok_all = [correct(r) for r in records]
@@ -379,8 +453,8 @@ def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
 
 
 # The stage settings that change results; a cached stage is reused only when these match.
-SHARED_KEYS = ("threads", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample", "vq_codes",
-               "vq_warmup", "vq_images", "vq_batch",
+SHARED_KEYS = ("threads", "nuisance", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
+               "vq_downsample", "vq_codes", "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr")
 
 
@@ -392,11 +466,12 @@ def settings_hash(cfg: ReproConfig, keys) -> str:
 
 # The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
 STAGE_KEYS = {
-    "vq": ("threads", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val", "n_test",
-           "n_comp"),  # checked on val, whose scenes avoid test's: all three sizes shape it
+    "vq": ("threads", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images",
+           "n_val", "n_test", "n_comp"),  # checked on val, whose scenes avoid test's: all three sizes shape it
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
     "pretrain": SHARED_KEYS,
+    "eq2_select": SHARED_KEYS + ("ft_steps", "temperature", "eq2_select", "seeds"),
 }
 
 
@@ -409,7 +484,8 @@ class Stages:
         os.makedirs(self.root, exist_ok=True)
 
     def hash(self, name: str) -> str:
-        keys = STAGE_KEYS.get(name, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature", "weight_mix"))
+        keys = STAGE_KEYS.get(name, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature", "weight_mix",
+                                                   "weight_norm"))
         if name.startswith("seed") and name[4:].isdigit():  # a seed's results include the best-of-N sizes
             keys += ("search_n",)
         return settings_hash(self.cfg, keys)

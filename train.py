@@ -85,6 +85,8 @@ class TrainConfig:
     weighting: str = arg("none", ("none", "recognition"))  # WM token loss: "none" = plain CE, "recognition" = Eq. 2
     # weights from VQ features
     weight_mix: float = arg(0.0, "0..1")  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a floor)
+    weight_norm: str = arg("image", ("image", "batch"))  # Eq. 2's normalisation (the paper states none): "image" =
+    # mean 1 per image; "batch" = raw w_l over the batch mean, so pairs that changed more weigh more
     lora_r: int = arg(0, ">=0")  # LoRA rank (0 = full fine-tuning; paper: 16)
     lora_alpha: float = arg(32.0, ">0")  # LoRA scale numerator (paper: 32)
     lora_dropout: float = arg(0.05, "0..<1")  # dropout on the LoRA branch input (paper: 0.05)

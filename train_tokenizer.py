@@ -42,6 +42,8 @@ class TokenizerConfig:
     vq_batch: int = arg(32, ">=1")  # batch size
     vq_images: int = arg(4000, ">=1")  # rendered scenes the VQGAN trains on
     bpe_vocab: int = arg(1024, ">=1")  # text vocabulary (specials + image codes + 256 bytes + merges)
+    nuisance: float = arg(0.0, "0..1")  # the world's video-like frames (world.py --nuisance): the VQGAN trains on such
+    # frames and its check allows their camera shift
     threads: int = arg(1, ">=1")  # torch intra-op CPU threads (the VQGAN's bits depend on it; reproduce.py --threads)
     device: str = arg("cpu", ("cpu", "cuda"))  # where the VQGAN trains
 
@@ -55,10 +57,11 @@ def train_vq(cfg, paths: dict, device, log=print):
     """The VQGAN of the synthetic world. `cfg`: a TokenizerConfig (or reproduce's ReproConfig: the same vq_* fields).
     Returns (ImageTokenizer on the CPU, results: seconds, held-out reconstruction L1, scenes recovered, usage)."""
     # The VQGAN sees freshly rendered world scenes with 4-8 objects: denser than the task scenes (2-4 objects), so
-    # objects are not a rare sliver of pixels next to the background.
+    # objects are not a rare sliver of pixels next to the background. In a video-like world (--nuisance) they are
+    # video-like frames too.
     rng = random.Random(12345)
-    images = torch.stack([preprocess_image(world.render(world.sample_scene(rng, min_objects=4, max_objects=8)), 32)
-                          for _ in range(cfg.vq_images)])
+    images = torch.stack([preprocess_image(world.nuisance_frame(world.render(world.sample_scene(
+        rng, min_objects=4, max_objects=8)), cfg.nuisance, f"vq-{i}"), 32) for i in range(cfg.vq_images)])
     check = torch.stack([preprocess_image(p, 32) for it in load_items(paths["val"])
                          for p in (it.input_path, it.output_path)])
     levels = int(math.log2(cfg.vq_downsample)) + 1
@@ -75,7 +78,9 @@ def train_vq(cfg, paths: dict, device, log=print):
         recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
     usage = codebook_usage(codes, vcfg.num_embeddings)
     # how much of the world survives the tokenizer: the judge reads scenes back from reconstructions
-    ok = sum(world.parse(to_pil(r)) == world.parse(to_pil(c)) for r, c in zip(recon, check))
+    shift = world.MAX_SHIFT * cfg.nuisance  # the detector allows the camera shift of video-like frames
+    ok = sum(world.parse(to_pil(r), max_shift=shift) == world.parse(to_pil(c), max_shift=shift)
+             for r, c in zip(recon, check))
     res = {"vq_seconds": round(time.time() - t0, 1), "recon_l1": (recon - check).abs().mean().item() / 2,
            "scene_recovered": ok / len(check), **{k: float(v) for k, v in usage.items()},
            "final_recon": hist["recon"][-1]}

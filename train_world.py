@@ -5,8 +5,11 @@ text. Two losses over the target image tokens l = 1..L:
 - plain cross-entropy ("C-FT" in the paper): every token counts the same;
 - the recognition-weighted loss of Eq. 2 ("C-FDM"): token l is weighted by w_l = ||z_s^(l) - z_t^(l)||^2, the
   squared distance between the VQ encoder's pre-quantisation features of source and target at that position
-  (recognition_weights below; normalised to mean 1 per image, optionally mixed with uniform weights). Most tokens
-  of an edit are copies of the source; the weights move the loss onto the tokens the action changed.
+  (recognition_weights below). Most tokens of an edit are copies of the source; the weights move the loss onto the
+  tokens the action changed. The paper leaves the normalisation open; three readings are options here:
+  --weight_norm=image  each image's weights have mean 1: every pair weighs the same (the default);
+  --weight_norm=batch  raw w_l over the batch's mean: a pair whose features changed more (more motion) weighs more;
+  --weight_mix=m       w = (1 - m) * w + m with either: a uniform floor (m = 1 is plain CE, exactly).
 Bootstrapping (Eq. 1) is simply more data: pass the labelled and the DM-labelled JSON files together in --data.
 
 Sequence (our template; the paper publishes none):
@@ -50,15 +53,20 @@ class WorldTrainConfig(TrainConfig):
     grid_items: int = arg(8, ">=0")  # items shown in the (source | action | sample | target) grid at each evaluation
 
 
-def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0) -> torch.Tensor:
+def recognition_weights(feat_src: torch.Tensor, feat_tgt: torch.Tensor, mix: float = 0.0,
+                        scale: float | None = None) -> torch.Tensor:
     """Eq. 2 token weights: w_l = ||z_s^(l) - z_t^(l)||^2 over channels, normalised to mean 1 over the image.
 
     feats (C, h, w) -> weights (h*w,) in raster order (the order of the VQ codes). The paper does not state the
     normalisation; mean 1 keeps the loss on the same scale as plain CE, so learning rates transfer. `mix` blends
     with uniform weights (a floor: every token keeps at least weight `mix`). Identical images -> uniform weights.
+    `scale` (the "batch" reading, --weight_norm=batch): divide by this instead of the image's own mean. The loss
+    divides by the batch's weight sum (train.forward_backward), so with mix 0 any scale gives raw w_l over the batch
+    mean; wm_examples passes the training set's mean raw weight, the expected batch mean, against which the floor is
+    set.
     """
     d = (feat_src.float() - feat_tgt.float()).pow(2).sum(dim=0).flatten()  # (h*w,)
-    mean = d.mean()
+    mean = d.mean() if scale is None else torch.tensor(float(scale))
     w = d / mean if mean > 0 else torch.ones_like(d)
     return (1.0 - mix) * w + mix
 
@@ -82,14 +90,21 @@ def wm_example(tok, src_codes, tgt_codes, action: str | None, token_weights=None
 
 
 def wm_examples(items, codes: dict, tok, weighting: str = "none", mix: float = 0.0, uncond_prob: float = 0.0,
-                seed: int = 0) -> list:
-    if weighting not in ("none", "recognition"):
-        raise ValueError(f"weighting must be 'none' or 'recognition', got {weighting!r}")
+                seed: int = 0, norm: str = "image") -> list:
+    """Training sequences. The readings of Eq. 2 (the paper gives the formula, not its normalisation): norm "image"
+    makes each image's weights mean 1 (every pair weighs the same); norm "batch" keeps raw w_l over the batch mean, so
+    a pair whose features changed more keeps more weight; `mix` (both) blends with uniform weights, a floor."""
+    if weighting not in ("none", "recognition") or norm not in ("image", "batch"):
+        raise ValueError(f"weighting must be 'none' or 'recognition', norm 'image' or 'batch': {weighting!r}, {norm!r}")
+    feats = [(codes[str(it.input_path)][1], codes[str(it.output_path)][1]) for it in items]
+    scale = None  # "batch": the mean raw weight over all training tokens, the expected batch mean
+    if weighting == "recognition" and norm == "batch":
+        scale = float(torch.cat([recognition_weights(fs, ft, scale=1.0) for fs, ft in feats]).mean())  # 0: uniform
     rng = random.Random(seed)
     out = []
-    for it in items:
-        (src, fs), (tgt, ft) = codes[str(it.input_path)], codes[str(it.output_path)]
-        w = recognition_weights(fs, ft, mix) if weighting == "recognition" else None
+    for it, (fs, ft) in zip(items, feats):
+        src, tgt = codes[str(it.input_path)][0], codes[str(it.output_path)][0]
+        w = recognition_weights(fs, ft, mix, scale) if weighting == "recognition" else None
         out.append(wm_example(tok, src, tgt, it.instruction, w))
         if uncond_prob > 0 and rng.random() < uncond_prob:
             out.append(wm_example(tok, src, tgt, None, w))
@@ -161,7 +176,8 @@ def main(argv=None):
     cfg = parse_config(WorldTrainConfig, argv, description=__doc__.split("\n\n")[0])
     cfg.task = "wm"
     image_tok, tok, items, val, codes = prepare_pairs(cfg)
-    examples = wm_examples(items, codes, tok, cfg.weighting, cfg.weight_mix, cfg.uncond_prob, cfg.seed)
+    examples = wm_examples(items, codes, tok, cfg.weighting, cfg.weight_mix, cfg.uncond_prob, cfg.seed,
+                           cfg.weight_norm)
     val_ex = wm_examples(val, codes, tok) if val else None  # validation loss is always the plain CE
     evaluate = (lambda m, step: wm_evaluate(m, tok, image_tok, val, codes, cfg.out_dir, step, cfg.grid_items)) \
         if val else None

@@ -52,6 +52,10 @@ combination is new. The evaluation splits are drawn first and their source scene
 target, video frame or caption shows one, and val, test and test_comp share none. `split_leaks` counts each of these
 (all 0; the tests assert it). The BPE tokenizer learns from captions and train instructions only (reproduce.py).
 
+Video-like frames (`--nuisance`, off by default): every saved image gets its own sensor noise, brightness/contrast
+change and sub-pixel camera shift (`nuisance_frame`, levels at NOISE_SIGMA), as real video frames have; items then
+carry `nuisance` and the judge's detector allows the shift.
+
 Run `python world.py --out=out/data` to build the data set; `--help` lists the options.
 """
 
@@ -468,14 +472,19 @@ def _gauss_blur(m: np.ndarray, sigma: float) -> np.ndarray:
 
 
 @cache
-def _shape_templates(cell: int) -> np.ndarray:
-    """(n_shapes, n_sigmas, cell, cell): each shape's mask, sharp and blurred by BLUR_SIGMAS."""
-    t = np.stack([np.stack([_gauss_blur(shape_mask(s, cell), sg) for sg in BLUR_SIGMAS]) for s in SHAPES])
+def _shape_templates(cell: int, max_shift: float = 0.0) -> np.ndarray:
+    """(n_shapes, n_variants, cell, cell): each shape's mask, sharp and blurred by BLUR_SIGMAS, and with max_shift > 0
+    also moved by every offset of a half-pixel lattice within +-max_shift on each axis (a camera shift, nuisance)."""
+    steps = np.arange(-np.floor(2 * max_shift), np.floor(2 * max_shift) + 1) / 2  # (k,) offsets, 0 among them
+    offsets = [(0.0, 0.0)] + [(dy, dx) for dy in steps for dx in steps if dy or dx]
+    t = np.stack([np.stack([_gauss_blur(m if not (dy or dx) else _shift(m[..., None], dy, dx)[..., 0], sg)
+                            for dy, dx in offsets for sg in BLUR_SIGMAS])
+                  for m in (shape_mask(s, cell).astype(np.float32) for s in SHAPES)])
     t.flags.writeable = False
     return t
 
 
-def parse(image, grid: int = GRID) -> Scene:
+def parse(image, grid: int = GRID, max_shift: float = 0.0) -> Scene:
     """The judge's detector: image -> Scene. It models a reconstructed pixel as a mix of the background and one
     palette colour (what blur does), so it tolerates blur up to ~1 px and pixel noise. Per cell:
       presence  mean objectness > PRESENCE (objectness: distance from the background, ramped SOFT_LO..SOFT_HI);
@@ -484,7 +493,8 @@ def parse(image, grid: int = GRID) -> Scene:
                 is still blue, not the purple that plain nearest-colour would pick);
       shape     the mix fraction alpha of that colour per pixel (projection onto the segment) compared, by squared
                 difference, with each shape's mask sharp and blurred (BLUR_SIGMAS); the best match wins.
-    May return duplicate (colour, shape): it reads what is drawn."""
+    May return duplicate (colour, shape): it reads what is drawn. `max_shift` > 0 (pixels; video-like frames, see
+    `nuisance_frame`) also matches the masks moved by up to that much: a camera shift."""
     x = _to_array(image)  # (H, W, 3)
     size = x.shape[0]
     if x.shape[1] != size or size % grid:
@@ -492,7 +502,7 @@ def parse(image, grid: int = GRID) -> Scene:
     c = size // grid
     d = x - _BG  # (H, W, 3) offset from the background
     soft = np.clip((np.linalg.norm(d, axis=-1) - SOFT_LO) / (SOFT_HI - SOFT_LO), 0.0, 1.0)  # (H, W)
-    temps = _shape_templates(c)  # (n_shapes, n_sigmas, c, c)
+    temps = _shape_templates(c, max_shift)  # (n_shapes, n_variants, c, c)
     norms = (_PALETTE_D ** 2).sum(-1)  # (6,)
     objs = []
     for r in range(grid):
@@ -509,6 +519,43 @@ def parse(image, grid: int = GRID) -> Scene:
             err = ((temps - alpha) ** 2).sum((2, 3)).min(1)  # (n_shapes,) best over blur levels
             objs.append(Obj(r, q, list(COLOURS)[k], SHAPES[int(np.argmin(err))]))
     return Scene(tuple(objs))
+
+
+# -----------------------------------------------------------------------------
+# video-like frames (WorldConfig.nuisance): what real video has and pixel-exact renders do not
+
+# At nuisance level 1 every saved frame gets its own draw of (levels scale linearly with the level):
+NOISE_SIGMA = 0.02  # sensor noise: Gaussian per pixel and channel, sigma 0.02 of the [0,1] range (~5/255)
+BRIGHTNESS = 0.04  # global brightness offset, uniform in +-0.04
+CONTRAST = 0.08  # global contrast gain about mid-grey, uniform in 1 +- 0.08
+MAX_SHIFT = 1.0  # camera shift, uniform in +-1 px on each axis, sub-pixel (bilinear): 1/8 of a cell, 1/4 of a token.
+# An object keeps a 1 px margin in its cell, so it never leaves it. Source and target draw their own, so an
+# unchanged cell is never pixel-identical between them, as in the paper's video frames (plain CE spends effort on
+# exactly this; Eq. 2 is meant to down-weight it).
+
+
+def _shift(x: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """x (H, W, C) moved by (dy, dx) pixels (down, right), |dy|, |dx| <= 1: bilinear, edge pixels repeated."""
+    H, W = x.shape[:2]
+    p = np.pad(x, ((2, 2), (2, 2), (0, 0)), mode="edge")  # (H+4, W+4, C)
+    iy, ix = int(np.floor(dy)), int(np.floor(dx))
+    fy, fx = dy - iy, dx - ix
+    at = lambda a, b: p[2 - a : 2 - a + H, 2 - b : 2 - b + W]  # (H, W, C): x[y - a, x - b]
+    return ((1 - fy) * ((1 - fx) * at(iy, ix) + fx * at(iy, ix + 1))
+            + fy * ((1 - fx) * at(iy + 1, ix) + fx * at(iy + 1, ix + 1))).astype(np.float32)
+
+
+def nuisance_frame(image: Image.Image, level: float, key: str) -> Image.Image:
+    """`image` as a video frame: camera shift, then brightness/contrast, then sensor noise, at `level` (0 = the
+    image unchanged). Seeded by `key` (the frame's name), so a frame is the same whatever order frames are made in."""
+    if level == 0:
+        return image
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little"))
+    dy, dx = rng.uniform(-1, 1, 2) * MAX_SHIFT * level
+    gain, offset = 1 + rng.uniform(-1, 1) * CONTRAST * level, rng.uniform(-1, 1) * BRIGHTNESS * level
+    x = (_shift(_to_array(image), dy, dx) - 0.5) * gain + 0.5 + offset  # (H, W, 3)
+    x = x + rng.normal(0.0, NOISE_SIGMA * level, x.shape)
+    return Image.fromarray(np.clip(np.round(x * 255), 0, 255).astype(np.uint8), "RGB")
 
 
 # -----------------------------------------------------------------------------
@@ -531,7 +578,7 @@ def _changed(action: Action) -> tuple[set, set]:
     raise ValueError(f"unknown verb {v!r}")
 
 
-def judge(src: Scene, action: Action, out, grid: int = GRID) -> dict:
+def judge(src: Scene, action: Action, out, grid: int = GRID, max_shift: float = 0.0) -> dict:
     """Score an output (image, or Scene) for `action` applied to `src`, like the paper's GPT-4o judge.
 
     success (0-10), whether the action's postcondition holds (any valid outcome of a stochastic action counts).
@@ -549,10 +596,10 @@ def judge(src: Scene, action: Action, out, grid: int = GRID) -> dict:
     objects whose (colour, shape) is neither a bystander's nor one the edit produces, plus every duplicate beyond the
     first of any (colour, shape). minimal = round(10 * preserved / (#bystanders + spurious)), 10 if both are 0.
     score = min(success, minimal). The source image scores success 0 for every action (applicability guarantees
-    the postcondition is false on the source); the ground truth scores 10/10.
+    the postcondition is false on the source); the ground truth scores 10/10. `max_shift`: see `parse`.
     """
     if not isinstance(out, Scene):
-        out = parse(out, grid)
+        out = parse(out, grid, max_shift)
     v, x, y = action.verb, action.target, action.ref
     xs = src.find(x) if x is not None and v != "add" else None
     ys = src.find(y) if y is not None else None
@@ -591,6 +638,15 @@ def judge(src: Scene, action: Action, out, grid: int = GRID) -> dict:
     return dict(success=success, minimal=minimal, score=min(success, minimal))
 
 
+def motion(src: Scene, tgt: Scene) -> dict:
+    """How much an edit moves, for splitting results by motion: `cells`, the grid cells whose content differs (1 for
+    add, remove and recolour; 2 for move, move_somewhere, next_to and swap); `distance`, the farthest an object (same
+    colour and shape) travels, in cells (Manhattan; 0 when none moves)."""
+    cells = {o.cell for o in src.objects + tgt.objects}
+    dist = [abs(o.row - t.row) + abs(o.col - t.col) for o in src.objects if (t := tgt.find(o.ident)) is not None]
+    return {"cells": sum(src.at(c) != tgt.at(c) for c in cells), "distance": max(dist, default=0)}
+
+
 def consistent(src: Scene, action: Action | None, tgt: Scene, grid: int = GRID) -> bool:
     """Whether tgt is exactly one valid outcome of action on src: the check for a DM's label of a pair, e.g.
     consistent(src, parse_action(dm_text), tgt). (Exact, unlike judge, which also grades partial edits.)"""
@@ -599,10 +655,11 @@ def consistent(src: Scene, action: Action | None, tgt: Scene, grid: int = GRID) 
 
 def judge_item(item, out, grid: int | None = None) -> dict:
     """`judge` for a benchmark item: a dict from our JSON (or a data.Item, whose extra dict holds the fields) with
-    `src_scene` and `action` (and optionally `grid`)."""
+    `src_scene` and `action` (and optionally `grid`, and `nuisance` for video-like frames)."""
     d = item if isinstance(item, dict) else {**getattr(item, "extra", {})}
     g = grid or d.get("grid", GRID)
-    return judge(Scene.from_json(d["src_scene"]), Action.from_json(d["action"]), out, g)
+    return judge(Scene.from_json(d["src_scene"]), Action.from_json(d["action"]), out, g,
+                 MAX_SHIFT * d.get("nuisance", 0.0))
 
 
 # -----------------------------------------------------------------------------
@@ -737,6 +794,8 @@ class WorldConfig:
     video_spacing: int = arg(1, ">=1")  # recommended data.video_pairs(spacing=...) (paper: I_f = 20, for 30 fps video)
     n_captions: int = arg(2000, ">=1")  # image-caption pairs for pre-training the tiny foundation model
     p_somewhere: float = arg(0.3, "0..1")  # probability that an "add" says "somewhere" rather than naming a cell
+    nuisance: float = arg(0.0, "0..1")  # video-like frames: sensor noise, brightness/contrast and a camera shift of
+    # up to this many times (noise sigma 0.02, +-0.04, x(1 +- 0.08), +-1 px) on every saved image (nuisance_frame)
 
     def __post_init__(self):
         if self.image_size % self.grid or self.image_size // self.grid < 6:
@@ -876,7 +935,8 @@ def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=prin
     if man.exists():
         man.unlink()  # an interrupted rebuild must not look complete
     data = generate(cfg)
-    save = lambda scene, rel: render(scene, cfg.image_size, cfg.grid).save(out / rel)
+    save = lambda scene, rel: frame(scene, cfg, rel).save(out / rel)
+    video_like = {"nuisance": cfg.nuisance} if cfg.nuisance else {}  # items tell the judge to allow a camera shift
 
     for split in ("train", "val", "test", "test_comp"):
         (out / "images" / split).mkdir(parents=True)
@@ -887,7 +947,8 @@ def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=prin
             save(r["tgt"], outp)
             items.append(dict(id=r["id"], input=inp, instruction=r["instruction"], output=outp, task=r["task"],
                               verb=r["verb"], src_scene=r["src"].to_json(), tgt_scene=r["tgt"].to_json(),
-                              action=r["action"].to_json(), grid=cfg.grid, image_size=cfg.image_size))
+                              action=r["action"].to_json(), grid=cfg.grid, image_size=cfg.image_size,
+                              **video_like))
         _write_json(out / f"{split}.json", items)
 
     (out / "images" / "captions").mkdir(parents=True)
@@ -916,6 +977,11 @@ def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=prin
                           build_seconds=round(time.time() - t0, 2)))
     log(f"world: built {out} in {time.time() - t0:.1f}s")
     return paths
+
+
+def frame(scene: Scene, cfg: WorldConfig, key: str) -> Image.Image:
+    """A saved image of the world: `render`, then `nuisance_frame` at cfg.nuisance seeded by (cfg.seed, key)."""
+    return nuisance_frame(render(scene, cfg.image_size, cfg.grid), cfg.nuisance, f"{cfg.seed}-{key}")
 
 
 def _read_manifest(path: Path):

@@ -107,6 +107,7 @@ CASES = [  # (script, argv, text the message must contain)
     ("train_world", [DATA, *TRAIN, "--save_every=-1"], "--save_every"),
     ("train_world", [DATA, *TRAIN, "--dtype=fp8"], "--dtype"),
     ("train_world", [DATA, *TRAIN, "--weight_mix=-0.5"], "--weight_mix"),
+    ("train_world", [DATA, *TRAIN, "--weight_norm=token"], "--weight_norm"),
     ("train", [DATA, *TRAIN, "--task=bogus"], "--task"),
     ("train_dynamics", [DATA, *TRAIN, "--image_size=16"], "--image_size=16"),
     ("search", SEARCH + ["--n=0"], "--n"),
@@ -122,6 +123,8 @@ CASES = [  # (script, argv, text the message must contain)
     ("reproduce", ["--out={ws}/cwd/r", "--preset=huge"], "--preset"),
     ("reproduce", ["--out={ws}/cwd/r", "--search_n=0,2"], "--search_n"),
     ("reproduce", ["--out={ws}/cwd/r", "--seeds=a"], "--seeds"),
+    ("reproduce", ["--out={ws}/cwd/r", "--nuisance=2"], "--nuisance"),
+    ("reproduce", ["--out={ws}/cwd/r", "--eq2_select=image:0.5,batch"], "--eq2_select"),
     ("world", ["--out={ws}/cwd/w", "--n_train=-1"], "--n_train"),
     ("tokenizer", ["--out={ws}/cwd/x.safetensors"], "--ckpt"),
     # data

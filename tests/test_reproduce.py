@@ -190,3 +190,77 @@ def test_bpe_learns_only_captions_and_train_instructions(tmp_path):
                                                                                  for it in load("train")])
     hidden = {st["instruction"] for v in load("videos_hidden").values() for st in v["steps"] if not st["hold"]}
     assert hidden - set(texts)  # the videos do say things the BPE never reads
+
+
+def test_eq2_by_motion_on_hand_made_records():
+    """Table "Eq. 2 by motion": items grouped by changed cells and distance moved, weighted − standard per group,
+    success and minimal apart, paired over items and replicates; an empty group gives no row."""
+    from report import EQ2_PAIRS, by_motion
+    from reproduce import annotate_motion
+
+    motion = {"a": {"cells": 1, "distance": 0}, "b": {"cells": 2, "distance": 1}, "c": {"cells": 2, "distance": 1},
+              "d": {"cells": 2, "distance": 3}}
+    rec = lambda i, s, m: {"id": i, "success": s, "minimal": m}
+    std = [rec("a", 10, 10), rec("b", 0, 10), rec("c", 0, 10), rec("d", 0, 10)]
+    wtd = [rec("a", 0, 10), rec("b", 10, 0), rec("c", 10, 10), rec("d", 10, 5)]
+    S = [{"items": {"wm": {name: [dict(r) for r in (wtd if k == 1 else std)] for _, *arms in EQ2_PAIRS
+                           for k, name in enumerate(arms, 1)}}} for _ in range(2)]  # two replicates, same numbers
+    annotate_motion(S, motion)
+    assert S[1]["items"]["wm"]["C-FT"][3] == {"id": "d", "success": 0, "minimal": 10, "cells": 2, "distance": 3}
+    rows = {(r["data"], r["edits"], r["metric"]): r for r in by_motion(S)}
+    assert {e for _, e, _ in rows} == {"one cell changes (add, remove, recolour)",
+                                       "two cells change (move, move somewhere, next to, swap)",
+                                       "an object moves 1 cell", "an object moves 3 or more cells"}  # none moves 2
+    one = rows[("labelled", "one cell changes (add, remove, recolour)", "success")]
+    assert one["n"] == 1 and one["diff"] == -10 and one["mean_b"] == 10 and one["per_replicate"] == [-10, -10]
+    two = rows[("labelled + synthetic", "two cells change (move, move somewhere, next to, swap)", "minimal")]
+    assert two["n"] == 3 and two["diff"] == (-10 + 0 - 5) / 3 and two["mean_a"] == 5
+    far = rows[("labelled", "an object moves 3 or more cells", "success")]
+    assert far["n"] == 1 and far["diff"] == 10 and far["lo"] == far["hi"] == 10
+
+
+def test_new_settings_separate_worlds_and_readings():
+    """A video-like world (--nuisance) retrains everything from the VQGAN on (the BPE reads the same text); another
+    reading of Eq. 2 (--weight_norm) retrains only the WMs; bad --eq2_select lists are refused."""
+    import dataclasses
+
+    from common import UserError
+    from reproduce import ReproConfig, Stages, parse_candidates
+
+    def hashes(**kw):
+        st = Stages.__new__(Stages)
+        st.cfg = dataclasses.replace(ReproConfig(), **kw)
+        return {n: st.hash(n) for n in ("vq", "bpe", "pretrain", "seed0", "seed0_wm_eq2")}
+
+    old = hashes()
+    video = hashes(nuisance=1.0)
+    assert video["bpe"] == old["bpe"] and all(video[n] != old[n] for n in ("vq", "pretrain", "seed0", "seed0_wm_eq2"))
+    batch = hashes(weight_norm="batch")
+    assert batch["pretrain"] == old["pretrain"] and batch["seed0_wm_eq2"] != old["seed0_wm_eq2"]
+    assert parse_candidates("image:0.5, batch:0") == [("image", 0.5), ("batch", 0.0)]
+    for bad in ("image", "pixel:0.5", "batch:2", "image:x"):
+        with pytest.raises(UserError):
+            parse_candidates(bad)
+
+
+@pytest.mark.slow
+def test_eq2_selection_on_validation_smoke(tmp_path):
+    """--eq2_select trains each candidate reading, scores it on the validation split only, and every weighted WM then
+    uses the winner; the report carries the evidence and the by-motion table."""
+    import json
+
+    import reproduce
+
+    out = tmp_path / "out"
+    reproduce.main(["--preset=smoke", f"--out={out}", "--eq2_select=image:0.5,batch:0"])
+    res = json.loads((out / "results.json").read_text())
+    sel = res["eq2_selection"]
+    assert [(c["norm"], c["mix"]) for c in sel["candidates"]] == [("image", 0.5), ("batch", 0.0)]
+    assert all(len(c["items"]) == 28 and {r["id"][:3] for r in c["items"]} == {"val"} for c in sel["candidates"])
+    chosen = sel["candidates"][sel["chosen"]]
+    assert chosen["score"] == max(c["score"] for c in sel["candidates"])
+    assert (res["config"]["weight_norm"], res["config"]["weight_mix"]) == (chosen["norm"], chosen["mix"])
+    meta = json.loads((out / "seed0" / "wm_eq2_syn" / "ckpt" / "meta.json").read_text())["train_config"]
+    assert (meta["weight_norm"], meta["weight_mix"]) == (chosen["norm"], chosen["mix"])
+    report = (out / "report.md").read_text()
+    assert "chosen on the validation split" in report and "## Eq. 2 by motion" in report

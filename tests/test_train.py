@@ -101,6 +101,69 @@ def test_recognition_weights_hand_computed():
     assert torch.equal(recognition_weights(fs, fs), torch.ones(4))  # no change: uniform
 
 
+def eq2_case(tok):
+    """Two items whose VQ features differ at known positions (raw w_l = (0, 2, 0, 1) and (4, 0, 0, 0)), as
+    wm_examples reads them: (items, {path: (codes, feats)})."""
+    from types import SimpleNamespace
+
+    fs = torch.zeros(3, 2, 2)
+    ft1, ft2 = torch.zeros(3, 2, 2), torch.zeros(3, 2, 2)
+    ft1[:, 0, 1] = torch.tensor([1.0, 1.0, 0.0])  # ||.||^2 = 2 at raster position 1
+    ft1[0, 1, 1] = 1.0  # 1 at raster position 3
+    ft2[2, 0, 0] = 2.0  # 4 at raster position 0: the pair that changed more
+    items = [SimpleNamespace(input_path=f"s{i}", output_path=f"t{i}", instruction=ACTIONS[0]) for i in range(2)]
+    cache = {"s0": (codes(0), fs), "t0": (codes(1), ft1), "s1": (codes(2), fs), "t1": (codes(3), ft2)}
+    return items, cache
+
+
+def batch_loss_and_grads(tok, examples):
+    from train import forward_backward
+
+    model = tiny_model(tok)
+    ids, w = collate(examples, tok.pad_id)
+    loss = forward_backward(model, ids, w, torch.arange(len(examples)), 0, 1, 1, torch.device("cpu"))
+    return loss, [p.grad.clone() for p in model.parameters()], model, ids
+
+
+def test_batch_normalised_weights_equal_hand_computation(tiny_tok):
+    from train_world import wm_examples
+
+    items, cache = eq2_case(tiny_tok)
+    raw = torch.tensor([[0.0, 2, 0, 1], [4, 0, 0, 0]])
+    target_w = lambda ex: torch.tensor(ex[1][-L - 1:-1])  # the target's tokens (<eoi> last)
+    # per image (today's reading): each image's weights have mean 1, whatever its amount of change
+    img = [target_w(e) for e in wm_examples(items, cache, tiny_tok, "recognition", norm="image")]
+    assert torch.allclose(torch.stack(img), raw / raw.mean(1, keepdim=True))
+    # over the batch: raw w_l / the mean over all 8 tokens (7/8), so the second pair keeps more weight (4.57 vs 3.43)
+    ex = wm_examples(items, cache, tiny_tok, "recognition", norm="batch")
+    w = torch.stack([target_w(e) for e in ex])
+    assert torch.allclose(w, raw / 0.875) and torch.allclose(w.sum(1), torch.tensor([3 / 0.875, 4 / 0.875]))
+    mixed = torch.stack([target_w(e) for e in wm_examples(items, cache, tiny_tok, "recognition", 0.25, norm="batch")])
+    assert torch.allclose(mixed, 0.75 * raw / 0.875 + 0.25)
+    # the loss the trainer computes: sum over the batch of (raw w_l / batch mean) * nll_l, over its 8 target tokens
+    loss, _, model, ids = batch_loss_and_grads(tiny_tok, ex)
+    with torch.no_grad():
+        logits = model(ids)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")[:, -L - 1:-1]  # (2, L)
+    assert torch.allclose(loss, (raw / raw.mean() * nll).sum() / 8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["image", "batch"])
+def test_uniform_weighting_reproduces_plain_ce_exactly(tiny_tok, norm):
+    from train_world import wm_example, wm_examples
+
+    items, cache = eq2_case(tiny_tok)
+    plain = wm_examples(items, cache, tiny_tok, "none")
+    loss, grads, _, _ = batch_loss_and_grads(tiny_tok, plain)
+    same = {k: (c, cache["s0"][1]) for k, (c, _) in cache.items()}  # source features everywhere: nothing changed
+    doubled = [wm_example(tiny_tok, codes(2 * i), codes(2 * i + 1), ACTIONS[0], [2.0] * L) for i in range(2)]
+    for ex in (wm_examples(items, cache, tiny_tok, "recognition", mix=1.0, norm=norm),  # the floor alone
+               wm_examples(items, same, tiny_tok, "recognition", norm=norm) if norm == "image" else doubled):
+        loss2, grads2, _, _ = batch_loss_and_grads(tiny_tok, ex)
+        assert torch.equal(loss, loss2)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
 def test_weighted_loss_equals_ce_when_uniform_and_upweights_changes():
     torch.manual_seed(0)
     logits = torch.randn(1, 5, 7)
