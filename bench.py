@@ -749,11 +749,11 @@ def _cpu_name() -> str:
 # costs only itself.
 
 # reproduce.py --preset=gpu cut to a few minutes: a tenth of the data, a tenth of the steps (same model and batch)
-GPU_REPRODUCE = ["--preset=gpu", "--seeds=0", "--n_train=2000", "--n_videos=200", "--n_val=64", "--n_test=70",
+GPU_REPRODUCE = ["--preset=gpu", "--n_train=2000", "--n_videos=200", "--n_val=64", "--n_test=70",
                  "--n_comp=35", "--n_captions=4000", "--vq_images=2000", "--vq_warmup=300", "--vq_steps=300",
                  "--pretrain_steps=300", "--ft_steps=200", "--boot_k=500"]
 # the same flags on a CPU dry run (--quick): sizes that take seconds
-QUICK_REPRODUCE = ["--preset=smoke", "--seeds=0", "--n_train=32", "--n_videos=4", "--n_val=8", "--n_test=8",
+QUICK_REPRODUCE = ["--preset=smoke", "--n_train=32", "--n_videos=4", "--n_val=8", "--n_test=8",
                    "--n_comp=4", "--n_captions=32", "--vq_images=64", "--vq_warmup=4", "--vq_steps=4",
                    "--pretrain_steps=2", "--ft_steps=2", "--boot_k=8", "--search_n=1,2", "--jobs=1"]
 

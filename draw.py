@@ -67,8 +67,10 @@ def save_triplet_grid(items, samples: torch.Tensor, path: str, extra: dict[str, 
     save_grid(rows, labels, path, row_titles=[it.instruction for it in items])
 
 
-def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylabel: str):
-    """A small line chart (PIL only): series name -> [(N, mean, std)]; x on a log2 axis."""
+def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylabel: str, xlog: bool = True,
+              title: str | None = None):
+    """A small line chart (PIL only): series name -> [(x, mean, std)]; x on a log2 axis (best-of-N sizes) or a linear
+    one (training steps)."""
     W, H, m = 420, 260, 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
@@ -77,7 +79,10 @@ def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylab
     lo = min(p[1] - p[2] for p in pts)
     hi = max(p[1] + p[2] for p in pts)
     lo, hi = math.floor(lo), math.ceil(hi) if hi > lo else lo + 1
-    fx = lambda n: m + (W - 2 * m) * (math.log2(n) / max(1, math.log2(xs[-1])))
+    if xlog:
+        fx = lambda n: m + (W - 2 * m) * (math.log2(n) / max(1, math.log2(xs[-1])))
+    else:
+        fx = lambda n: m + (W - 2 * m) * (n - xs[0]) / max(1, xs[-1] - xs[0])
     fy = lambda v: H - m - (H - 2 * m) * (v - lo) / max(1e-9, hi - lo)
     d.line([(m, H - m), (W - m, H - m)], fill="black")
     d.line([(m, m), (m, H - m)], fill="black")
@@ -85,7 +90,7 @@ def curve_png(series: dict[str, list[tuple[int, float, float]]], path: str, ylab
         d.text((fx(n) - 3, H - m + 5), str(n), fill="black")
     for v in (lo, (lo + hi) / 2, hi):
         d.text((4, fy(v) - 5), f"{v:.1f}", fill="black")
-    d.text((m, 8), f"{ylabel} vs N (best-of-N, DM verifier)", fill="black")
+    d.text((m, 8), title or f"{ylabel} vs N (best-of-N, DM verifier)", fill="black")
     colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
     for k, (name, s) in enumerate(series.items()):
         c = colours[k % len(colours)]

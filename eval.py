@@ -41,13 +41,13 @@ def write_jsonl(path: str, records: list[dict]):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def eval_dm(dm, tok, items, codes) -> tuple[dict, list[dict]]:
-    """Greedy DM actions for labelled pairs: accuracy (world judge where possible, else exact text), BLEU, ROUGE-L.
-    Returns (metrics, per-item records: id, prediction, correct)."""
+def eval_dm(dm, tok, items, codes, temperature: float = 0.0, seed: int = 0) -> tuple[dict, list[dict]]:
+    """DM actions for labelled pairs (greedy, or sampled at `temperature` > 0): accuracy (world judge where possible,
+    else exact text), BLEU, ROUGE-L. Returns (metrics, per-item records: id, prediction, correct)."""
     items = [it for it in items if it.output_path]
     src = torch.stack([codes[str(it.input_path)][0] for it in items])
     tgt = torch.stack([codes[str(it.output_path)][0] for it in items])
-    pred = predict_actions(dm, tok, src, tgt)
+    pred = predict_actions(dm, tok, src, tgt, temperature, generator=torch.Generator().manual_seed(seed))
     refs = [it.instruction for it in items]
     hits = []
     for p, it in zip(pred, items):

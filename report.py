@@ -44,19 +44,21 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 def paired_interval(a: list[list[float]], b: list[list[float]], n_boot: int = 10000, seed: int = 0,
                     level: float = 0.95) -> dict:
-    """Paired bootstrap of mean(a - b). a[r][i], b[r][i]: replicate r's value on test item i (the same items, in the
-    same order, in every replicate and in both arms). Each resample draws the items with replacement, the same draw for
-    every replicate (replicates are kept whole, as clusters), and averages over items and replicates. Returns the mean
-    difference, the percentile interval and each replicate's own mean difference."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)  # (R, I)
+    """Paired bootstrap of mean(a - b). a[r][i], b[r][i]: replicate r's value on its test item i (both arms on the
+    same items in the same order; each replicate has its own world, so its own items). Each resample draws every
+    replicate's items with replacement, the replicates kept whole (as clusters), and averages the replicates' mean
+    differences. Returns that mean difference, the percentile interval, and each replicate's own mean difference."""
+    d = [np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b)]  # R x (I_r,)
     rng = np.random.default_rng(seed)
     boots = []
-    for k in range(0, n_boot, 1000):  # in chunks: (R, chunk, I) at a time
-        idx = rng.integers(0, d.shape[1], size=(min(1000, n_boot - k), d.shape[1]))
-        boots.append(d[:, idx].mean(axis=(0, 2)))
+    for k in range(0, n_boot, 1000):  # in chunks of 1,000 resamples
+        n = min(1000, n_boot - k)
+        # (n,) per replicate: the mean of a resample of its items; then the mean over replicates
+        boots.append(np.mean([dr[rng.integers(0, len(dr), size=(n, len(dr)))].mean(axis=1) for dr in d], axis=0))
     lo, hi = np.quantile(np.concatenate(boots), [(1 - level) / 2, (1 + level) / 2])
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "per_replicate": d.mean(axis=1).tolist(),
-            "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b))}
+    per = [float(dr.mean()) for dr in d]
+    return {"diff": float(np.mean(per)), "lo": float(lo), "hi": float(hi), "per_replicate": per,
+            "mean_a": float(np.mean([np.mean(x) for x in a])), "mean_b": float(np.mean([np.mean(y) for y in b]))}
 
 
 def verdict(iv: dict) -> str:
@@ -81,11 +83,13 @@ def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
                                                            r["items"]["search"][name][n])] for r in S]
 
     # Finding 1 on one footing: the share of items each model solves (DM: its action is valid; WM: judge success
-    # 10), on the same items (the DM is scored on items with a target, which all test items have)
-    dm_ids = {rec["id"] for rec in S[0]["items"]["dm"]}
-    dm = [[float(rec["correct"]) for rec in r["items"]["dm"]] for r in S]
-    wm_solved = [[float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in dm_ids]
-                 for r in S]
+    # 10), both sampled at the same temperature, on the same items (the DM is scored on items with a target, which
+    # all test items have)
+    dm = [[float(rec["correct"]) for rec in r["items"]["dm_sampled"]] for r in S]
+    wm_solved = []
+    for r in S:
+        ids = {rec["id"] for rec in r["items"]["dm_sampled"]}
+        wm_solved.append([float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in ids])
     rows = [("the DM solves more items than the WM (C-FT) learns to", "solved", "DM", "WM (C-FT)", dm, wm_solved),
             ("synthetic data (CE loss) improves the WM", "score", "labelled + synthetic", "C-FT",
              wm("labelled + synthetic"), wm("C-FT")),
@@ -126,13 +130,14 @@ def by_motion(S: list[dict]) -> list[dict]:
     rows = []
     for data, weighted, standard in EQ2_PAIRS:
         for label, keep in MOTION_GROUPS:
-            idx = [i for i, rec in enumerate(S[0]["items"]["wm"][standard]) if keep(rec)]
-            if not idx:
+            idx = [[i for i, rec in enumerate(r["items"]["wm"][standard]) if keep(rec)] for r in S]  # per replicate
+            if not all(idx):
                 continue
             for metric in ("success", "minimal"):
-                arm = [[[r["items"]["wm"][name][i][metric] for i in idx] for r in S]  # [replicate][item]
+                arm = [[[r["items"]["wm"][name][i][metric] for i in ix] for r, ix in zip(S, idx)]  # [replicate][item]
                        for name in (weighted, standard)]
-                rows.append({"edits": label, "data": data, "n": len(idx), "metric": metric, **paired_interval(*arm)})
+                rows.append({"edits": label, "data": data, "n": sum(map(len, idx)), "metric": metric,
+                             **paired_interval(*arm)})
     return rows
 
 
@@ -152,13 +157,15 @@ def pick(recs: list[dict], k: int, by: str) -> list[float]:
     return out
 
 
-def write_items(cfg, seed: int, items: dict, controls: dict):
-    """out/seed<s>/items/*.jsonl: one record per test item and model (id, split, action class, success, minimal,
-    score, l1; the DM's prediction and whether it is correct; every best-of-N candidate's DM, WM and judge score)."""
+def write_items(out: str, items: dict, controls: dict):
+    """out/rep<r>/items/*.jsonl: one record per test item and model (id, split, action class, success, minimal,
+    score, l1; the DM's prediction, greedy and sampled, and whether it is correct; every best-of-N candidate's DM, WM
+    and judge score)."""
     slug = lambda name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-    d = os.path.join(cfg.out, f"seed{seed}", "items")
+    d = os.path.join(out, "items")
     os.makedirs(d, exist_ok=True)
     write_jsonl(os.path.join(d, "dm.jsonl"), items["dm"])
+    write_jsonl(os.path.join(d, "dm_sampled.jsonl"), items["dm_sampled"])
     for name, recs in items["wm"].items():
         write_jsonl(os.path.join(d, f"wm_{slug(name)}.jsonl"), recs)
     for name, recs in controls.items():
@@ -179,10 +186,10 @@ def sha(paths: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def provenance(cfg, seeds: list[int], device: torch.device, runs: list[str]) -> dict:
+def provenance(cfg, device: torch.device, runs: list[str]) -> dict:
     """What determines the numbers, for the report header: two runs whose entries all match should give the same
     report byte for byte; a different CPU capability (other kernels, other rounding) may not. `runs`: the fine-tuned
-    models' folders in out/seed<s>/."""
+    models' folders in out/rep<r>/."""
     here = os.path.dirname(os.path.abspath(__file__))
     git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True)
     try:
@@ -190,26 +197,33 @@ def provenance(cfg, seeds: list[int], device: torch.device, runs: list[str]) -> 
         commit += " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no").stdout else ""
     except OSError:  # no git
         commit = "unknown"
-    out = lambda *p: os.path.join(cfg.out, *p)
-    weights = lambda run: out(run, "ckpt", "model.safetensors")
-    stages = {"data": sha([out("data", f + ".json") for f in ("train", "val", "test", "test_comp", "captions")]),
-              "vqgan": sha([out("tok", "vq", "model.safetensors")]), "bpe": sha([out("tok", "tokenizer.json")]),
-              "pretrain": sha([weights("pretrain")])}
-    for s in seeds:
-        stages[f"seed{s}"] = " ".join(f"{run} {sha([weights(f'seed{s}/{run}')])}" for run in runs) + \
-            f" synthetic {sha([out(f'seed{s}', 'synthetic.json')])}"
+    stages = {}
+    for r in range(cfg.replicates):
+        rep = os.path.join(cfg.out, f"rep{r}")
+        files = {"data": [os.path.join(rep, "data", f + ".json") for f in ("train", "val", "test", "test_comp",
+                                                                            "captions")],
+                 "vqgan": [os.path.join(rep, "tok", "vq", "model.safetensors")],
+                 "bpe": [os.path.join(rep, "tok", "tokenizer.json")],
+                 **{run: [os.path.join(rep, run, "ckpt", "model.safetensors")] for run in ["pretrain"] + runs},
+                 "synthetic": [os.path.join(rep, "synthetic.json")]}
+        stages[f"rep{r}"] = " ".join(f"{name} {sha(paths)}" for name, paths in files.items())
     return {"commit": commit, "torch": torch.__version__, "device": device.type,
             "dtype": "float32" if device.type == "cpu" else "bfloat16 autocast", "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
 
 
-def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, selection=None) -> str:
-    S = [per_seed[s] for s in seeds]
-    tasks = [t for t in zs["wm"] if t != "all"]
-    L = [f"# worldboot: the paper in miniature (preset `{cfg.preset}`, seeds {', '.join(map(str, seeds))})", ""]
-    L += [f"Produced by `python reproduce.py --preset={cfg.preset} --seeds={cfg.seeds}` in {seconds / 60:.1f} min "
+def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None) -> str:
+    """out/report.md and out/results.json from the replicates' results (reproduce.run_replicate: tok, zs, base, R)."""
+    S = [rep["R"] for rep in reps]
+    tok = {k: [rep["tok"][k] for rep in reps] for k in reps[0]["tok"]}  # tokenizer facts, one value per replicate
+    Z, B = [rep["zs"] for rep in reps], [rep["base"] for rep in reps]
+    tasks = [t for t in Z[0]["wm"] if t != "all"]
+    L = [f"# worldboot: the paper in miniature (preset `{cfg.preset}`, {len(reps)} replicate(s))", ""]
+    L += [f"Produced by `python reproduce.py --preset={cfg.preset} --replicates={cfg.replicates}` in "
+          f"{seconds / 60:.1f} min "
           f"with {cfg.threads} torch thread(s) per process in every stage. "
-          "Numbers are mean ± standard deviation over the fine-tuning seeds (a single number: one seed). "
+          "Numbers are mean ± standard deviation over the replicates, each with its own world, tokenizers, "
+          "pre-trained model and fine-tuning seed (a single number: one replicate). "
           "Scores are the world judge's 0-10 "
           "(success, minimal editing, score = their min per sample, as the paper's GPT-4o protocol); L1 is the "
           "mean pixel difference to the target (0-1). `world` is the test split, `world_comp` the compositional "
@@ -226,41 +240,57 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
           f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_val} validation, "
           f"{cfg.n_test} test + {cfg.n_comp} compositional test items, {cfg.n_captions} captions for pre-training",
           f"- tokenizers: VQGAN {32 // cfg.vq_downsample}x{32 // cfg.vq_downsample} tokens per 32x32 image, "
-          f"{cfg.vq_codes} codes; reconstruction L1 {tok_res['recon_l1']:.4f}; the judge recovers "
-          f"{100 * tok_res['scene_recovered']:.1f}% of scenes from reconstructions; BPE vocabulary {tok_res['vocab']}",
+          f"{cfg.vq_codes} codes; reconstruction L1 {fmt(tok['recon_l1'], 4)}; the judge recovers "
+          f"{fmt([100 * v for v in tok['scene_recovered']], 1)}% of scenes from reconstructions; BPE vocabulary "
+          f"{fmt(tok['vocab'], 0)}",
           f"- token locality (train pairs): an edit changes one or two cells, yet only "
-          f"{100 * tok_res['unchanged_code_kept']:.0f}% of the tokens of unchanged cells keep their code (the encoder "
-          f"sees beyond its cell); Eq. 2 weights average {tok_res['eq2_changed']:.2f} on tokens of changed cells and "
-          f"{tok_res['eq2_unchanged']:.2f} on those of unchanged ones",
+          f"{fmt([100 * v for v in tok['unchanged_code_kept']], 0)}% of the tokens of unchanged cells keep their code "
+          f"(the encoder sees beyond its cell); Eq. 2 weights average {fmt(tok['eq2_changed'])} on tokens of changed "
+          f"cells and {fmt(tok['eq2_unchanged'])} on those of unchanged ones",
           f"- model: {cfg.n_layer} layers x {cfg.n_embd} wide; pre-training {cfg.pretrain_steps} steps; every DM and "
           f"WM fine-tuned for {cfg.ft_steps} steps of batch {cfg.batch_size} from the same pre-trained model",
-          f"- bootstrapping: the DM labels {S[0]['pseudo']['pairs']} video pairs, stratified top-K keeps "
-          f"{S[0]['pseudo']['kept']}", ""]
+          f"- bootstrapping: the DM labels {fmt([r['pseudo']['pairs'] for r in S], 0)} video pairs, stratified "
+          f"top-K keeps {fmt([r['pseudo']['kept'] for r in S], 0)}", ""]
 
     # Table 1: DM metrics + the first finding
     L += ["## Table 1: the dynamics model (action prediction on the test splits)", "",
           "| model | action accuracy | BLEU-4 | ROUGE-L |", "|---|---|---|---|",
-          f"| zero-shot (pre-trained model) | {zs['dm']['action_acc']:.2f} | {zs['dm']['bleu']:.2f} | "
-          f"{zs['dm']['rougeL']:.2f} |",
-          f"| fine-tuned DM | {fmt([r['dm']['action_acc'] for r in S])} | {fmt([r['dm']['bleu'] for r in S])} | "
-          f"{fmt([r['dm']['rougeL'] for r in S])} |", ""]
-    dm_acc = [r["dm"]["action_acc"] for r in S]
-    wm_succ = [r["wm"]["C-FT"]["all"]["success"] / 10 for r in S]
-    L += ["Same labelled triplets, same steps and batch: fine-tuned DM action accuracy vs fine-tuned WM (C-FT) "
-          "editing success rate (success/10):", "",
-          "| | DM action accuracy | WM success rate |", "|---|---|---|",
-          f"| fine-tuned | {fmt(dm_acc)} | {fmt(wm_succ)} |", ""]
+          f"| zero-shot (pre-trained model) | {fmt([z['dm']['action_acc'] for z in Z])} | "
+          f"{fmt([z['dm']['bleu'] for z in Z])} | {fmt([z['dm']['rougeL'] for z in Z])} |"]
+    for key, label in (("dm", "fine-tuned DM (greedy)"),
+                       ("dm_sampled", f"fine-tuned DM (temperature {cfg.temperature})")):
+        L.append(f"| {label} | {fmt([r[key]['action_acc'] for r in S])} | {fmt([r[key]['bleu'] for r in S])} | "
+                 f"{fmt([r[key]['rougeL'] for r in S])} |")
+    dm_acc = [r["dm_sampled"]["action_acc"] for r in S]
+    wm_solved = [statistics.fmean(float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"]) for r in S]
+    L += ["", f"Same labelled triplets, same steps and batch, both sampled at temperature {cfg.temperature}: the share "
+          "of test items the fine-tuned DM solves (its action is valid) and the share the fine-tuned WM (C-FT) solves "
+          "(the judge's success is 10):", "",
+          "| | DM solved | WM solved |", "|---|---|---|", f"| fine-tuned | {fmt(dm_acc)} | {fmt(wm_solved)} |", ""]
+    if all(r.get("curves") for r in S):  # the learning curves: how fast each is learned, on the validation split
+        series = {}
+        for kind, label in (("dm", "DM"), ("wm", "WM (C-FT)")):
+            steps = [p[0] for p in S[0]["curves"][kind]]
+            series[label] = [(st, *mean_std([dict(r["curves"][kind]).get(st) for r in S])) for st in steps]
+        curve_png(series, os.path.join(cfg.out, "learning_curves.png"), "solved (validation)", xlog=False,
+                  title="share of validation items solved vs fine-tuning step")
+        L += ["Learning curves on the validation split (same sampling as above):", "",
+              "| step | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
+        for st, *_ in series["DM"]:
+            L.append(f"| {st} | " + " | ".join(fmt([dict(r["curves"][k]).get(st) for r in S])
+                                               for k in ("dm", "wm")) + " |")
+        L += ["", "![learning curves](learning_curves.png)", ""]
 
     # Table 2: WM per subset
     cols = ["score", "success", "minimal", "l1"]
     L += ["## Table 2: world models per subset (N = 1)", ""]
     for task in tasks + ["all"]:
         L += [f"### {task}", "", "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-        L.append("| zero-shot | " + " | ".join(f"{zs['wm'][task].get(c, float('nan')):.2f}" for c in cols) + " |")
+        L.append("| zero-shot | " + " | ".join(fmt([z["wm"][task].get(c) for z in Z]) for c in cols) + " |")
         for name in S[0]["wm"]:
             L.append(f"| {name} | " + " | ".join(fmt([r["wm"][name][task].get(c) for r in S]) for c in cols) + " |")
-        for bname, b in base.items():
-            L.append(f"| {bname} | " + " | ".join(f"{b[task].get(c, float('nan')):.2f}" for c in cols) + " |")
+        for bname in B[0]:
+            L.append(f"| {bname} | " + " | ".join(fmt([b[bname][task].get(c) for b in B]) for c in cols) + " |")
         L.append("")
 
     # Table 3 and 4
@@ -282,8 +312,10 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
     # Pseudo-labels
     L += ["## Pseudo-label quality (DM labels of unlabelled video pairs, checked against the hidden truth)", "",
           "| | pairs | accuracy |", "|---|---|---|",
-          f"| all labelled pairs | {S[0]['pseudo']['pairs']} | {fmt([r['pseudo']['acc_before'] for r in S])} |",
-          f"| kept by stratified top-K | {S[0]['pseudo']['kept']} | {fmt([r['pseudo']['acc_after'] for r in S])} |",
+          f"| all labelled pairs | {fmt([r['pseudo']['pairs'] for r in S], 0)} | "
+          f"{fmt([r['pseudo']['acc_before'] for r in S])} |",
+          f"| kept by stratified top-K | {fmt([r['pseudo']['kept'] for r in S], 0)} | "
+          f"{fmt([r['pseudo']['acc_after'] for r in S])} |",
           ""]
 
     # Best-of-N
@@ -319,6 +351,7 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
     R = len(S)
     L += ["## Findings", "",
           f"Each contrast pairs the two arms item by item over the {len(S[0]['items']['wm']['C-FT'])} test items"
+          + (" of each replicate's world" if R > 1 else "")
           + (f" and the {R} replicates" if R > 1 else "") + ": mean difference, 95% paired-bootstrap interval "
           "(10,000 resamples of the test items" + (", replicates kept whole" if R > 1 else "") + "), each "
           "replicate's own difference, and the verdict: **shown** only when the interval excludes 0 and every "
@@ -331,9 +364,9 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
         L.append(f"| {c['what']} | {c['metric']} | {c['a']} | {c['b']} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | "
                  f"{c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | "
                  f"{', '.join(f'{x:+.2f}' for x in c['per_replicate'])} | **{verdict(c)}** |")
-    L += ["", "`solved`: the DM's greedy action is valid for the pair; the WM's sample (temperature "
-          f"{cfg.temperature}) gets the judge's full success score (10). Per-item records: "
-          "`seed<s>/items/*.jsonl`.", ""]
+    L += ["", f"`solved`: the DM's action sampled at temperature {cfg.temperature} is valid for the pair; the WM's "
+          f"sample (the same temperature) gets the judge's full success score (10). Per-item records: "
+          "`rep<r>/items/*.jsonl`.", ""]
     # Eq. 2 by motion: where the weighting helps or costs, success and minimal editing apart
     motion_rows = by_motion(S)
     L += ["## Eq. 2 by motion", "",
@@ -341,7 +374,8 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
           "standard CE on the same data, per kind of edit in the ground truth: success and minimal editing apart, "
           "each with its paired interval over the group's items (as in Findings). The paper reports the largest "
           "gains on high-motion pairs.", "",
-          "| edits | items | data | metric | standard CE | weighted | weighted − standard | 95% interval | verdict |",
+          "| edits | items (all replicates) | data | metric | standard CE | weighted | weighted − standard "
+          "| 95% interval | verdict |",
           "|---|---|---|---|---|---|---|---|---|"]
     for c in motion_rows:
         L.append(f"| {c['edits']} | {c['n']} | {c['data']} | {c['metric']} | {c['mean_b']:.2f} | {c['mean_a']:.2f} | "
@@ -361,9 +395,11 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
             L.append(f"| {c['norm']} | {c['mix']} | {c['score']:.2f} | {c['success']:.2f} | {c['minimal']:.2f} | "
                      f"{iv['diff']:+.2f} | [{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {'**chosen**' if i == k else ''} |")
         L.append("")
-    L += ["## Pictures", "", "- `examples.png`: source | C-FT | C-FDM | C-FDM best-of-N | target, one row per verb",
-          "- `search_example.png`: one item's candidates ranked by the DM", "- `data/samples.png`: world triplets",
-          "", "![examples](examples.png)", "", "![search](search_example.png)", ""]
+    L += ["## Pictures (replicate 0)", "",
+          "- `rep0/examples.png`: source | C-FT | C-FDM | C-FDM best-of-N | target, one row per verb",
+          "- `rep0/search_example.png`: one item's candidates ranked by the DM",
+          "- `rep0/data/samples.png`: world triplets", "", "![examples](rep0/examples.png)", "",
+          "![search](rep0/search_example.png)", ""]
     tables_hash = hashlib.sha256("\n".join(L[body_start:]).encode()).hexdigest()[:12]
     L = [line.replace("{TABLES_HASH}", tables_hash) for line in L]
     path = os.path.join(cfg.out, "report.md")
@@ -371,6 +407,5 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, sel
     atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(
         {"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash}, "findings": found,
          "eq2_by_motion": motion_rows, "eq2_selection": selection,
-         "tokenizers": tok_res, "zeroshot": zs, "baselines": base,
-         "per_seed": {str(k): v for k, v in per_seed.items()}}, indent=1))
+         "replicates": reps}, indent=1))
     return path

@@ -42,6 +42,7 @@ class TokenizerConfig:
     vq_batch: int = arg(32, ">=1")  # batch size
     vq_images: int = arg(4000, ">=1")  # rendered scenes the VQGAN trains on
     bpe_vocab: int = arg(1024, ">=1")  # text vocabulary (specials + image codes + 256 bytes + merges)
+    seed: int = arg(0, ">=0")  # the VQGAN's training images, initialisation and batches
     nuisance: float = arg(0.0, "0..1")  # the world's video-like frames (world.py --nuisance): the VQGAN trains on such
     # frames and its check allows their camera shift
     threads: int = arg(1, ">=1")  # torch intra-op CPU threads (the VQGAN's bits depend on it; reproduce.py --threads)
@@ -53,13 +54,14 @@ def world_paths(data_dir: str) -> dict:
     return {n: os.path.join(data_dir, n + ".json") for n in ("train", "val", "captions")}
 
 
-def train_vq(cfg, paths: dict, device, log=print):
+def train_vq(cfg, paths: dict, device, log=print, seed: int = 0):
     """The VQGAN of the synthetic world. `cfg`: a TokenizerConfig (or reproduce's ReproConfig: the same vq_* fields).
+    `seed`: the training images and the VQGAN's initialisation and batches (reproduce.py: the replicate).
     Returns (ImageTokenizer on the CPU, results: seconds, held-out reconstruction L1, scenes recovered, usage)."""
     # The VQGAN sees freshly rendered world scenes with 4-8 objects: denser than the task scenes (2-4 objects), so
     # objects are not a rare sliver of pixels next to the background. In a video-like world (--nuisance) they are
     # video-like frames too.
-    rng = random.Random(12345)
+    rng = random.Random(12345 + seed)
     images = torch.stack([preprocess_image(world.nuisance_frame(world.render(world.sample_scene(
         rng, min_objects=4, max_objects=8)), cfg.nuisance, f"vq-{i}"), 32) for i in range(cfg.vq_images)])
     check = torch.stack([preprocess_image(p, 32) for it in load_items(paths["val"])
@@ -71,7 +73,7 @@ def train_vq(cfg, paths: dict, device, log=print):
         f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
     t0 = time.time()
     vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3, betas=(0.9, 0.99),
-                           ae_warmup=cfg.vq_warmup, seed=0, device=device)
+                           ae_warmup=cfg.vq_warmup, seed=seed, device=device)
     vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
     with torch.no_grad():  # checked on held-out task images (the validation split)
         codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
@@ -111,7 +113,7 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     paths = world_paths(cfg.data)
     claim_dir(cfg.out, "train_tokenizer.py")
-    vq, vq_res = train_vq(cfg, paths, torch.device(cfg.device))
+    vq, vq_res = train_vq(cfg, paths, torch.device(cfg.device), seed=cfg.seed)
     vq.save(os.path.join(cfg.out, "vq"))
     text_tok, bpe_res = train_bpe(cfg, paths, vq.cfg.num_embeddings)
     text_tok.save(os.path.join(cfg.out, "tokenizer.json"))

@@ -122,7 +122,7 @@ CASES = [  # (script, argv, text the message must contain)
     ("reproduce", ["--out={ws}/cwd/r", "--device=tpu"], "--device"),
     ("reproduce", ["--out={ws}/cwd/r", "--preset=huge"], "--preset"),
     ("reproduce", ["--out={ws}/cwd/r", "--search_n=0,2"], "--search_n"),
-    ("reproduce", ["--out={ws}/cwd/r", "--seeds=a"], "--seeds"),
+    ("reproduce", ["--out={ws}/cwd/r", "--replicates=0"], "--replicates"),
     ("reproduce", ["--out={ws}/cwd/r", "--nuisance=2"], "--nuisance"),
     ("reproduce", ["--out={ws}/cwd/r", "--eq2_select=image:0.5,batch"], "--eq2_select"),
     ("world", ["--out={ws}/cwd/w", "--n_train=-1"], "--n_train"),

@@ -11,17 +11,21 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     import reproduce
 
     out = tmp_path / "out"
-    reproduce.main(["--preset=smoke", f"--out={out}", "--seeds=0,1"])
+    reproduce.main(["--preset=smoke", f"--out={out}", "--replicates=2"])
     report = (out / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3", "Table 4", "Best-of-N", "Findings"):
+    for heading in ("Table 1", "Learning curves", "Table 2", "Table 3", "Table 4", "Best-of-N", "Findings"):
         assert heading in report
+    # replicates vary everything: each has its own world, tokenizers and pre-trained model
+    for f in ("data/test.json", "tok/tokenizer.json", "tok/vq/model.safetensors", "pretrain/ckpt/model.safetensors"):
+        assert (out / "rep0" / f).read_bytes() != (out / "rep1" / f).read_bytes(), f
+    assert {p.name for p in (out / "rep1" / "items").iterdir()} >= {"dm.jsonl", "dm_sampled.jsonl", "wm_c_ft.jsonl"}
     # the pictures have their layout: 32 px images enlarged 4x to 128 px cells with 4 px gaps and a caption line
     # (draw.save_grid); examples: source | C-FT | C-FDM | best-of-2 | target, one 160 px row per action class
-    assert Image.open(out / "examples.png").size == (4 + 5 * 132, 7 * 160 + 4)
-    assert Image.open(out / "search_example.png").size == (4 + 3 * 132, 18 + 146 + 4)  # source + 2; a title
-    assert Image.open(out / "best_of_n.png").size == (420, 260)
+    assert Image.open(out / "rep0" / "examples.png").size == (4 + 5 * 132, 7 * 160 + 4)
+    assert Image.open(out / "rep0" / "search_example.png").size == (4 + 3 * 132, 18 + 146 + 4)  # source + 2; a title
+    assert Image.open(out / "best_of_n.png").size == Image.open(out / "learning_curves.png").size == (420, 260)
     # stages are cached: a second run reuses everything and rewrites the same tables
-    reproduce.main(["--preset=smoke", f"--out={out}", "--seeds=0,1"])
+    reproduce.main(["--preset=smoke", f"--out={out}", "--replicates=2"])
     assert (out / "report.md").read_text().split("## Setup")[1] == report.split("## Setup")[1]
 
 
@@ -35,12 +39,13 @@ def test_parallel_fine_tuning_jobs_give_the_same_models(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     reproduce.main(["--preset=smoke", f"--out={a}", "--jobs=1"])
     shutil.copytree(a, b)  # reuse the data, tokenizers and pre-trained model; redo every per-seed stage
-    shutil.rmtree(b / "seed0")
-    for f in (b / "stages").glob("seed0*"):
-        f.unlink()
+    for run in ("dm", "wm_ce", "wm_eq2", "wm_ce_syn", "wm_eq2_syn"):  # redo fine-tuning, bootstrapping, search
+        shutil.rmtree(b / "rep0" / run)
+    for f in ("finetune", "dm", "wm_ce", "wm_eq2", "wm_ce_syn", "wm_eq2_syn"):
+        (b / "rep0" / "stages" / f"{f}.json").unlink()
     reproduce.main(["--preset=smoke", f"--out={b}", "--jobs=2"])
     for run in ("dm", "wm_ce", "wm_eq2", "wm_ce_syn", "wm_eq2_syn"):
-        w = [(root / "seed0" / run / "ckpt" / "model.safetensors").read_bytes() for root in (a, b)]
+        w = [(root / "rep0" / run / "ckpt" / "model.safetensors").read_bytes() for root in (a, b)]
         assert w[0] == w[1], run
     assert (a / "report.md").read_text().split("## Setup")[1] == (b / "report.md").read_text().split("## Setup")[1]
 
@@ -132,16 +137,20 @@ def test_numbers_do_not_depend_on_the_core_count(tmp_path):
     assert p1["tables"] == p2["tables"] and r1 == r2
 
 
-def test_seed_results_depend_on_the_best_of_n_sizes_but_training_does_not():
+def test_seed_results_depend_on_the_best_of_n_sizes_but_training_does_not(tmp_path):
     import dataclasses
 
     from reproduce import ReproConfig, Stages
 
     a, b = ReproConfig(), dataclasses.replace(ReproConfig(), search_n="1,2")
-    sa, sb = Stages.__new__(Stages), Stages.__new__(Stages)
-    sa.cfg, sb.cfg = a, b
-    assert sa.hash("seed0") != sb.hash("seed0")  # a cached seed result without the new N is recomputed
-    assert sa.hash("seed0_dm") == sb.hash("seed0_dm") and sa.hash("pretrain") == sb.hash("pretrain")
+    sa, sb = Stages(tmp_path, a), Stages(tmp_path, b)
+    assert sa.hash("finetune") != sb.hash("finetune")  # a cached result without the new N is recomputed
+    assert sa.hash("dm") == sb.hash("dm") and sa.hash("pretrain") == sb.hash("pretrain")
+    # so do the learning curves' spacing, which changes what is evaluated, not what is trained
+    c = Stages(tmp_path, dataclasses.replace(ReproConfig(), curve_every=100))
+    assert c.hash("finetune") != sa.hash("finetune") and c.hash("dm") == sa.hash("dm")
+    # another replicate (another world) never reuses a stage of this one
+    assert all(Stages(tmp_path, a, 1).hash(n) != sa.hash(n) for n in ("vq", "bpe", "pretrain", "dm", "finetune"))
 
 
 def test_a_stage_folder_is_deleted_only_when_ours_and_stale(tmp_path, capsys, tiny_tok):
@@ -212,11 +221,11 @@ def test_eq2_by_motion_on_hand_made_records():
                                        "two cells change (move, move somewhere, next to, swap)",
                                        "an object moves 1 cell", "an object moves 3 or more cells"}  # none moves 2
     one = rows[("labelled", "one cell changes (add, remove, recolour)", "success")]
-    assert one["n"] == 1 and one["diff"] == -10 and one["mean_b"] == 10 and one["per_replicate"] == [-10, -10]
+    assert one["n"] == 2 and one["diff"] == -10 and one["mean_b"] == 10 and one["per_replicate"] == [-10, -10]
     two = rows[("labelled + synthetic", "two cells change (move, move somewhere, next to, swap)", "minimal")]
-    assert two["n"] == 3 and two["diff"] == (-10 + 0 - 5) / 3 and two["mean_a"] == 5
+    assert two["n"] == 6 and two["diff"] == (-10 + 0 - 5) / 3 and two["mean_a"] == 5
     far = rows[("labelled", "an object moves 3 or more cells", "success")]
-    assert far["n"] == 1 and far["diff"] == 10 and far["lo"] == far["hi"] == 10
+    assert far["n"] == 2 and far["diff"] == 10 and far["lo"] == far["hi"] == 10
 
 
 def test_new_settings_separate_worlds_and_readings():
@@ -229,14 +238,14 @@ def test_new_settings_separate_worlds_and_readings():
 
     def hashes(**kw):
         st = Stages.__new__(Stages)
-        st.cfg = dataclasses.replace(ReproConfig(), **kw)
-        return {n: st.hash(n) for n in ("vq", "bpe", "pretrain", "seed0", "seed0_wm_eq2")}
+        st.cfg, st.replicate = dataclasses.replace(ReproConfig(), **kw), 0
+        return {n: st.hash(n) for n in ("vq", "bpe", "pretrain", "finetune", "wm_eq2")}
 
     old = hashes()
     video = hashes(nuisance=1.0)
-    assert video["bpe"] == old["bpe"] and all(video[n] != old[n] for n in ("vq", "pretrain", "seed0", "seed0_wm_eq2"))
+    assert video["bpe"] == old["bpe"] and all(video[n] != old[n] for n in ("vq", "pretrain", "finetune", "wm_eq2"))
     batch = hashes(weight_norm="batch")
-    assert batch["pretrain"] == old["pretrain"] and batch["seed0_wm_eq2"] != old["seed0_wm_eq2"]
+    assert batch["pretrain"] == old["pretrain"] and batch["wm_eq2"] != old["wm_eq2"]
     assert parse_candidates("image:0.5, batch:0") == [("image", 0.5), ("batch", 0.0)]
     for bad in ("image", "pixel:0.5", "batch:2", "image:x"):
         with pytest.raises(UserError):
@@ -260,7 +269,21 @@ def test_eq2_selection_on_validation_smoke(tmp_path):
     chosen = sel["candidates"][sel["chosen"]]
     assert chosen["score"] == max(c["score"] for c in sel["candidates"])
     assert (res["config"]["weight_norm"], res["config"]["weight_mix"]) == (chosen["norm"], chosen["mix"])
-    meta = json.loads((out / "seed0" / "wm_eq2_syn" / "ckpt" / "meta.json").read_text())["train_config"]
+    meta = json.loads((out / "rep0" / "wm_eq2_syn" / "ckpt" / "meta.json").read_text())["train_config"]
     assert (meta["weight_norm"], meta["weight_mix"]) == (chosen["norm"], chosen["mix"])
     report = (out / "report.md").read_text()
     assert "chosen on the validation split" in report and "## Eq. 2 by motion" in report
+
+
+def test_paired_interval_with_each_replicate_its_own_items():
+    """Replicates built on different worlds have different test items: each replicate's items are resampled on their
+    own, the replicates are kept whole, and the mean difference is the mean of the replicates' own differences."""
+    from report import paired_interval, verdict
+
+    a = [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]]  # replicate 1 has more items than replicate 0
+    b = [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0, 2.0, 2.0]]
+    iv = paired_interval(a, b, n_boot=2000)
+    assert iv["per_replicate"] == [1.0, 0.0] and iv["diff"] == 0.5
+    assert 0 < iv["lo"] <= iv["hi"] <= 1 and verdict(iv) == "not shown"  # replicate 1 does not agree in sign
+    one = paired_interval(a[:1], b[:1], n_boot=2000)
+    assert one["lo"] == one["hi"] == 1.0 and verdict(one) == "shown"

@@ -313,3 +313,24 @@ def test_metrics_file_written(tiny_tok, tmp_path):
     train(quiet_cfg(tmp_path, task="dm", steps=3), ex, tok, val_examples=ex, model=tiny_model(tok))
     rows = [json.loads(x) for x in open(os.path.join(tmp_path, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2, 3] and "val_loss" in rows[-1]
+
+
+def test_evaluation_during_training_leaves_the_weights_unchanged(tiny_tok, tmp_path):
+    """reproduce's learning curves sample from the model every few steps (train's `evaluate` hook); the trained weights
+    must be bit for bit those of a run without them, or the curves would change the results they describe."""
+    from train_world import generate_targets
+
+    tok = tiny_tok
+    ex = [wm_example(tok, codes(i), codes(i + 10), ACTIONS[i % 6]) for i in range(8)]
+    src = torch.stack([codes(i) for i in range(4)])
+
+    def evaluate(m, step):  # samples images, as the WM's curve does (its own generator, like eval_wm)
+        out = generate_targets(m, tok, src, ACTIONS[:4], generator=torch.Generator().manual_seed(step))
+        return {"val_solved": float((out[:, 0] == src).float().mean())}
+
+    plain, _ = train(quiet_cfg(tmp_path / "a", task="wm", steps=6), ex, tok, model=tiny_model(tok))
+    curved, hist = train(quiet_cfg(tmp_path / "b", task="wm", steps=6, eval_every=2), ex, tok, val_examples=ex[:2],
+                         evaluate=evaluate, model=tiny_model(tok))
+    assert [h["step"] for h in hist if "val_solved" in h] == [2, 4, 6]
+    for (name, a), b in zip(plain.state_dict().items(), curved.state_dict().values()):
+        assert torch.equal(a, b), name
