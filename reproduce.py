@@ -44,8 +44,8 @@ from PIL import Image, ImageDraw
 
 import world
 from bootstrap import BootstrapConfig, bootstrap
-from common import UserError, atomic_write, claim_dir, run
-from eval import baselines, eval_dm, eval_search_controls, eval_wm, save_grid, write_jsonl
+from common import DTYPES, UserError, atomic_write, autocast, claim_dir, compute_dtype, run
+from eval import baselines, eval_dm, eval_search_controls, eval_wm, save_grid, score_by_task, write_jsonl
 from search import MAX_N
 from train import (
     TrainConfig,
@@ -69,6 +69,9 @@ class ReproConfig:
     seeds: str = "0"  # fine-tuning seeds (the data, tokenizers and pre-trained model are shared); "0,1" adds a
     # second seed and the spread over seeds (twice the fine-tuning time)
     device: str = "auto"  # "cpu", "cuda" or "auto"
+    dtype: str = "auto"  # arithmetic of every training, sampling and scoring stage (common.compute_dtype): "auto" =
+    # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32; weights, AdamW state, VQ
+    # encoding and decoding stay fp32. Stages cache per resolved dtype
     jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core, at most 3:
     # the DM, C-FT and labelled + weighted WMs need nothing from each other). Every run is seeded on its own, so the
     # results do not depend on this; only the wall time does
@@ -118,7 +121,8 @@ class ReproConfig:
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
         preset=("laptop", "smoke", "gpu"), out="required", seeds="ints>=0", device=("auto", "cpu", "cuda"),
-        jobs=">=0", threads=">=1", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
+        dtype=DTYPES, jobs=">=0", threads=">=1",
+        **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                                                   "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
                                                   "n_embd", "pretrain_steps", "ft_steps", "batch_size", "boot_k"),
                                                  ">=1"),
@@ -138,8 +142,8 @@ PRESETS = {
 }
 
 # The stage settings that change results; a cached stage is reused only when these match.
-SHARED_KEYS = ("threads", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample", "vq_codes",
-               "vq_warmup", "vq_images", "vq_batch",
+SHARED_KEYS = ("threads", "dtype", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions", "vq_downsample",
+               "vq_codes", "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr")
 
 
@@ -150,7 +154,7 @@ def settings_hash(cfg: ReproConfig, keys) -> str:
 
 # The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
 STAGE_KEYS = {
-    "vq": ("threads", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val"),
+    "vq": ("threads", "dtype", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images", "n_val"),
     "bpe": ("n_train", "n_videos", "n_captions", "bpe_vocab", "vq_codes"),
     "pretrain": SHARED_KEYS,
 }
@@ -194,6 +198,63 @@ def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class Clock:
+    """The whole job's progress bar (stages done / total, with tqdm's ETA) and the wall seconds of each stage, for
+    the report's time table."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="reproduce", unit="stage", dynamic_ncols=True)
+        self.seconds: dict[str, float] = {}
+        self.last = time.time()
+
+    def done(self, name: str, stages: int = 1):
+        now = time.time()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+        self.bar.set_postfix_str(name[:40])
+        self.bar.update(stages)
+
+
+def peak_matmul_flops(dtype: str, device: torch.device, shape=(2240, 128, 384), reps: int = 20) -> float:
+    """The best FLOP/s of this machine's matrix products at the tiny model's shape (a batch of 16 x 140 tokens times
+    a 128 x 384 weight), in `dtype`, with this process's threads: the denominator of the report's CPU "MFU"."""
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    m, k, n = shape
+    a, b = torch.randn(m, k, device=device, dtype=dt), torch.randn(k, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * m * k * n / best
+
+
+def time_table(cfg: ReproConfig, seeds: list[int], stages: Stages, clock: Clock, device: torch.device) -> list[str]:
+    """Report lines: wall seconds per stage of this invocation, and per trained model its seconds, tokens/s and
+    model FLOP/s against the measured peak of this machine's matrix products in the same dtype."""
+    peak = peak_matmul_flops(cfg.dtype, device)
+    L = ["## Where the time went", "",
+         f"This invocation, stage by stage (wall seconds; fine-tuning runs side by side in worker processes, so a "
+         f"stage's time includes the models that trained beside it; cached stages take ~0 s). Peak of one "
+         f"{cfg.dtype} matrix product at the model's shape (2240 x 128 x 384, {cfg.threads} thread(s)): "
+         f"{peak / 1e9:.1f} GFLOP/s.", "", "| stage | seconds |", "|---|---|"]
+    L += [f"| {name} | {sec:.0f} |" for name, sec in clock.seconds.items()]
+    L += ["", "| model | seconds | tokens/s | model GFLOP/s | vs peak (MFU) |", "|---|---|---|---|---|"]
+    names = ["pretrain"] + [f"seed{s}_{m}" for s in seeds for m in ("dm", "wm0", "wm1", "wm2", "wm3")]
+    for name in names:
+        r = stages.get(name) or {}
+        if "tokens_per_s" in r:
+            flops = r["tokens_per_s"] * r["flops_per_token"]
+            L.append(f"| {name} | {r['seconds']:.0f} | {r['tokens_per_s']:.0f} | {flops / 1e9:.2f} | "
+                     f"{100 * flops / peak:.0f}% |")
+    return L + [""]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stages 1-3: data, tokenizers, foundation model
 
@@ -225,7 +286,7 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torc
             f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
         t0 = time.time()
         vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3,
-                               betas=(0.9, 0.99), ae_warmup=cfg.vq_warmup, seed=0, device=device)
+                               betas=(0.9, 0.99), ae_warmup=cfg.vq_warmup, seed=0, device=device, dtype=cfg.dtype)
         vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
         with torch.no_grad():  # checked on held-out task images (the validation split)
             codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
@@ -262,7 +323,7 @@ def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torc
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
-                       resume=True, quiet=False, n_layer=cfg.n_layer, n_embd=cfg.n_embd, **kw)
+                       resume=True, quiet=False, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype, **kw)
 
 
 def train_stage(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init) -> dict:
@@ -292,8 +353,16 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
     if init is not None:
         start = load_model(init, "cpu")[0]  # a fresh copy of the starting point
     model, hist = train(tcfg, examples, tok, model=start)
+    # every step trains on batch_size sequences padded to the longest example (train.collate): the tokens computed
+    T = max(len(x) for x, _ in examples)
+    steps_run = len(hist)  # (fewer when resumed)
+    c = model.config
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)  # lm_head counts
     result = {"seconds": round(time.time() - t0, 1), "final_loss": hist[-1]["loss"] if hist else None,
-              "examples": len(examples)}
+              "examples": len(examples), "dtype": tcfg.dtype,
+              "tokens_per_s": round(steps_run * tcfg.batch_size * T / max(1e-9, time.time() - t0), 1),
+              # training FLOPs per token: 6 x the matrix parameters + attention scores (as bench.py's MFU)
+              "flops_per_token": 6 * params + 12 * c.n_layer * T * c.n_embd}
     log(f"{name}: {result}")
     return model.to(device), stages.put(name, result)
 
@@ -390,6 +459,17 @@ def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
     return [{"what": w, "metric": m, "a": na, "b": nb, **paired_interval(a, b)} for w, m, na, nb, a, b in rows]
 
 
+def best_of_pool(items, controls: list[dict], judged: list[list[dict]], ns: list[int]) -> tuple[dict, dict]:
+    """Best-of-N for every N in ns from one candidate pool (eval.eval_search_controls with records): per item, the
+    candidate with the highest DM score among the first N (the first on ties, as `pick`). Returns ({N: metrics per
+    task}, {N: per-item records}), keyed by str(N) as the report reads them."""
+    metrics, records = {}, {}
+    for n in ns:
+        best = [cands[c["dm"][:n].index(max(c["dm"][:n]))] for c, cands in zip(controls, judged)]
+        metrics[str(n)], records[str(n)] = score_by_task(items, None, records=best), best
+    return metrics, records
+
+
 def pick(recs: list[dict], k: int, by: str) -> list[float]:
     """Judge score per item of the candidate that `by` picks among the first k: "random" (the expected score of a
     uniform pick), "wm" / "dm" (highest likelihood / verifier score) or "oracle" (the judge's best)."""
@@ -465,16 +545,20 @@ def main(argv=None):
                           else "cpu")
     # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
     torch.set_num_threads(cfg.threads)
+    cfg.dtype = compute_dtype(cfg.dtype, device.type)  # resolved once: the stage caches and the report record it
+    amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
     seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     ns = [int(n) for n in cfg.search_n.split(",")]
     t_start = time.time()
     claim_dir(cfg.out, "reproduce.py", ours=("stages",))
     stages = Stages(cfg.out, cfg)
-    log(f"reproduce: preset {cfg.preset}, seeds {seeds}, out {cfg.out}, device {device}, "
+    log(f"reproduce: preset {cfg.preset}, seeds {seeds}, out {cfg.out}, device {device}, dtype {cfg.dtype}, "
         f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    clock = Clock(4 + 4 * len(seeds))  # the job's bar: data, tokenizers, pretrain, zero-shot + 4 per seed
 
     # 1-2. data and tokenizers
     paths, wcfg = build_data(cfg)
+    clock.done("data")
     image_tok, tok, tok_res = build_tokenizers(cfg, paths, stages, device)
     image_tok.to(device)
     train_items = load_items(paths["train"])
@@ -488,22 +572,26 @@ def main(argv=None):
                   [it.input_path for it in captions], size, cache=cache)
 
     tok_res = {**tok_res, **token_locality([it for it in train_items if "src_scene" in it.extra], cache)}
+    clock.done("tokenizers (VQGAN, BPE, encoding)")
 
     # 3. the foundation model: caption <-> image
     pre_cfg = train_cfg(cfg, "pretrain", "pretrain", cfg.pretrain_steps, seed=1000, init="scratch")
     pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, pretrain_examples(captions, cache, tok), tok,
                                  device)
     pre_ckpt = os.path.join(cfg.out, "pretrain", "ckpt")
+    clock.done("pre-training")
 
     # 4. zero-shot: the foundation model used as DM and as WM without fine-tuning
     zs = stages.get("zeroshot")
     if zs is None:
-        pretrained.config.mask_image_logits = True
-        zdm, _ = eval_dm(pretrained, tok, test_items, cache)
-        pretrained.config.mask_image_logits = False
-        zwm, _, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
+        with amp:
+            pretrained.config.mask_image_logits = True
+            zdm, _ = eval_dm(pretrained, tok, test_items, cache)
+            pretrained.config.mask_image_logits = False
+            zwm, _, _ = eval_wm(pretrained, tok, image_tok, test_items, cache, seed=0, temperature=cfg.temperature)
         zs = stages.put("zeroshot", {"dm": zdm, "wm": zwm})
     base = stages.get("baselines") or stages.put("baselines", baselines(test_items, cache, image_tok, size))
+    clock.done("zero-shot evaluation, baselines")
 
     # 5-7. per seed: fine-tuning, bootstrapping, search. Fine-tuning runs that need nothing from each other train side
     # by side in `jobs` worker processes (CPU only; "spawn" so that no worker inherits the parent's torch threads)
@@ -539,6 +627,7 @@ def main(argv=None):
         R = stages.get(f"seed{seed}")
         if R is not None and "controls" in R:  # (results cached before per-item records existed are recomputed)
             per_seed[seed] = R
+            clock.done(f"seed{seed} (cached)", stages=4)
             continue
         R = {}
         d = f"seed{seed}"
@@ -547,8 +636,10 @@ def main(argv=None):
         wm_jobs = {k: start_wm(seed, k, weighting, train_items)
                    for k, (syn, weighting) in enumerate(variants.values()) if not syn}
         dm, R["dm_train"] = finish(dm_job)
+        clock.done(f"{d}: DM fine-tuning (WMs training beside it)")
         dm.config.mask_image_logits = True
-        R["dm"], dm_items = eval_dm(dm, tok, test_items, cache)
+        with amp:
+            R["dm"], dm_items = eval_dm(dm, tok, test_items, cache)
         # per-item results (the paired statistics of the report are computed from these)
         R["items"] = {"dm": dm_items, "wm": {}, "search": {}}
         log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f}")
@@ -558,8 +649,10 @@ def main(argv=None):
         bcfg = BootstrapConfig(videos=paths["videos_dir"], out=syn_path, k=cfg.boot_k, n_samples=cfg.boot_samples,
                                keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=size, seed=seed,
                                temperature=1.0)
-        records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
+        with amp:
+            records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
         R["pseudo"] = pseudo_label_quality(records, kept)
+        clock.done(f"{d}: DM evaluation, labelling the videos")
         log(f"{d}: pseudo-labels {R['pseudo']}")
         syn_items = load_items(syn_path)
         wm_jobs.update({k: start_wm(seed, k, weighting, train_items + syn_items)
@@ -567,33 +660,38 @@ def main(argv=None):
         wms = {}
         for k, name in enumerate(variants):
             wms[name], R[f"wm_train_{k}"] = finish(wm_jobs[k])
+        clock.done(f"{d}: WM fine-tuning (the rest)")
         R["wm"] = {}
         for name, wm in wms.items():
-            R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test_items, cache, seed=seed,
-                                                               temperature=cfg.temperature)
+            with amp:
+                R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test_items, cache, seed=seed,
+                                                                   temperature=cfg.temperature)
             log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
-        R["search"] = {}
+        # best-of-N and its controls from ONE pool of max(ns) candidates per item: best-of-k is the DM's pick among
+        # the first k (k = 1: the first candidate, a plain WM sample); the controls pick among the same candidates at
+        # random, by the WM's likelihood and by the judge (the ceiling). One pool costs max(ns) samples per item
+        # instead of sum(ns) + max(ns), and every N's table comes from the same draws.
+        R["search"], R["controls"] = {}, {}
         for name in ("C-FT", "C-FDM (labelled + synthetic + weighted)"):
-            R["search"][name], R["items"]["search"][name] = {}, {}
-            for n in ns:
-                R["search"][name][str(n)], _, R["items"]["search"][name][str(n)] = eval_wm(
-                    wms[name], tok, image_tok, test_items, cache, dm=dm, n=n, seed=seed, temperature=cfg.temperature)
+            with amp:
+                R["controls"][name], judged = eval_search_controls(wms[name], dm, tok, image_tok, test_items, cache,
+                                                                   max(ns), seed=seed, temperature=cfg.temperature,
+                                                                   records=True)
+            R["search"][name], R["items"]["search"][name] = best_of_pool(test_items, R["controls"][name], judged, ns)
             log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                    for n in ns))
-        # controls for best-of-N: the same max(ns) candidates per item picked at random, by the WM's likelihood, by
-        # the DM, and by the judge (the ceiling)
-        R["controls"] = {name: eval_search_controls(wms[name], dm, tok, image_tok, test_items, cache, max(ns),
-                                                    seed=seed, temperature=cfg.temperature)
-                         for name in ("C-FT", "C-FDM (labelled + synthetic + weighted)")}
         if seed == seeds[0]:
-            example_grids(cfg, wms, dm, tok, image_tok, test_items, cache, seed, max(ns))
+            with amp:
+                example_grids(cfg, wms, dm, tok, image_tok, test_items, cache, seed, max(ns))
         per_seed[seed] = stages.put(f"seed{seed}", R)
         write_items(cfg, seed, R["items"], R["controls"])
+        clock.done(f"{d}: WM evaluation, best-of-N search")
     if pool is not None:
         pool.shutdown()
 
     report = write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, time.time() - t_start,
-                          provenance(cfg, seeds, device))
+                          provenance(cfg, seeds, device), time_table(cfg, seeds, stages, clock, device))
+    clock.bar.close()
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
@@ -700,11 +798,11 @@ def provenance(cfg: ReproConfig, seeds: list[int], device: torch.device) -> dict
                                       ("dm", "wm0", "wm1", "wm2", "wm3")) + \
             f" synthetic {sha([out(f'seed{s}', 'synthetic.json')])}"
     return {"commit": commit, "torch": torch.__version__, "device": device.type,
-            "dtype": "float32" if device.type == "cpu" else "bfloat16 autocast", "threads": torch.get_num_threads(),
+            "dtype": "bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32", "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
 
 
-def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> str:
+def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, times: list[str] = ()) -> str:
     S = [per_seed[s] for s in seeds]
     tasks = [t for t in zs["wm"] if t != "all"]
     L = [f"# worldboot: the paper in miniature (preset `{cfg.preset}`, seeds {', '.join(map(str, seeds))})", ""]
@@ -838,7 +936,7 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov) -> 
           "- `search_example.png`: one item's candidates ranked by the DM", "- `data/samples.png`: world triplets",
           "", "![examples](examples.png)", "", "![search](search_example.png)", ""]
     tables_hash = hashlib.sha256("\n".join(L[body_start:]).encode()).hexdigest()[:12]
-    L = [line.replace("{TABLES_HASH}", tables_hash) for line in L]
+    L = [line.replace("{TABLES_HASH}", tables_hash) for line in L] + list(times)  # (timings: not in the hash)
     path = os.path.join(cfg.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(L))

@@ -10,10 +10,11 @@ Paper mapping (arXiv 2506.06006):
 
 What the loop does: AdamW with cosine schedule and warm-up, gradient clipping, gradient accumulation (gradient
 sync only on the last micro-step), `torchrun` DDP (NCCL on GPU, gloo on CPU) with per-rank shards of one global
-batch, bf16 autocast on GPU, optional gradient checkpointing and LoRA, a NaN/inf guard, periodic validation, a
-metrics JSONL file, and checkpoints that resume exactly (weights, optimizer, config, step, RNG states, data
-position) written atomically as safetensors + JSON. `--fsdp=true` shards instead of replicating (FSDP2: full
-fine-tuning of a model whose weights, gradients and AdamW state do not fit one GPU); checkpoints stay the same files.
+batch, bf16 autocast (GPU, and CPUs with native bf16) over fp32 weights, optional gradient checkpointing and LoRA,
+a NaN/inf guard, periodic validation, a metrics JSONL file, and checkpoints that resume exactly (weights, optimizer,
+config, step, RNG states, data position) written atomically as safetensors + JSON. `--fsdp=true` shards instead of
+replicating (FSDP2: full fine-tuning of a model whose weights, gradients and AdamW state do not fit one GPU);
+checkpoints stay the same files.
 
 Loss normalisation (why it is written this way): the loss of a step is sum_i w_i * nll_i / sum_i w_i over the whole
 *global* batch. Every rank knows the global batch's indices, so it can compute the denominator locally; each rank
@@ -45,11 +46,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from common import (
+    DTYPES,
     UserError,
     arg,
     atomic_dir,
     atomic_write,
+    autocast,
     claim_dir,
+    compute_dtype,
     interruptible,
     parse_config,
     read_json,
@@ -98,8 +102,8 @@ class TrainConfig:
     eval_items: int = arg(64, ">0")  # validation items scored per evaluation (loss) / generated (task metric)
     save_every: int = arg(200, ">=0")  # checkpoint every N steps (and at the end); 0 = only at the end
     seed: int = arg(1337, ">=0")  # seeds model init, data order and sampling; each rank offsets it by its rank
-    dtype: str = arg("auto", ("auto", "float32", "bfloat16"))  # "bfloat16" = autocast (GPU); "auto" = bf16 on CUDA,
-    # fp32 on CPU
+    dtype: str = arg("auto", DTYPES)  # "bfloat16" = autocast (fp32 weights and AdamW state); "auto" = bf16 on CUDA
+    # and on CPUs with native bf16 (common.compute_dtype), else fp32
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
     fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped (the settings must be the same)
@@ -212,7 +216,8 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
         x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
-        feats = image_tok.encode_features(x)  # (b, C, h, w)
+        with torch.autocast(device.type, enabled=False):  # fp32 codes and Eq. 2 features under a caller's bf16
+            feats = image_tok.encode_features(x)  # (b, C, h, w)
         b, C, h, w = feats.shape
         codes = image_tok.quantize.nearest(feats.permute(0, 2, 3, 1).reshape(-1, C)).view(b, h * w)  # raster order
         for p, c, f in zip(chunk, codes.cpu(), feats.float().cpu()):
@@ -516,7 +521,8 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
         torch.manual_seed(cfg.seed)
         model = Chameleon(mcfg)
     elif cfg.init.startswith("hf:"):
-        dtype = torch.bfloat16 if _use_bf16(cfg) and not cfg.fsdp else None  # FSDP keeps fp32 shards, computes bf16
+        # bf16 weights on a GPU (memory); FSDP keeps fp32 shards and computes bf16; a CPU autocasts fp32 weights
+        dtype = torch.bfloat16 if _use_bf16(cfg) and torch.cuda.is_available() and not cfg.fsdp else None
         model = Chameleon.from_pretrained(cfg.init[3:], dtype=dtype)
         mcfg = model.config
     else:
@@ -528,7 +534,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
-    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available())
+    return compute_dtype(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16"
 
 
 def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, model=None, names=None):
@@ -588,8 +594,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         print("--fsdp: the task metric (generation) is skipped during training; run eval.py on the checkpoint")
     if world > 1 and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    bf16 = _use_bf16(cfg) and device.type == "cuda" and not cfg.fsdp  # FSDP casts with its own policy instead
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    # FSDP casts with its own policy instead; fp32 master weights and AdamW state either way
+    amp = autocast("bfloat16" if _use_bf16(cfg) and not cfg.fsdp else "float32", device.type)
     history = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
@@ -601,7 +607,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
                 g["lr"] = lr
             batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
             model.train()
-            loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
+            loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, amp)
             if world > 1:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item()
@@ -617,9 +623,10 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
             try:  # under FSDP every rank runs the validation forward (it all-gathers the weights)
                 if val_examples and (rank == 0 or cfg.fsdp) and (last or (cfg.eval_every and
                                                                           (step + 1) % cfg.eval_every == 0)):
-                    rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
+                    rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, amp)
                     if evaluate is not None and not cfg.fsdp:  # generation needs the whole model: eval.py on the ckpt
-                        rec.update(evaluate(raw, step + 1))
+                        with amp:
+                            rec.update(evaluate(raw, step + 1))
             except Exception:
                 if rank == 0 and not cfg.fsdp:  # the trained weights of this step are not lost with the evaluation
                     save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
