@@ -157,11 +157,12 @@ def weighted_nll(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor)
     return (w * nll).sum(dim=1)
 
 
-# Logits only where the loss reads them, for a large vocabulary. A Chameleon sequence of ~2,100 tokens has
-# 2,100 x 65,536 fp32 logits (550 MB, and as much again for their gradient and for cross-entropy's softmax); the DM's
-# loss reads ~10 of those rows, the WM's 1,024. Below this vocabulary size the full (B, T, V) path is kept: the
-# tiny models' results were produced with its bits (lm_head over a subset of rows may round differently).
-SPARSE_LOGITS_MIN_VOCAB = 16384
+# Logits only where the loss reads them. A Chameleon sequence of ~2,100 tokens has 2,100 x 65,536 fp32 logits (550 MB,
+# and as much again for their gradient and for cross-entropy's softmax); the DM's loss reads ~10 of those rows, the
+# WM's 1,024. At the tiny model's 1,024 ids it saves less but still some: training steps ran 1.13-1.22x faster in
+# fp32 and 1.01-1.20x in bf16 (bench.py --speed, laptop shapes). From this vocabulary size on (0 = always); lm_head
+# over a subset of rows may round differently from the full (B, T, V) product (the smoke report's tables were equal).
+SPARSE_LOGITS_MIN_VOCAB = 0
 
 
 def sequence_nll(model, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
