@@ -406,9 +406,9 @@ def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):
 def fsdp_shard(model: Chameleon, cfg: TrainConfig):
     """Shard `model` in place: one FSDP unit per transformer block (its weights are all-gathered just before its
     forward and again in backward, then freed; its gradients are reduce-scattered), then the root unit with the
-    embedding, final norm and lm_head. With --dtype=bfloat16 (or auto on CUDA) weights are gathered and used in
-    bf16 while the shards, AdamW and the gradient reduction stay fp32. LoRA composes: frozen weights are sharded
-    and never reduced."""
+    embedding, final norm and lm_head. With --dtype=bfloat16 (or auto: common.compute_dtype) weights are gathered and
+    used in bf16 while the shards, AdamW and the gradient reduction stay fp32. LoRA composes: frozen weights are
+    sharded and never reduced."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for p in model.parameters():  # FSDP shards contiguous tensors only (model.py stores Linear weights input-major)
@@ -522,8 +522,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
         torch.manual_seed(cfg.seed)
         model = Chameleon(mcfg)
     elif cfg.init.startswith("hf:"):
-        # bf16 weights on a GPU (memory); FSDP keeps fp32 shards and computes bf16; a CPU autocasts fp32 weights
-        dtype = torch.bfloat16 if _use_bf16(cfg) and torch.cuda.is_available() and not cfg.fsdp else None
+        # bf16 weights (memory: a 7B model) with --dtype=bfloat16 and auto on a GPU; FSDP keeps fp32 shards and
+        # computes bf16; auto on a CPU with native bf16 autocasts fp32 weights (the tiny models' master copy)
+        bf16_weights = cfg.dtype == "bfloat16" or (_use_bf16(cfg) and torch.cuda.is_available())
+        dtype = torch.bfloat16 if bf16_weights and not cfg.fsdp else None
         model = Chameleon.from_pretrained(cfg.init[3:], dtype=dtype)
         mcfg = model.config
     else:
