@@ -238,7 +238,7 @@ def time_table(cfg: ReproConfig, seeds: list[int], stages: Stages, clock: Clock,
     """Report lines: wall seconds per stage of this invocation, and per trained model its seconds, tokens/s and
     model FLOP/s against the measured peak of this machine's matrix products in the same dtype."""
     peak = peak_matmul_flops(cfg.dtype, device)
-    L = ["## Where the time went", "",
+    L = ["## Where the time went (this run)", "",
          f"This invocation, stage by stage (wall seconds; fine-tuning runs side by side in worker processes, so a "
          f"stage's time includes the models that trained beside it; cached stages take ~0 s). Peak of one "
          f"{cfg.dtype} matrix product at the model's shape (2240 x 128 x 384, {cfg.threads} thread(s)): "
@@ -819,6 +819,7 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, tim
           f"{prov['threads']} intra-op thread(s) per process, CPU capability {prov['cpu_capability']}",
           "- stage outputs (sha256, 12 hex): " + "; ".join(f"{k} {v}" for k, v in prov["stage_hashes"].items()),
           "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
+    L += list(times)  # before the Setup section: timings vary between runs, the tables from Setup on do not
     body_start = len(L)
     L += ["## Setup", "",
           f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_test} test + "
@@ -936,7 +937,7 @@ def write_report(cfg, seeds, ns, tok_res, zs, base, per_seed, seconds, prov, tim
           "- `search_example.png`: one item's candidates ranked by the DM", "- `data/samples.png`: world triplets",
           "", "![examples](examples.png)", "", "![search](search_example.png)", ""]
     tables_hash = hashlib.sha256("\n".join(L[body_start:]).encode()).hexdigest()[:12]
-    L = [line.replace("{TABLES_HASH}", tables_hash) for line in L] + list(times)  # (timings: not in the hash)
+    L = [line.replace("{TABLES_HASH}", tables_hash) for line in L]
     path = os.path.join(cfg.out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(L))
