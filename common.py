@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 DEBUG_ENV = "WORLDBOOT_DEBUG"
 MARKER = ".worldboot"
@@ -214,18 +214,25 @@ class autocast:
 
     def __enter__(self):
         import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         stack = ExitStack()
         if self.dtype == "bfloat16":
             stack.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16))
-            if self.device_type == "cpu":
-                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(self.kernels())
         self.stacks.append(stack)
         return self
 
     def __exit__(self, *exc):
         return self.stacks.pop().__exit__(*exc)
+
+    def kernels(self):
+        """The attention-kernel choice alone, to hold over a backward pass too: gradient checkpointing recomputes the
+        forward there and must take the same kernel (autocast restores itself there; this choice does not)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.dtype == "bfloat16" and self.device_type == "cpu":
+            return sdpa_kernel(SDPBackend.MATH)
+        return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------

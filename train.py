@@ -603,7 +603,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    with interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
+    with interruptible(world == 1) as interrupted, amp.kernels():  # Ctrl-C: save at the end of the step, then stop
         for step in bar:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:

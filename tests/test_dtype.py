@@ -79,3 +79,21 @@ def test_a_short_bf16_vqgan_run_tracks_the_fp32_one():
     assert not torch.equal(fp32, bf16)
     assert ((bf16 - fp32).abs() / fp32).max() <= 0.03, (fp32, bf16)
     assert all(p.dtype == torch.float32 for p in runs["bfloat16"][0].parameters())
+
+
+def test_bf16_with_gradient_checkpointing_recomputes_the_same_forward(tiny_tok, tmp_path):
+    """The backward's recomputation takes the same attention kernel as the forward (it failed with a metadata
+    mismatch when the kernel choice covered the forward only), and gives the same training."""
+    from train import TrainConfig, train
+    from train_world import wm_example
+
+    tok = tiny_tok
+    g = torch.Generator().manual_seed(0)
+    ex = [wm_example(tok, torch.randint(0, 16, (16,), generator=g), torch.randint(0, 16, (16,), generator=g),
+                     ACTIONS[i % 6]) for i in range(8)]
+    hist = {}
+    for ckpt in (False, True):
+        cfg = TrainConfig(task="wm", out_dir=str(tmp_path / str(ckpt)), steps=3, batch_size=4, lr=3e-3, warmup=1,
+                          eval_every=0, save_every=0, quiet=True, seed=0, dtype="bfloat16", grad_checkpoint=ckpt)
+        hist[ckpt] = [h["loss"] for h in train(cfg, ex, tok, model=tiny_model(tok))[1]]
+    assert hist[True] == pytest.approx(hist[False], rel=1e-6)
