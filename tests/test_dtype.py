@@ -83,9 +83,18 @@ def test_a_short_bf16_vqgan_run_tracks_the_fp32_one():
 
 def test_bf16_with_gradient_checkpointing_recomputes_the_same_forward(tiny_tok, tmp_path):
     """The backward's recomputation takes the same attention kernel as the forward (it failed with a metadata
-    mismatch when the kernel choice covered the forward only), and gives the same training."""
+    mismatch when the kernel choice covered the forward only), and gives the same training. As many key/value heads
+    as query heads, as the main job's model: there the fused kernel is eligible again in the recomputation."""
+    from model import Chameleon, ChameleonConfig
     from train import TrainConfig, train
     from train_world import wm_example
+
+    def model():
+        torch.manual_seed(0)
+        return Chameleon(ChameleonConfig.preset("tiny", vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
+                                                n_kv_head=4, n_inner=128, max_seq_len=128,
+                                                image_token_start=tok.image_offset,
+                                                image_token_end=tok.image_offset + tok.n_image_codes))
 
     tok = tiny_tok
     g = torch.Generator().manual_seed(0)
@@ -95,5 +104,5 @@ def test_bf16_with_gradient_checkpointing_recomputes_the_same_forward(tiny_tok, 
     for ckpt in (False, True):
         cfg = TrainConfig(task="wm", out_dir=str(tmp_path / str(ckpt)), steps=3, batch_size=4, lr=3e-3, warmup=1,
                           eval_every=0, save_every=0, quiet=True, seed=0, dtype="bfloat16", grad_checkpoint=ckpt)
-        hist[ckpt] = [h["loss"] for h in train(cfg, ex, tok, model=tiny_model(tok))[1]]
+        hist[ckpt] = [h["loss"] for h in train(cfg, ex, tok, model=model())[1]]
     assert hist[True] == pytest.approx(hist[False], rel=1e-6)
