@@ -37,6 +37,13 @@ Usage:
   python bench.py --device=cuda --dtype=bfloat16 --config=small,base --preset=chameleon-7b   # on a GPU machine
   python bench.py --rehearse --threads=2             # ~45 min on 2 busy cores, 8.8 GB RAM; --rehearse_size=small: 1 min
   python bench.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
+  python bench.py --speed --threads=1                # issue 14's rows (~5 min on 2 busy cores), below
+
+--speed: the main job's own shapes (reproduce.py's laptop preset: 4 x 128 transformer, 1,024 ids, batch 16; its
+VQGAN at batch 32), each change as a ratio measured interleaved in one run (A, B, A, B, ...; median of --reps):
+bf16 autocast vs fp32 (matrix products, the VQGAN step, the training step of pre-training / DM / WM, sampling and
+scoring), logits only at the positions that carry loss vs all positions (train.sequence_nll), best-of-N from one pool
+vs a pool per N, and the VQGAN and a WM training step beside a 1-thread background process vs alone.
 """
 
 from __future__ import annotations
@@ -63,10 +70,10 @@ import torch.nn.functional as F
 
 import train
 import world
-from common import arg, atomic_write, parse_config
+from common import arg, atomic_write, autocast, native_bf16_cpu, parse_config
 from data import Item, write_benchmark
 from model import Chameleon, ChameleonConfig, apply_lora, generate_image
-from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours
+from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours, train_vqgan
 from train import TrainConfig, sequence_nll
 from train_dynamics import DM_PROMPT
 from train_world import WM_PROMPT
@@ -152,6 +159,7 @@ class BenchConfig:
     part_limits: str = arg("170,100,180", lambda v: None if len(v.split(",")) == len(GPU_PARTS) else
                            f"{len(GPU_PARTS)} comma-separated seconds, one per part")  # seconds allowed to parts a-c
     out: str = ""  # results JSON of --rehearse / --gpu_check (default: in out/)
+    speed: bool = False  # issue 14's rows at the main job's shapes (bf16 vs fp32, loss-position logits, one pool)
 
 
 def parse_args(argv=None) -> BenchConfig:
@@ -744,6 +752,180 @@ def _cpu_name() -> str:
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# --speed: what makes the main job faster, at its own shapes, each as an interleaved ratio
+
+
+def interleaved(runs: dict, reps: int, stat=statistics.median) -> dict:
+    """{name: closure} -> {name: median (or `stat`) seconds}, the closures called in turn (A, B, A, B, ...) after one
+    warm-up each, so that load from other processes hits all of them alike."""
+    for run in runs.values():
+        run()
+    times = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t)
+    return {k: stat(v) for k, v in times.items()}
+
+
+def laptop_model(seed: int = 0):
+    """reproduce.py's laptop transformer: 4 layers x 128, 1,024 ids of which 128 image codes."""
+
+    cfg = ChameleonConfig.preset("tiny", vocab_size=1024, n_layer=4, n_embd=128, image_token_start=4,
+                                 image_token_end=132, mask_image_logits=False)
+    torch.manual_seed(seed)
+    return Chameleon(cfg)
+
+
+def laptop_batch(task: str, B: int = 16, T: int = 150, seed: int = 0):
+    """A batch like the main job's: (ids (B, T), weights (B, T)). Loss on the target image's 64 tokens (WM), on
+    ~8 action tokens (DM), on a caption or an image (pre-training: half each)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(132, 1024, (B, T), generator=g)
+    w = torch.zeros(B, T)
+    if task == "wm":
+        w[:, T - 65 : T - 1] = 1
+    elif task == "dm":
+        w[:, T - 9 :] = 1
+    else:
+        w[: B // 2, 70:80] = 1
+        w[B // 2 :, 12:76] = 1
+    return ids, w
+
+
+def speed_train_step(task: str, dtype: str, sparse: bool, T: int):
+    """One training step (forward, weighted loss, backward, AdamW) of the laptop model, as train.train does it."""
+
+    model = laptop_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, w = laptop_batch(task, T=T)
+    batch = torch.arange(ids.shape[0])
+    amp = autocast(dtype, "cpu")
+
+    def run():
+        saved = train.SPARSE_LOGITS_MIN_VOCAB
+        train.SPARSE_LOGITS_MIN_VOCAB = 0 if sparse else 1 << 30
+        try:
+            train.forward_backward(model, ids, w, batch, 0, 1, 1, torch.device("cpu"), amp)
+        finally:
+            train.SPARSE_LOGITS_MIN_VOCAB = saved
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
+def speed_vq_step(dtype: str, steps: int = 4):
+    """reproduce.py's VQGAN (laptop: 128 codes, MSE, 3 levels) at batch 32: `steps` autoencoder warm-up steps and
+    `steps` quantised steps, with its setup (model, codebook initialisation)."""
+    import dataclasses
+
+
+    vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=128, recon_loss="mse", channel_multiplier=(1, 1, 2))
+    images = torch.rand(64, 3, 32, 32) * 2 - 1
+    return lambda: train_vqgan(images, vcfg, steps=steps, batch_size=32, ae_warmup=steps, progress=False, dtype=dtype)
+
+
+def speed_sampling(dtype: str, n_items: int = 8, n: int = 8):
+    """WM sampling of n 64-token candidates for n_items items + DM scoring of them (search.scored_candidates' work,
+    with the laptop model as both)."""
+
+    model = laptop_model().eval()
+    prompt = torch.randint(132, 1024, (n_items * n, 72))
+    ids, w = laptop_batch("dm", B=n_items * n)
+    amp = autocast(dtype, "cpu")
+
+    def run():
+        with amp, torch.no_grad():
+            generate_image(model, prompt, n_tokens=64, boi_id=3, generator=torch.Generator().manual_seed(0))
+            sequence_nll(model, ids, w)
+    return run
+
+
+def speed_pool(ns=(1, 2, 4, 8), n_items: int = 4):
+    """Best-of-N for every N in ns: a pool per N plus the controls' pool (what reproduce did) vs one pool of max(ns)
+    (what it does now). Both sample and score with the laptop model in fp32."""
+
+    model = laptop_model().eval()
+
+    def pool(n):
+        prompt = torch.randint(132, 1024, (n_items * n, 72))
+        with torch.no_grad():
+            generate_image(model, prompt, n_tokens=64, boi_id=3, generator=torch.Generator().manual_seed(0))
+    return {"one pool per N + controls": lambda: [pool(n) for n in (*ns, max(ns))], "one pool": lambda: pool(max(ns))}
+
+
+def background_load(seconds: float) -> subprocess.Popen:
+    """A 1-thread process doing fp32 matrix products for `seconds` (what another job on the machine does)."""
+    code = ("import time, torch; torch.set_num_threads(1); a = torch.randn(512, 512); t = time.time()\n"
+            f"while time.time() - t < {seconds}: a @ a")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def speed(args) -> dict:
+    """--speed: the rows, printed as a table, appended to --results as one JSON line."""
+
+    reps = max(3, args.reps)
+    rows = []
+
+    def row(what, a, b, t):
+        rows.append({"what": what, "a": a, "b": b, "a_s": t[a], "b_s": t[b], "speedup": t[a] / t[b]})
+        r = rows[-1]
+        print(f"| {what} | {a} {r['a_s'] * 1e3:.1f} ms | {b} {r['b_s'] * 1e3:.1f} ms | {r['speedup']:.2f}x |",
+              flush=True)
+
+    print(f"--speed on {_cpu_name()}, {args.threads} thread(s), native bf16: {native_bf16_cpu()}\n")
+    print("| what | A | B | A / B |\n|---|---|---|---|")
+    peak = {}
+    for dt, torch_dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(2240, 128, dtype=torch_dt), torch.randn(128, 384, dtype=torch_dt)
+        peak[dt] = lambda a=a, b=b: [a @ b for _ in range(10)]
+    t = interleaved(peak, reps * 3, stat=min)  # a peak: the best run
+    row("matmul 2240 x 128 x 384 (x10), best run", "float32", "bfloat16", t)
+    flops = {dt: 10 * 2 * 2240 * 128 * 384 / t[dt] for dt in t}
+    t = interleaved({dt: speed_vq_step(dt) for dt in ("float32", "bfloat16")}, reps)
+    row("VQGAN, 4 + 4 steps of batch 32 and setup", "float32", "bfloat16", t)
+    for task, T in (("pretrain", 84), ("dm", 150), ("wm", 150)):
+        runs = {f"{dt}{' sparse' if sp else ''}": speed_train_step(task, dt, sp, T)
+                for dt in ("float32", "bfloat16") for sp in (False, True)}
+        t = interleaved(runs, reps)
+        row(f"{task} train step (16 x {T})", "float32", "bfloat16", t)
+        row(f"{task} train step, fp32: logits at loss positions only", "float32", "float32 sparse", t)
+        row(f"{task} train step, bf16: logits at loss positions only", "bfloat16", "bfloat16 sparse", t)
+        tok_s = 16 * T / t["bfloat16"]
+        model = laptop_model()
+        fpt = 6 * sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) + 12 * 4 * T * 128
+        print(f"|   {task}: bf16 {tok_s:,.0f} tokens/s = {tok_s * fpt / 1e9:.1f} GFLOP/s, "
+              f"{100 * tok_s * fpt / flops['bfloat16']:.0f}% of the bf16 matmul peak "
+              f"({flops['bfloat16'] / 1e9:.0f} GFLOP/s) | | | |", flush=True)
+    t = interleaved({dt: speed_sampling(dt) for dt in ("float32", "bfloat16")}, reps)
+    row("sample 8 x 8 candidates (64 tokens) + DM score", "float32", "bfloat16", t)
+    t = interleaved(speed_pool(), max(1, reps // 2))
+    row("best-of-N 1,2,4,8 + controls (sampling, fp32)", "one pool per N + controls", "one pool", t)
+    # load: the VQGAN and a WM training step alone vs beside a 1-thread background process (each run in turn)
+    runs = {"vq": speed_vq_step(train.compute_dtype("auto", "cpu")),
+            "wm": speed_train_step("wm", train.compute_dtype("auto", "cpu"), False, 150)}
+    alone = interleaved(runs, reps)
+    bg = background_load(3600)
+    try:
+        loaded = interleaved(runs, reps)
+    finally:
+        bg.kill()
+        bg.wait()
+    for k, what in (("vq", "VQGAN, 4 + 4 steps"), ("wm", "WM train step")):
+        row(f"{what}: beside a 1-thread background process (slowdown)", "loaded", "alone",
+            {"loaded": loaded[k], "alone": alone[k]})
+    rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), command="python bench.py " + " ".join(sys.argv[1:]),
+               cpu=_cpu_name(), threads=args.threads, torch=torch.__version__, native_bf16=native_bf16_cpu(),
+               peak_flops=flops, rows=rows)
+    if args.results:
+        os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    return rec
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # GPU check: one command for whenever a GPU is at hand. Each part runs in its own subprocess with a time limit (its
 # process group is killed when it runs over), and the JSON is rewritten after every part, so a broken or slow part
 # costs only itself.
@@ -872,6 +1054,8 @@ def main(argv=None):
     if args.gpu_check:
         return gpu_check(args)
     torch.set_num_threads(args.threads)
+    if args.speed:
+        return speed(args)
     import transformers
 
     t0 = time.time()

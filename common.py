@@ -9,6 +9,8 @@ per-flag checks, the user-error style, atomic writes and folder ownership.
 - `atomic_write(path, ...)`, `atomic_dir(path)`: write a temporary file or folder, fsync, rename over the target:
   readers see the old or the new, whatever instant the writer is killed at.
 - `interruptible()`: Ctrl-C sets a flag that a loop checks at its next step boundary.
+- `compute_dtype(flag, device_type)`: the one place that decides whether a stage computes in bf16 (autocast) or fp32;
+  `autocast(dtype, device_type)` is its context manager.
 - `claim_dir(path, who)`: a folder we may write into (and delete what we wrote) carries a `.worldboot` marker;
   a non-empty folder without one belongs to someone else and is refused.
 """
@@ -24,7 +26,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 
 DEBUG_ENV = "WORLDBOOT_DEBUG"
 MARKER = ".worldboot"
@@ -171,6 +173,67 @@ def run(main) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arithmetic: bf16 where the hardware has it, fp32 master weights and optimizer state always
+
+DTYPES = ("auto", "float32", "bfloat16")  # the --dtype choices of every script that computes
+
+
+def native_bf16_cpu() -> bool:
+    """Does this CPU multiply bf16 matrices natively (AVX512-BF16 or AMX)? Without it torch emulates bf16 GEMMs in
+    fp32 and autocast only adds casts. On the 2-core AMD EPYC (avx512_bf16) bf16 matrix products at the tiny model's
+    shapes ran 2.1-2.5x faster than fp32 (issue 14; bench.py --dtype_rows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: no detection, fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype(flag: str, device_type: str) -> str:
+    """"bfloat16" or "float32": what a stage computes in. "auto" = bf16 on CUDA and on CPUs with native bf16, else
+    fp32; "float32" / "bfloat16" force it. Weights, gradients and optimizer state stay fp32 either way (autocast
+    casts the inputs of matrix products only)."""
+    if flag not in DTYPES:
+        raise UserError(f"--dtype={flag!r}: must be one of {', '.join(DTYPES)}")
+    if flag != "auto":
+        return flag
+    return "bfloat16" if device_type == "cuda" or native_bf16_cpu() else "float32"
+
+
+class autocast:
+    """A reusable context: torch.autocast to bf16 when `dtype` (a compute_dtype result) is "bfloat16", else nothing.
+    On a CPU it also selects SDPA's plain (math) attention kernel: at the tiny model's shapes (4 heads of 32, ~150
+    tokens) the fused flash kernel took over half of a bf16 training step, and the math kernel made the step 1.5x
+    faster (bench.py --speed); in fp32 the two ran at the same speed."""
+
+    def __init__(self, dtype: str, device_type: str):
+        self.dtype, self.device_type, self.stacks = dtype, device_type, []
+
+    def __enter__(self):
+        import torch
+
+        stack = ExitStack()
+        if self.dtype == "bfloat16":
+            stack.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16))
+        stack.enter_context(self.kernels())
+        self.stacks.append(stack)
+        return self
+
+    def __exit__(self, *exc):
+        return self.stacks.pop().__exit__(*exc)
+
+    def kernels(self):
+        """The attention-kernel choice alone, to hold over a backward pass too: gradient checkpointing recomputes the
+        forward there and must take the same kernel (autocast restores itself there; this choice does not)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.dtype == "bfloat16" and self.device_type == "cpu":
+            return sdpa_kernel(SDPBackend.MATH)
+        return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -87,10 +87,12 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
 
 @torch.no_grad()
 def eval_search_controls(wm, dm, tok, image_tok, items, codes, n: int, seed: int = 0,
-                         temperature: float = 1.0) -> list[dict]:
+                         temperature: float = 1.0, records: bool = False):
     """Best-of-N with controls: n candidates per item (in sampling order) with, for each, the DM verifier's score
     log p_DM(action | source, candidate), the WM's own log-likelihood of it, and the judge's score. Any picker and
-    any N <= n can then be evaluated on the same candidates: the first k candidates are a best-of-k sample."""
+    any N <= n can then be evaluated on the same candidates: the first k candidates are a best-of-k sample.
+    With `records`, returns (that list, every candidate's item_scores record [item][candidate]): best-of-k for
+    every k from this one pool (reproduce.py), instead of sampling a pool per k."""
     g = torch.Generator().manual_seed(seed)
     src = torch.stack([codes[str(it.input_path)][0] for it in items])  # (B, L)
     actions = [it.instruction for it in items]
@@ -100,8 +102,9 @@ def eval_search_controls(wm, dm, tok, image_tok, items, codes, n: int, seed: int
     flat_act = [a for a in actions for _ in range(n)]
     wm_score = score_targets(wm, tok, src.repeat_interleave(n, 0), flat, flat_act).view(B, n)
     judged = item_scores([it for it in items for _ in range(n)], image_tok.decode(flat))
-    return [{"id": it.id, "dm": dm_score[i].tolist(), "wm": wm_score[i].tolist(),
-             "judge": [judged[i * n + k].get("score") for k in range(n)]} for i, it in enumerate(items)]
+    controls = [{"id": it.id, "dm": dm_score[i].tolist(), "wm": wm_score[i].tolist(),
+                 "judge": [judged[i * n + k].get("score") for k in range(n)]} for i, it in enumerate(items)]
+    return (controls, [judged[i * n : (i + 1) * n] for i in range(len(items))]) if records else controls
 
 
 def score_by_task(items, images, llm=None, records: list[dict] | None = None) -> dict:

@@ -13,6 +13,7 @@ import os
 import re
 import statistics
 import subprocess
+import time
 
 import numpy as np
 import torch
@@ -208,11 +209,48 @@ def provenance(cfg, device: torch.device, runs: list[str]) -> dict:
                  "synthetic": [os.path.join(rep, "synthetic.json")]}
         stages[f"rep{r}"] = " ".join(f"{name} {sha(paths)}" for name, paths in files.items())
     return {"commit": commit, "torch": torch.__version__, "device": device.type,
-            "dtype": "float32" if device.type == "cpu" else "bfloat16 autocast", "threads": torch.get_num_threads(),
+            "dtype": "bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32", "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
 
 
-def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None) -> str:
+def peak_matmul_flops(dtype: str, device: torch.device, shape=(2240, 128, 384), reps: int = 20) -> float:
+    """The best FLOP/s of this machine's matrix products at the tiny model's shape (a batch of 16 x 140 tokens times
+    a 128 x 384 weight), in `dtype`, with this process's threads: the denominator of the report's CPU "MFU"."""
+    dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    m, k, n = shape
+    a, b = torch.randn(m, k, device=device, dtype=dt), torch.randn(k, n, device=device, dtype=dt)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * m * k * n / best
+
+
+def time_table(cfg, reps: list[dict], clock, device: torch.device) -> list[str]:
+    """Report lines: wall seconds per stage of this invocation, and per trained model its seconds, tokens/s and
+    model FLOP/s against the measured peak of this machine's matrix products in the same dtype (a CPU "MFU")."""
+    peak = peak_matmul_flops(cfg.dtype, device)
+    L = ["## Where the time went (this run)", "",
+         f"This invocation, stage by stage (wall seconds; fine-tuning runs side by side in worker processes, so a "
+         f"stage's time includes the models that trained beside it; cached stages take ~0 s). Peak of one "
+         f"{cfg.dtype} matrix product at the model's shape (2240 x 128 x 384, {cfg.threads} thread(s)): "
+         f"{peak / 1e9:.1f} GFLOP/s.", "", "| stage | seconds |", "|---|---|"]
+    L += [f"| {name} | {sec:.0f} |" for name, sec in clock.seconds.items()]
+    L += ["", "| model | seconds | tokens/s | model GFLOP/s | vs peak (MFU) |", "|---|---|---|---|---|"]
+    for r, rep in enumerate(reps):
+        for name, res in rep["runs"].items():
+            if "tokens_per_s" in res:
+                flops = res["tokens_per_s"] * res["flops_per_token"]
+                L.append(f"| rep{r}/{name} | {res['seconds']:.0f} | {res['tokens_per_s']:.0f} | {flops / 1e9:.2f} | "
+                         f"{100 * flops / peak:.0f}% |")
+    return L + [""]
+
+
+def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times: list[str] = ()) -> str:
     """out/report.md and out/results.json from the replicates' results (reproduce.run_replicate: tok, zs, base, R)."""
     S = [rep["R"] for rep in reps]
     tok = {k: [rep["tok"][k] for rep in reps] for k in reps[0]["tok"]}  # tokenizer facts, one value per replicate
@@ -235,6 +273,7 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None) -> st
           f"{prov['threads']} intra-op thread(s) per process, CPU capability {prov['cpu_capability']}",
           "- stage outputs (sha256, 12 hex): " + "; ".join(f"{k} {v}" for k, v in prov["stage_hashes"].items()),
           "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
+    L += list(times)  # before the Setup section: timings vary between runs, the tables from Setup on do not
     body_start = len(L)
     L += ["## Setup", "",
           f"- data: {cfg.n_train} labelled triplets, {cfg.n_videos} unlabelled videos, {cfg.n_val} validation, "

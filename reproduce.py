@@ -40,15 +40,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from tqdm import tqdm
 
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import load_model
-from common import UserError, atomic_write, claim_dir, run
+from common import DTYPES, UserError, atomic_write, autocast, claim_dir, compute_dtype, run
 from data import load_captions, load_items, open_image, preprocess_image
 from draw import save_grid
-from eval import baselines, eval_dm, eval_search_controls, eval_wm
-from report import provenance, write_items, write_report
+from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
+from report import provenance, time_table, write_items, write_report
 from search import MAX_N, best_of_n
 from tokenizer import (
     ImageTokenizer,
@@ -76,6 +77,9 @@ class ReproConfig:
     curve_every: int = 500  # every this many fine-tuning steps, the DM's and C-FT's solved rate on the validation
     # split (the learning curves; 0 = off). Evaluation only: the trained weights do not depend on it
     device: str = "auto"  # "cpu", "cuda" or "auto"
+    dtype: str = "auto"  # arithmetic of every training, sampling and scoring stage (common.compute_dtype): "auto" =
+    # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32; weights, AdamW state, VQ
+    # encoding and decoding stay fp32. Stages cache per resolved dtype
     jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core, at most 3:
     # the DM, C-FT and labelled + weighted WMs need nothing from each other). Every run is seeded on its own, so the
     # results do not depend on this; only the wall time does
@@ -135,7 +139,7 @@ class ReproConfig:
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
         preset=("laptop", "smoke", "gpu"), out="required", replicates=">=1", curve_every=">=0",
-        device=("auto", "cpu", "cuda"),
+        device=("auto", "cpu", "cuda"), dtype=DTYPES,
         jobs=">=0", threads=">=1", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                                                   "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
                                                   "n_embd", "pretrain_steps", "ft_steps", "batch_size", "boot_k"),
@@ -178,54 +182,69 @@ def main(argv=None):
                           else "cpu")
     # Every stage computes with the same, recorded thread count, so the numbers do not depend on the core count
     torch.set_num_threads(cfg.threads)
+    cfg.dtype = compute_dtype(cfg.dtype, device.type)  # resolved once: the stage caches and the report record it
     if cfg.eq2_select:
         parse_candidates(cfg.eq2_select)  # a bad list fails now, not after the tokenizers
     t_start = time.time()
     claim_dir(cfg.out, "reproduce.py", ours=tuple(f"rep{r}" for r in range(cfg.replicates)))
     log(f"reproduce: preset {cfg.preset}, {cfg.replicates} replicate(s), out {cfg.out}, device {device}, "
+        f"dtype {cfg.dtype}, "
         f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     reps, selection = [], None
+    clock = Clock(STAGES_PER_REPLICATE * cfg.replicates)  # the whole job's bar and each stage's seconds
     for r in range(cfg.replicates):
-        rep, sel = run_replicate(cfg, r, device)
+        rep, sel = run_replicate(cfg, r, device, clock)
         reps.append(rep)
         if sel is not None:  # the reading of Eq. 2 chosen on replicate 0's validation split holds for all
             cfg, selection = dataclasses.replace(cfg, weight_norm=sel["norm"], weight_mix=sel["mix"]), sel["evidence"]
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
     report = write_report(cfg, [int(n) for n in cfg.search_n.split(",")], reps, time.time() - t_start,
-                          provenance(cfg, device, runs), selection)
+                          provenance(cfg, device, runs), selection, time_table(cfg, reps, clock, device))
+    clock.bar.close()
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
-def run_replicate(cfg: ReproConfig, r: int, device) -> tuple[dict, dict | None]:
+def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock) -> tuple[dict, dict | None]:
     """Stages 1-7 of replicate r in out/rep<r>/: its own world (seed r), tokenizers, pre-trained model, fine-tuning
-    seed r. Returns ({tok, zs, base, R}: what the report reads, the Eq. 2 reading chosen on validation or None)."""
+    seed r. Returns ({tok, zs, base, R, stages}: what the report reads, the Eq. 2 reading chosen on validation or
+    None)."""
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
+    amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
     paths, wcfg = build_data(rcfg, r)  # 1. data
+    clock.done(f"rep{r}: data")
     image_tok, tok, tok_res = build_tokenizers(rcfg, paths, stages, device, r)  # 2. tokenizers
     image_tok.to(device)
     data = load_and_encode(paths, wcfg, image_tok)
     tok_res = {**tok_res, **token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"])}
+    clock.done(f"rep{r}: tokenizers (VQGAN, BPE, encoding)")
     pre_cfg = train_cfg(rcfg, "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch")  # 3.
     pretrained, _ = run_training(rcfg, stages, "pretrain", pre_cfg,
                                  pretrain_examples(data["captions"], data["cache"], tok), tok, device)
-    zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
+    clock.done(f"rep{r}: pre-training")
+    with amp:
+        zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
     base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
                                                                         wcfg.image_size))
+    clock.done(f"rep{r}: zero-shot evaluation, baselines")
     jobs = Jobs(rcfg, stages, tok, device, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
     chosen = None
     if cfg.eq2_select and r == 0:  # the weighted WMs' reading of Eq. 2, chosen on the validation split
-        rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r)
+        rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r, amp)
         stages.cfg, jobs.args = rcfg, (rcfg, stages)  # the weighted WMs' stage hashes carry the chosen reading
         chosen = {"norm": rcfg.weight_norm, "mix": rcfg.weight_mix, "evidence": evidence}
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
     R = stages.get("finetune")
     if R is None:  # 5-7. fine-tuning, bootstrapping, search
-        R = stages.put("finetune", run_seed(rcfg, r, jobs, paths, wcfg, data, image_tok, tok, grids=r == 0))
+        R = stages.put("finetune", run_seed(rcfg, r, jobs, paths, wcfg, data, image_tok, tok, r == 0, amp,
+                                            lambda name: clock.done(f"rep{r}: {name}")))
         write_items(rcfg.out, R["items"], R["controls"])
+    else:
+        clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
     jobs.close()
     annotate_motion([R], data["motion"])
-    return {"tok": tok_res, "zs": zs, "base": base, "R": R}, chosen
+    runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
+    return {"tok": tok_res, "zs": zs, "base": base, "R": R, "runs": runs}, chosen
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,10 +304,11 @@ def zero_shot(stages: Stages, pretrained, tok, image_tok, data: dict, temperatur
 
 
 def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: dict, image_tok, tok,
-             grids: bool) -> dict:
+             grids: bool, amp, done) -> dict:
     """A replicate's fine-tuning and search: the DM and the WMs fine-tuned from the pre-trained model (Sec. 3.1), the
     DM's labels of the unlabelled videos (Sec. 3.2), the WM variants on them, DM-verified best-of-N and its controls
-    (Sec. 3.3). The DM and C-FT also record their learning curves on the validation split."""
+    (Sec. 3.3). The DM and C-FT also record their learning curves on the validation split. `amp`: the dtype context
+    of the sampling and scoring here; `done(stage)`: called after each of the 4 parts (the job's progress bar)."""
     d, cache, test = os.path.basename(cfg.out), data["cache"], data["test"]
     ns = [int(n) for n in cfg.search_n.split(",")]
     curve = {"items": data["val"], "codes": {p: cache[p] for it in data["val"] for p in (str(it.input_path),
@@ -308,10 +328,12 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     wm_jobs = {name: start_wm(folder, weighting, data["train"], {**curve, "kind": "wm"} if curve and name == "C-FT"
                               else None) for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
     dm, R["dm_train"] = jobs.finish(dm_job)
+    done("DM fine-tuning (WMs training beside it)")
     dm.config.mask_image_logits = True
-    R["dm"], dm_items = eval_dm(dm, tok, test, cache)
-    # Finding 1 on one footing with the WM: the DM's actions sampled at the WM's temperature, too
-    R["dm_sampled"], dm_sampled = eval_dm(dm, tok, test, cache, temperature=cfg.temperature, seed=seed)
+    with amp:
+        R["dm"], dm_items = eval_dm(dm, tok, test, cache)
+        # Finding 1 on one footing with the WM: the DM's actions sampled at the WM's temperature, too
+        R["dm_sampled"], dm_sampled = eval_dm(dm, tok, test, cache, temperature=cfg.temperature, seed=seed)
     R["items"] = {"dm": dm_items, "dm_sampled": dm_sampled, "wm": {}, "search": {}}  # per item: the paired statistics
     log(f"{d}: DM action accuracy {R['dm']['action_acc']:.3f} (greedy), {R['dm_sampled']['action_acc']:.3f} "
         f"(sampled at temperature {cfg.temperature})")
@@ -321,8 +343,10 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     bcfg = BootstrapConfig(videos=paths["videos_dir"], out=syn_path, k=cfg.boot_k, n_samples=cfg.boot_samples,
                            keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=wcfg.image_size, seed=seed,
                            temperature=1.0)
-    records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
+    with amp:
+        records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
     R["pseudo"] = pseudo_label_quality(records, kept, world.MAX_SHIFT * cfg.nuisance)
+    done("DM evaluation, labelling the videos")
     log(f"{d}: pseudo-labels {R['pseudo']}")
     syn_items = load_items(syn_path)
     wm_jobs.update({name: start_wm(folder, weighting, data["train"] + syn_items)
@@ -330,26 +354,32 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     wms = {}
     for name, (folder, _, _) in VARIANTS.items():
         wms[name], R[f"wm_train_{folder}"] = jobs.finish(wm_jobs[name])
+    done("WM fine-tuning (the rest)")
     R["wm"] = {}
     for name, wm in wms.items():
-        R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test, cache, seed=seed,
-                                                           temperature=cfg.temperature)
+        with amp:
+            R["wm"][name], _, R["items"]["wm"][name] = eval_wm(wm, tok, image_tok, test, cache, seed=seed,
+                                                               temperature=cfg.temperature)
         log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
     annotate_motion([R], data["motion"])  # the records cached and written carry cells and distance
-    R["search"] = {}
+    # best-of-N and its controls from ONE pool of max(ns) candidates per item: best-of-k is the DM's pick among the
+    # first k (k = 1: the first candidate, a plain WM sample); the controls pick among the same candidates at random,
+    # by the WM's likelihood and by the judge (the ceiling). One pool costs max(ns) samples per item instead of
+    # sum(ns) + max(ns), and every N's table comes from the same draws.
+    R["search"], R["controls"] = {}, {}
     for name in ("C-FT", C_FDM):
-        R["search"][name], R["items"]["search"][name] = {}, {}
-        for n in ns:
-            R["search"][name][str(n)], _, R["items"]["search"][name][str(n)] = eval_wm(
-                wms[name], tok, image_tok, test, cache, dm=dm, n=n, seed=seed, temperature=cfg.temperature)
+        with amp:
+            R["controls"][name], judged = eval_search_controls(wms[name], dm, tok, image_tok, test, cache, max(ns),
+                                                               seed=seed, temperature=cfg.temperature, records=True)
+        R["search"][name], R["items"]["search"][name] = best_of_pool(test, R["controls"][name], judged, ns)
         log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                for n in ns))
-    # controls for best-of-N: the same max(ns) candidates per item picked at random, by the WM's likelihood, by
-    # the DM, and by the judge (the ceiling)
-    R["controls"] = {name: eval_search_controls(wms[name], dm, tok, image_tok, test, cache, max(ns), seed=seed,
-                                                temperature=cfg.temperature) for name in ("C-FT", C_FDM)}
+    if grids:
+        with amp:
+            example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     R["curves"] = {kind: read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}
+    done("WM evaluation, best-of-N search")
     if grids:
         example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     return R
@@ -378,7 +408,7 @@ def parse_candidates(spec: str) -> list[tuple[str, float]]:
     return out
 
 
-def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, image_tok, seed: int):
+def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, image_tok, seed: int, amp):
     """The validation-split choice of Eq. 2's reading (--eq2_select): each candidate (norm, mix) trains a WM as the
     "labelled + weighted" arm does (labelled triplets, the first seed, the same steps), is scored on the validation
     items only, and the best val score wins (ties: the first listed). Returns (cfg with that weight_norm and
@@ -393,8 +423,9 @@ def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, im
                                                                    weight_norm=norm), ex))
         rows = []
         for (norm, mix), job in zip(cands, started):
-            m, _, recs = eval_wm(jobs.finish(job)[0], tok, image_tok, data["val"], data["cache"], seed=seed,
-                                 temperature=cfg.temperature)
+            with amp:
+                m, _, recs = eval_wm(jobs.finish(job)[0], tok, image_tok, data["val"], data["cache"], seed=seed,
+                                     temperature=cfg.temperature)
             rows.append({"norm": norm, "mix": mix, **{k: m["all"][k] for k in ("score", "success", "minimal")},
                          "items": recs})
             log(f"eq2_select: {norm}:{mix} val score {m['all']['score']:.2f}")
@@ -402,6 +433,17 @@ def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, im
         res = stages.put("eq2_select", {"seed": seed, "candidates": rows, "chosen": best})
     chosen = res["candidates"][res["chosen"]]
     return dataclasses.replace(cfg, weight_norm=chosen["norm"], weight_mix=chosen["mix"]), res
+
+
+def best_of_pool(items, controls: list[dict], judged: list[list[dict]], ns: list[int]) -> tuple[dict, dict]:
+    """Best-of-N for every N in ns from one candidate pool (eval.eval_search_controls with records): per item, the
+    candidate with the highest DM score among the first N (the first on ties, as report.pick). Returns ({N: metrics
+    per task}, {N: per-item records}), keyed by str(N) as the report reads them."""
+    metrics, records = {}, {}
+    for n in ns:
+        best = [cands[c["dm"][:n].index(max(c["dm"][:n]))] for c, cands in zip(controls, judged)]
+        metrics[str(n)], records[str(n)] = score_by_task(items, None, records=best), best
+    return metrics, records
 
 
 def token_locality(items, cache) -> dict:
@@ -477,7 +519,7 @@ def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
 
 
 # The stage settings that change results; a cached stage is reused only when these match.
-SHARED_KEYS = ("threads", "nuisance", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
+SHARED_KEYS = ("threads", "dtype", "nuisance", "n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                "vq_downsample", "vq_codes", "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr")
 
@@ -491,8 +533,8 @@ def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
 
 # The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
 STAGE_KEYS = {
-    "vq": ("threads", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch", "vq_images",
-           "n_val", "n_test", "n_comp"),  # checked on val, whose scenes avoid test's: all three sizes shape it
+    "vq": ("threads", "dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch",
+           "vq_images", "n_val", "n_test", "n_comp"),  # checked on val, whose scenes avoid test's: all 3 sizes shape it
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
     "pretrain": SHARED_KEYS,
@@ -542,7 +584,7 @@ def log(msg: str):
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
-                       resume=True, quiet=False, n_layer=cfg.n_layer, n_embd=cfg.n_embd, **kw)
+                       resume=True, quiet=False, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype, **kw)
 
 
 def train_stage(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init,
@@ -596,10 +638,37 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
     if init is not None:
         start = load_model(init, "cpu")[0]  # a fresh copy of the starting point
     model, hist = train(tcfg, examples, tok, val_examples=val_examples, evaluate=evaluate, model=start)
+    # every step trains on batch_size sequences padded to the longest example (train.collate): the tokens computed
+    T = max(len(x) for x, _ in examples)
+    c = model.config
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)  # lm_head counts
     result = {"seconds": round(time.time() - t0, 1), "final_loss": hist[-1]["loss"] if hist else None,
-              "examples": len(examples)}
+              "examples": len(examples), "dtype": tcfg.dtype,
+              "tokens_per_s": round(len(hist) * tcfg.batch_size * T / max(1e-9, time.time() - t0), 1),
+              # training FLOPs per token: 6 x the matrix parameters + attention scores (as bench.py's MFU)
+              "flops_per_token": 6 * params + 12 * c.n_layer * T * c.n_embd}
     log(f"{name}: {result}")
     return model.to(device), stages.put(name, result)
+
+
+STAGES_PER_REPLICATE = 8  # the job's progress bar: data, tokenizers, pre-training, zero-shot, and run_seed's 4 parts
+
+
+class Clock:
+    """The whole job's progress bar (stages done / total, with tqdm's ETA) and the wall seconds of each stage, for
+    the report's time table."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, desc="reproduce", unit="stage", dynamic_ncols=True)
+        self.seconds: dict[str, float] = {}
+        self.last = time.time()
+
+    def done(self, name: str, stages: int = 1):
+        now = time.time()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+        self.bar.set_postfix_str(name[:40])
+        self.bar.update(stages)
 
 
 class Jobs:

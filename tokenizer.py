@@ -38,6 +38,7 @@ from common import (
     UserError,
     arg,
     atomic_write,
+    autocast,
     check_keys,
     parse_config,
     read_json,
@@ -405,7 +406,8 @@ class ImageTokenizer(nn.Module):
             raise ValueError(f"decode expects a square token grid, got {T} codes per image")
         z_q = self.quantize.embedding(codes).view(B, side, side, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
         per_pass = max(1, MAX_PIXELS_PER_PASS // (side * self.cfg.downsample) ** 2)
-        parts = [self.decode_latents(z) for z in z_q.split(per_pass)]
+        with torch.autocast(codes.device.type, enabled=False):  # fp32 pixels under a caller's bf16 (the judge reads)
+            parts = [self.decode_latents(z) for z in z_q.split(per_pass)]
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -599,7 +601,8 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
                 steps: int = 1000, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
                 betas: tuple[float, float] = (0.5, 0.9), dead_code_window: int = 25, ae_warmup: int = 0,
                 log: Callable[[str], None] | None = None, log_every: int = 100,
-                device: str | torch.device = "cpu", progress: bool = True) -> tuple[ImageTokenizer, dict]:
+                device: str | torch.device = "cpu", progress: bool = True,
+                dtype: str = "float32") -> tuple[ImageTokenizer, dict]:
     """Train an ImageTokenizer from scratch. Returns (model in eval mode, history).
 
     images: a tensor (N, 3, H, W) in [-1, 1] (batches are drawn from it at random), or a callable
@@ -607,7 +610,8 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     Loss: reconstruction (cfg.recon_loss, L1 by default: it keeps flat colours and edges sharper than MSE) +
     codebook + beta * commitment. history: lists "step", "loss", "recon", "codebook", "commitment", "usage",
     "perplexity", "restarted" (per logged window) and "recon_init" (recon loss of the untrained model on the first
-    batch).
+    batch). dtype "bfloat16" (common.compute_dtype) runs the encoder and decoder under autocast; the quantiser's
+    nearest-code search, the losses, the weights and Adam's state stay fp32.
 
     Codebook health: the codebook is initialised from encoder outputs of the first batch, and every
     `dead_code_window` steps codes that no position chose during the window are re-initialised to encoder outputs
@@ -623,6 +627,8 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     """
     from tqdm.auto import tqdm
 
+
+    amp = autocast(dtype, torch.device(device).type)
     cfg = cfg or VQConfig.world()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -678,7 +684,8 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     wbar = tqdm(range(ae_warmup), disable=not progress or not ae_warmup, desc="vqgan warm-up", leave=False)
     for _ in wbar:
         x = batch()
-        recon = model.decode_latents(model.encode_features(x))
+        with amp:
+            recon = model.decode_latents(model.encode_features(x)).float()
         rec = model.recon_loss(recon, x)
         opt.zero_grad(set_to_none=True)
         rec.backward()
@@ -697,9 +704,11 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     bar = tqdm(range(1, steps + 1), disable=not progress, desc="vqgan", leave=False)
     for step in bar:
         x = batch()
-        z = model.encode_features(x)  # (B, D, h, w)
-        z_q, losses, codes = model.quantize(z)
-        recon = model.decode_latents(z_q)
+        with amp:
+            z = model.encode_features(x).float()  # (B, D, h, w)
+        z_q, losses, codes = model.quantize(z)  # fp32: bf16 distances would blur near-ties between codes
+        with amp:
+            recon = model.decode_latents(z_q).float()
         rec = model.recon_loss(recon, x)
         loss = rec + losses["vq"]
         opt.zero_grad(set_to_none=True)

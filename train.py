@@ -10,10 +10,11 @@ Paper mapping (arXiv 2506.06006):
 
 What the loop does: AdamW with cosine schedule and warm-up, gradient clipping, gradient accumulation (gradient
 sync only on the last micro-step), `torchrun` DDP (NCCL on GPU, gloo on CPU) with per-rank shards of one global
-batch, bf16 autocast on GPU, optional gradient checkpointing and LoRA, a NaN/inf guard, periodic validation, a
-metrics JSONL file, and checkpoints that resume exactly (weights, optimizer, config, step, RNG states, data
-position) written atomically as safetensors + JSON. `--fsdp=true` shards instead of replicating (FSDP2: full
-fine-tuning of a model whose weights, gradients and AdamW state do not fit one GPU); checkpoints stay the same files.
+batch, bf16 autocast (GPU, and CPUs with native bf16) over fp32 weights, optional gradient checkpointing and LoRA,
+a NaN/inf guard, periodic validation, a metrics JSONL file, and checkpoints that resume exactly (weights, optimizer,
+config, step, RNG states, data position) written atomically as safetensors + JSON. `--fsdp=true` shards instead of
+replicating (FSDP2: full fine-tuning of a model whose weights, gradients and AdamW state do not fit one GPU);
+checkpoints stay the same files.
 
 Loss normalisation (why it is written this way): the loss of a step is sum_i w_i * nll_i / sum_i w_i over the whole
 *global* batch. Every rank knows the global batch's indices, so it can compute the denominator locally; each rank
@@ -42,10 +43,13 @@ from tqdm import tqdm
 
 from checkpoint import fsdp_full_state, has_checkpoint, load_model, read_meta, restore_training, save_checkpoint
 from common import (
+    DTYPES,
     UserError,
     arg,
     atomic_write,
+    autocast,
     claim_dir,
+    compute_dtype,
     interruptible,
     parse_config,
     run,
@@ -95,8 +99,8 @@ class TrainConfig:
     eval_items: int = arg(64, ">0")  # validation items scored per evaluation (loss) / generated (task metric)
     save_every: int = arg(200, ">=0")  # checkpoint every N steps (and at the end); 0 = only at the end
     seed: int = arg(1337, ">=0")  # seeds model init, data order and sampling; each rank offsets it by its rank
-    dtype: str = arg("auto", ("auto", "float32", "bfloat16"))  # "bfloat16" = autocast (GPU); "auto" = bf16 on CUDA,
-    # fp32 on CPU
+    dtype: str = arg("auto", DTYPES)  # "bfloat16" = autocast (fp32 weights and AdamW state); "auto" = bf16 on CUDA
+    # and on CPUs with native bf16 (common.compute_dtype), else fp32
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
     fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped (the settings must be the same)
@@ -150,11 +154,12 @@ def weighted_nll(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor)
     return (w * nll).sum(dim=1)
 
 
-# Logits only where the loss reads them, for a large vocabulary. A Chameleon sequence of ~2,100 tokens has
-# 2,100 x 65,536 fp32 logits (550 MB, and as much again for their gradient and for cross-entropy's softmax); the DM's
-# loss reads ~10 of those rows, the WM's 1,024. Below this vocabulary size the full (B, T, V) path is kept: the
-# tiny models' results were produced with its bits (lm_head over a subset of rows may round differently).
-SPARSE_LOGITS_MIN_VOCAB = 16384
+# Logits only where the loss reads them. A Chameleon sequence of ~2,100 tokens has 2,100 x 65,536 fp32 logits (550 MB,
+# and as much again for their gradient and for cross-entropy's softmax); the DM's loss reads ~10 of those rows, the
+# WM's 1,024. At the tiny model's 1,024 ids it saves less but still some: training steps ran 1.13-1.22x faster in
+# fp32 and 1.01-1.20x in bf16 (bench.py --speed, laptop shapes). From this vocabulary size on (0 = always); lm_head
+# over a subset of rows may round differently from the full (B, T, V) product (the smoke report's tables were equal).
+SPARSE_LOGITS_MIN_VOCAB = 0
 
 
 def sequence_nll(model, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -205,7 +210,8 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
         x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
-        feats = image_tok.encode_features(x)  # (b, C, h, w)
+        with torch.autocast(device.type, enabled=False):  # fp32 codes and Eq. 2 features under a caller's bf16
+            feats = image_tok.encode_features(x)  # (b, C, h, w)
         b, C, h, w = feats.shape
         codes = image_tok.quantize.nearest(feats.permute(0, 2, 3, 1).reshape(-1, C)).view(b, h * w)  # raster order
         for p, c, f in zip(chunk, codes.cpu(), feats.float().cpu()):
@@ -221,9 +227,9 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
 def fsdp_shard(model: Chameleon, cfg: TrainConfig):
     """Shard `model` in place: one FSDP unit per transformer block (its weights are all-gathered just before its
     forward and again in backward, then freed; its gradients are reduce-scattered), then the root unit with the
-    embedding, final norm and lm_head. With --dtype=bfloat16 (or auto on CUDA) weights are gathered and used in
-    bf16 while the shards, AdamW and the gradient reduction stay fp32. LoRA composes: frozen weights are sharded
-    and never reduced."""
+    embedding, final norm and lm_head. With --dtype=bfloat16 (or auto: common.compute_dtype) weights are gathered and
+    used in bf16 while the shards, AdamW and the gradient reduction stay fp32. LoRA composes: frozen weights are
+    sharded and never reduced."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for p in model.parameters():  # FSDP shards contiguous tensors only (model.py stores Linear weights input-major)
@@ -307,7 +313,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
         torch.manual_seed(cfg.seed)
         model = Chameleon(mcfg)
     elif cfg.init.startswith("hf:"):
-        dtype = torch.bfloat16 if _use_bf16(cfg) and not cfg.fsdp else None  # FSDP keeps fp32 shards, computes bf16
+        # bf16 weights (memory: a 7B model) with --dtype=bfloat16 and auto on a GPU; FSDP keeps fp32 shards and
+        # computes bf16; auto on a CPU with native bf16 autocasts fp32 weights (the tiny models' master copy)
+        bf16_weights = cfg.dtype == "bfloat16" or (_use_bf16(cfg) and torch.cuda.is_available())
+        dtype = torch.bfloat16 if bf16_weights and not cfg.fsdp else None
         model = Chameleon.from_pretrained(cfg.init[3:], dtype=dtype)
         mcfg = model.config
     else:
@@ -319,7 +328,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
 
 
 def _use_bf16(cfg: TrainConfig) -> bool:
-    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available())
+    return compute_dtype(cfg.dtype, "cuda" if torch.cuda.is_available() else "cpu") == "bfloat16"
 
 
 def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, model=None, names=None):
@@ -379,20 +388,20 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         print("--fsdp: the task metric (generation) is skipped during training; run eval.py on the checkpoint")
     if world > 1 and not cfg.fsdp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    bf16 = _use_bf16(cfg) and device.type == "cuda" and not cfg.fsdp  # FSDP casts with its own policy instead
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    # FSDP casts with its own policy instead; fp32 master weights and AdamW state either way
+    amp = autocast("bfloat16" if _use_bf16(cfg) and not cfg.fsdp else "float32", device.type)
     history = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    with interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
+    with interruptible(world == 1) as interrupted, amp.kernels():  # Ctrl-C: save at the end of the step, then stop
         for step in bar:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             batch = sampler.next()  # (batch_size,) indices of the global batch, identical on every rank
             model.train()
-            loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, autocast)
+            loss_sum = forward_backward(model, ids, weights, batch, rank, world, cfg.grad_accum, device, amp)
             if world > 1:
                 dist.all_reduce(loss_sum)
             loss = loss_sum.item()
@@ -408,9 +417,10 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
             try:  # under FSDP every rank runs the validation forward (it all-gathers the weights)
                 if val_examples and (rank == 0 or cfg.fsdp) and (last or (cfg.eval_every and
                                                                           (step + 1) % cfg.eval_every == 0)):
-                    rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, autocast)
+                    rec["val_loss"] = validation_loss(raw, val_examples[: cfg.eval_items], tok.pad_id, device, amp)
                     if evaluate is not None and not cfg.fsdp:  # generation needs the whole model: eval.py on the ckpt
-                        rec.update(evaluate(raw, step + 1))
+                        with amp:
+                            rec.update(evaluate(raw, step + 1))
             except Exception:
                 if rank == 0 and not cfg.fsdp:  # the trained weights of this step are not lost with the evaluation
                     save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import world
-from common import UserError, arg, claim_dir, parse_config, run
+from common import DTYPES, UserError, arg, claim_dir, compute_dtype, parse_config, run
 from data import load_captions, load_items, preprocess_image, to_pil
 from tokenizer import TextTokenizer, VQConfig, codebook_usage, train_vqgan
 from train import CAPTION_PROMPT, DRAW_PROMPT
@@ -47,6 +47,7 @@ class TokenizerConfig:
     # frames and its check allows their camera shift
     threads: int = arg(1, ">=1")  # torch intra-op CPU threads (the VQGAN's bits depend on it; reproduce.py --threads)
     device: str = arg("cpu", ("cpu", "cuda"))  # where the VQGAN trains
+    dtype: str = arg("auto", DTYPES)  # the VQGAN's arithmetic (common.compute_dtype: bf16 autocast where native)
 
 
 def world_paths(data_dir: str) -> dict:
@@ -73,7 +74,7 @@ def train_vq(cfg, paths: dict, device, log=print, seed: int = 0):
         f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
     t0 = time.time()
     vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3, betas=(0.9, 0.99),
-                           ae_warmup=cfg.vq_warmup, seed=seed, device=device)
+                           ae_warmup=cfg.vq_warmup, seed=seed, device=device, dtype=cfg.dtype)
     vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
     with torch.no_grad():  # checked on held-out task images (the validation split)
         codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
@@ -111,6 +112,7 @@ def main(argv=None):
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda: no CUDA device here")
     torch.set_num_threads(cfg.threads)
+    cfg.dtype = compute_dtype(cfg.dtype, cfg.device)
     paths = world_paths(cfg.data)
     claim_dir(cfg.out, "train_tokenizer.py")
     vq, vq_res = train_vq(cfg, paths, torch.device(cfg.device), seed=cfg.seed)

@@ -80,5 +80,5 @@ def fsdp_case(out_dir: str, **overrides):
         src, tgt = torch.randint(0, 16, (4,), generator=g), torch.randint(0, 16, (4,), generator=g)
         ex.append(wm_example(tok, src, tgt, ACTIONS[i % 6], token_weights=torch.rand(4, generator=g) * 3))
     kw = dict(task="wm", out_dir=out_dir, steps=4, batch_size=8, grad_accum=2, lr=3e-3, warmup=2, eval_every=2,
-              save_every=2, quiet=True, seed=0, lora_dropout=0.0)
+              save_every=2, quiet=True, seed=0, lora_dropout=0.0, dtype="float32")  # exact equalities are fp32's
     return tok, ex[:16], ex[16:], TrainConfig(**{**kw, **overrides})

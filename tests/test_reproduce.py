@@ -175,6 +175,24 @@ def test_a_stage_folder_is_deleted_only_when_ours_and_stale(tmp_path, capsys, ti
     assert not (tmp_path / "seed0" / "dm" / "notes.txt").exists()
 
 
+def test_best_of_n_for_every_n_comes_from_one_pool():
+    """Best-of-k = the DM's pick among the first k candidates of the one pool (the first on ties), with that
+    candidate's judge record; N = 1 is the first candidate."""
+    from data import Item
+    from report import pick
+    from reproduce import best_of_pool
+
+    items = [Item(id=f"i{i}", input_path="-", instruction="x", output_path="-", task="world") for i in range(2)]
+    controls = [{"dm": [1.0, 0.0, 3.0, 3.0], "judge": [0, 10, 5, 7]},
+                {"dm": [0.0, 2.0, 2.0, 1.0], "judge": [4, 6, 8, 1]}]
+    judged = [[{"id": f"i{i}", "task": "world", "score": j, "success": j} for j in c["judge"]]
+              for i, c in enumerate(controls)]
+    metrics, records = best_of_pool(items, controls, judged, [1, 2, 4])
+    assert [r["score"] for r in records["1"]] == [0, 4] and [r["score"] for r in records["2"]] == [0, 6]
+    assert [r["score"] for r in records["4"]] == [5, 6] == pick(controls, 4, "dm")
+    assert metrics["4"]["all"]["score"] == 5.5 and metrics["4"]["world"]["n"] == 2
+
+
 def test_best_of_n_pickers_on_hand_made_candidates():
     from report import pick
 
