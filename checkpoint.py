@@ -9,10 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -46,8 +44,6 @@ def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg, model_cfg: ChameleonCo
         "model_config": model_cfg.to_dict(),
         "lora": cfg.lora_r > 0 and any(isinstance(m, LoRALinear) for m in model.modules()),
         "sampler": sampler.state() if sampler is not None else None,
-        "python_random": _jsonable_random_state(),
-        "numpy_random": _jsonable_numpy_state(),
         "metrics": metrics or {},
     }
     with atomic_dir(ckpt_dir) as tmp:
@@ -61,16 +57,6 @@ def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg, model_cfg: ChameleonCo
 def has_checkpoint(ckpt_dir: str) -> bool:
     """True when ckpt_dir holds a checkpoint (after undoing a save that was killed half-way)."""
     return recover_dir(ckpt_dir) and os.path.exists(os.path.join(ckpt_dir, "meta.json"))
-
-
-def _jsonable_random_state():
-    v, state, gauss = random.getstate()
-    return [v, list(state), gauss]
-
-
-def _jsonable_numpy_state():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -125,7 +111,8 @@ def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):
 
 
 def restore_training(ckpt_dir, model, optimizer, sampler, fsdp: bool = False) -> int:
-    """Resume: load weights, AdamW state, the data order and every RNG from ckpt_dir; returns its step."""
+    """Resume: load weights, AdamW state, the data order and torch's RNG (the only global generator training draws
+    from: LoRA dropout) from ckpt_dir; returns its step."""
     meta = read_meta(ckpt_dir)
     _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"], fsdp)
     flat = read_tensors(os.path.join(ckpt_dir, "optim.safetensors"))
@@ -143,10 +130,6 @@ def restore_training(ckpt_dir, model, optimizer, sampler, fsdp: bool = False) ->
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    v, state, gauss = meta["python_random"]
-    random.setstate((v, tuple(state), gauss))
-    name, keys, pos, has_gauss, cached = meta["numpy_random"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     return meta["step"]
 
 
