@@ -242,7 +242,6 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock) -> tuple[dict,
     else:
         clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
     jobs.close()
-    annotate_motion([R], data["motion"])
     runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
     return {"tok": tok_res, "zs": zs, "base": base, "R": R, "runs": runs}, chosen
 
@@ -374,14 +373,11 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
         R["search"][name], R["items"]["search"][name] = best_of_pool(test, R["controls"][name], judged, ns)
         log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                for n in ns))
-    if grids:
-        with amp:
-            example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
+    if grids:  # (outside `amp`: the pictures of the README's run were drawn this way)
+        example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     R["curves"] = {kind: read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}
     done("WM evaluation, best-of-N search")
-    if grids:
-        example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     return R
 
 
