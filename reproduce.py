@@ -69,7 +69,7 @@ from train_world import generate_targets, recognition_weights, wm_examples
 
 @dataclass
 class ReproConfig:
-    preset: str = "laptop"  # scale: "laptop" (default, 74 min on 2 shared cores, 57 of them per seed), "smoke"
+    preset: str = "laptop"  # scale: "laptop" (default, ~30 min per replicate on 2 cores with bf16), "smoke"
     # (~1 min), "gpu" (larger)
     out: str = "out"  # everything is written here; stages found here are reused
     replicates: int = 1  # independent replicates: replicate r (0, 1, ...) builds its own world (seed r), VQGAN, BPE and
