@@ -328,7 +328,7 @@ class Chameleon(nn.Module):
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence length {pos + T} > max_seq_len {self.config.max_seq_len}")
         if kv_cache is not None and T == 1 and idx.device.type == "cpu" and not torch.is_grad_enabled():
-            return decode_step(self, idx[:, 0], kv_cache)[:, None]  # same bits in half the ops (end of this file)
+            return decode_step(self, idx[:, 0], kv_cache)[:, None]  # same bits, fewer ops (end of this file)
         x = self.model.embed_tokens(idx)  # (B, T, n_embd)
         cos = self.rope_cos[pos:pos + T].to(x.dtype)  # (T, head_dim)
         sin = self.rope_sin[pos:pos + T].to(x.dtype)  # (T, head_dim)
@@ -501,9 +501,8 @@ def token_logprobs(logits, idx):
 
 
 def inference(fn):
-    """Run a generator under torch.inference_mode: no_grad that also skips autograd's per-op bookkeeping (version
-    counters, view tracking). A decode step is ~250 tiny ops, so that bookkeeping made up a quarter of it (CPU,
-    measured). Same kernels, same bits. The result is cloned outside the mode: a normal tensor, usable anywhere."""
+    """Run a generator under torch.inference_mode: no_grad without autograd's per-op bookkeeping (version counters,
+    view tracking), same kernels and bits. The result is cloned outside the mode: a normal tensor, usable anywhere."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         with torch.inference_mode():
@@ -610,8 +609,9 @@ def generate_image(model: Chameleon, idx, n_tokens: int, boi_id: int, eoi_id: in
 # CPU decode speed-ups, fenced: none changes what is computed, only how fast. Generation is one token at a time, so a
 # decode step is a handful of one-row matmuls; these make it cheaper on a CPU (measured effect in each comment). The
 # plain algorithm above reads without them: `use_in_major_weights` only changes memory order, `cached_attention` is
-# attention over the cache, `inverse_cdf_draw` is torch.multinomial. (Also here, above: apply_rope's roll with a
-# pre-negated sin table, 3 ops instead of 6; generate_image's lm_head restricted to the image rows.)
+# attention over the cache, `inverse_cdf_draw` is torch.multinomial, `decode_step` is Chameleon.hidden for one token.
+# (Also here, above: apply_rope's roll with a pre-negated sin table, 3 ops instead of 6; generate_image's lm_head
+# restricted to the image rows; the generators under torch.inference_mode.)
 
 
 class KVCache:
@@ -678,12 +678,10 @@ def cached_attention(q, k, v, kv_cache: KVCache, layer: int, rep: int):
 
 
 def decode_step(model: Chameleon, tok, cache: KVCache):
-    """model.hidden(tok[:, None], cache)[:, 0] for one new token per row, tok (B,) -> (B, n_embd): the same kernels on
-    the same data, so the same bits (tests/test_model.py compares them), in 3/4 of the aten calls. A decode step is
-    ~1,000 tiny ops, and on a CPU their dispatch, not their arithmetic, is most of it at batch 1. Here (B, n_embd) rows
-    replace (B, 1, ...) views and their reshapes, functions replace module calls, the fp32 RMSNorm is the ops of
-    torch's CPU composite (pow, mean, add, rsqrt, mul, mul) without its wrappers, RoPE's half swap is one flip instead
-    of roll's narrow, narrow, cat, and the new key and value are written straight into the cache."""
+    """model.hidden(tok[:, None], cache)[:, 0], tok (B,) -> (B, n_embd): the same kernels on the same data, so the same
+    bits (tests/test_model.py), in 3/4 of the ~1,000 aten calls, whose dispatch is most of a CPU decode step at batch
+    1: (B, n_embd) rows without (B, 1, ...) reshapes, functions for modules, the fp32 RMSNorm as the ops of torch's CPU
+    composite without its wrappers, RoPE's half swap as one flip (roll: narrow, narrow, cat), writes into the cache."""
     B, pos = tok.shape[0], cache.pos
     if pos >= cache.max_len:
         raise ValueError(f"KV cache is full: {pos} + 1 tokens > max_len {cache.max_len}")
