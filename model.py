@@ -22,6 +22,7 @@ save_pretrained), and the pure functions sample(), token_logprobs(), generate_te
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -326,6 +327,8 @@ class Chameleon(nn.Module):
         pos = kv_cache.pos if kv_cache is not None else 0
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence length {pos + T} > max_seq_len {self.config.max_seq_len}")
+        if kv_cache is not None and T == 1 and idx.device.type == "cpu" and not torch.is_grad_enabled():
+            return decode_step(self, idx[:, 0], kv_cache)[:, None]  # same bits, fewer ops (end of this file)
         x = self.model.embed_tokens(idx)  # (B, T, n_embd)
         cos = self.rope_cos[pos:pos + T].to(x.dtype)  # (T, head_dim)
         sin = self.rope_sin[pos:pos + T].to(x.dtype)  # (T, head_dim)
@@ -497,7 +500,18 @@ def token_logprobs(logits, idx):
     return -nll.view(B, T - 1)
 
 
-@torch.no_grad()
+def inference(fn):
+    """Run a generator under torch.inference_mode: no_grad without autograd's per-op bookkeeping (version counters,
+    view tracking), same kernels and bits. The result is cloned outside the mode: a normal tensor, usable anywhere."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode():
+            out = fn(*args, **kwargs)
+        return out.clone()
+    return run
+
+
+@inference
 def generate_text(model: Chameleon, idx, max_new_tokens: int, eos_id: int | None = None, allowed=None,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                   generator: torch.Generator | None = None, pad_id: int | None = None):
@@ -530,7 +544,7 @@ def generate_text(model: Chameleon, idx, max_new_tokens: int, eos_id: int | None
     return torch.stack(out, dim=1) if out else idx.new_zeros(B, 0)
 
 
-@torch.no_grad()
+@inference
 def generate_image(model: Chameleon, idx, n_tokens: int, boi_id: int, eoi_id: int | None = None,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                    generator: torch.Generator | None = None, cfg_scale: float | None = None, uncond_idx=None,
@@ -595,8 +609,9 @@ def generate_image(model: Chameleon, idx, n_tokens: int, boi_id: int, eoi_id: in
 # CPU decode speed-ups, fenced: none changes what is computed, only how fast. Generation is one token at a time, so a
 # decode step is a handful of one-row matmuls; these make it cheaper on a CPU (measured effect in each comment). The
 # plain algorithm above reads without them: `use_in_major_weights` only changes memory order, `cached_attention` is
-# attention over the cache, `inverse_cdf_draw` is torch.multinomial. (Also here, above: apply_rope's roll with a
-# pre-negated sin table, 3 ops instead of 6; generate_image's lm_head restricted to the image rows.)
+# attention over the cache, `inverse_cdf_draw` is torch.multinomial, `decode_step` is Chameleon.hidden for one token.
+# (Also here, above: apply_rope's roll with a pre-negated sin table, 3 ops instead of 6; generate_image's lm_head
+# restricted to the image rows; the generators under torch.inference_mode.)
 
 
 class KVCache:
@@ -660,6 +675,53 @@ def cached_attention(q, k, v, kv_cache: KVCache, layer: int, rep: int):
     # a chunk after a past: query t (absolute S-T+t) sees keys <= S-T+t (is_causal would align top-left)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, kt.transpose(2, 3), v, attn_mask=mask)
+
+
+def decode_step(model: Chameleon, tok, cache: KVCache):
+    """model.hidden(tok[:, None], cache)[:, 0], tok (B,) -> (B, n_embd): the same kernels on the same data, so the same
+    bits (tests/test_model.py), in 3/4 of the ~1,000 aten calls, whose dispatch is most of a CPU decode step at batch
+    1: (B, n_embd) rows without (B, 1, ...) reshapes, functions for modules, the fp32 RMSNorm as the ops of torch's CPU
+    composite without its wrappers, RoPE's half swap as one flip (roll: narrow, narrow, cat), writes into the cache."""
+    B, pos = tok.shape[0], cache.pos
+    if pos >= cache.max_len:
+        raise ValueError(f"KV cache is full: {pos} + 1 tokens > max_len {cache.max_len}")
+
+    def lin(m, h):  # a LoRA-wrapped projection keeps its module
+        return F.linear(h, m.weight) if type(m) is nn.Linear else m(h)
+
+    def norm(m, h):
+        if h.dtype == torch.float32 and m.weight.dtype == torch.float32:
+            return h.mul(h.pow(2).mean(-1, keepdim=True).add_(m.eps).rsqrt()).mul(m.weight)
+        return m(h)
+
+    def rope(x):  # x (B, heads, head_dim); (x1, x2) -> (x2, x1) is roll(head_dim / 2): see apply_rope
+        return torch.addcmul(x * cos, x.unflatten(-1, (2, -1)).flip(-2).flatten(-2), sin)  # (B, heads, 2, hd/2)
+
+    x = F.embedding(tok, model.model.embed_tokens.weight)  # (B, n_embd)
+    cos, sin = model.rope_cos[pos].to(x.dtype), model.rope_sin[pos].to(x.dtype)  # (head_dim,)
+    for i, blk in enumerate(model.model.layers):
+        a, swin, S = blk.self_attn, blk.swin_norm, pos + 1
+        H, Hk, hd = a.n_head, a.n_kv_head, a.head_dim
+        h = x if swin else norm(blk.input_layernorm, x)
+        q = F.layer_norm(lin(a.q_proj, h).view(B, H, hd), (hd,), eps=1e-5)  # (B, n_head, head_dim)
+        k = F.layer_norm(lin(a.k_proj, h).view(B, Hk, hd), (hd,), eps=1e-5)  # (B, n_kv_head, head_dim)
+        q = rope(torch.addcmul(a.q_norm.bias, q, a.q_norm.weight))
+        cache.kt[i][..., pos] = rope(torch.addcmul(a.k_norm.bias, k, a.k_norm.weight))
+        cache.v[i][:, :, pos] = lin(a.v_proj, h).view(B, Hk, hd)  # (B, n_kv_head, head_dim)
+        kt, v = cache.kt[i][..., :S], cache.v[i][:, :, :S]  # (B, n_kv_head, head_dim, S), (B, n_kv_head, S, hd)
+        if H != Hk:
+            kt, v = kt.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)  # (B, n_head, ...)
+        # cached_attention's decode step, its matmuls as the bmm they reduce to
+        att = torch.bmm((q * hd ** -0.5).view(B * H, 1, hd), kt.reshape(B * H, hd, S))  # (B * n_head, 1, S)
+        y = torch.bmm(att.softmax(-1), v.reshape(B * H, S, hd)).view(B, H * hd)  # (B, n_embd)
+        y = lin(a.o_proj, y)
+        x = x + (norm(blk.input_layernorm, y) if swin else y)
+        h = x if swin else norm(blk.post_attention_layernorm, x)
+        m = blk.mlp
+        y = lin(m.down_proj, F.silu(lin(m.gate_proj, h)) * lin(m.up_proj, h))
+        x = x + (norm(blk.post_attention_layernorm, y) if swin else y)
+    cache.pos += 1
+    return norm(model.model.norm, x)
 
 
 def use_in_major_weights(model: Chameleon):

@@ -7,11 +7,14 @@ import os
 import pytest
 import torch
 
+import model as model_module
+from common import autocast
 from model import (
     Chameleon,
     ChameleonConfig,
     CheckpointError,
     KVCache,
+    apply_lora,
     generate_image,
     generate_text,
     sample,
@@ -69,6 +72,44 @@ def test_kv_cache_matches_full_forward(swin):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="full"):
         m(x[:, :5], cache)
+
+
+@pytest.mark.parametrize("n_kv_head,swin,dtype,lora", [(4, False, "float32", False), (2, True, "float32", True),
+                                                       (2, False, "bfloat16", False), (4, True, "bfloat16", True)])
+def test_decode_step_gives_the_module_path_bit_for_bit(monkeypatch, n_kv_head, swin, dtype, lora):
+    # without autograd a one-token CPU step takes model.decode_step; with it, the modules: same bits (fp32 and bf16
+    # autocast, GQA, swin-norm, LoRA-wrapped projections, batch 1 and 3), so sampling draws the same tokens
+    m = tiny(n_kv_head=n_kv_head, swin_norm=swin)
+    if lora:
+        apply_lora(m, 4, 8.0, 0.0, "q_proj,down_proj")
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # the adapters start at zero: make them count
+    calls = []
+    fast = model_module.decode_step
+    monkeypatch.setattr(model_module, "decode_step", lambda *a: calls.append(1) or fast(*a))
+    for B in (1, 3):
+        x = ids(B=B, T=20)
+        out = []
+        for grad in (True, False):
+            with autocast(dtype, "cpu"), torch.set_grad_enabled(grad):
+                cache = KVCache.for_model(m, B, 20)
+                steps = [m(x[:, :4], cache)] + [m(x[:, t:t + 1], cache) for t in range(4, 20)]  # prefill, 16 steps
+            out.append(torch.cat(steps, 1).detach())
+        torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+        with pytest.raises(ValueError, match="full"), torch.no_grad():
+            m(x[:, :1], cache)
+    assert len(calls) == 2 * 16 + 2  # every no-grad step (and each full-cache call) took the fast path
+
+
+def test_generators_return_normal_tensors():
+    # they run under torch.inference_mode; what they return must work with autograd and in-place writes after it
+    m = tiny()
+    for out in (generate_image(m, ids(), 3, boi_id=4), generate_text(m, ids(), 3)):
+        assert not out.is_inference()
+        out[0, 0] = IMG_LO  # an in-place write to an inference tensor outside that mode raises
+    m(out).sum().backward()  # and autograd may save it (the embedding's backward keeps its indices)
 
 
 def test_swin_norm_changes_the_function():
