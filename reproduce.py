@@ -412,11 +412,11 @@ def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, im
     res = stages.get("eq2_select")
     if res is None:
         cands, started = parse_candidates(cfg.eq2_select), []
-        for k, (norm, mix) in enumerate(cands):  # side by side in the pool
+        for norm, mix in cands:  # side by side in the pool
             ex = wm_examples(data["train"], data["cache"], tok, weighting="recognition", mix=mix, seed=seed, norm=norm)
-            started.append(jobs.start(f"eq2_select_{k}", train_cfg(cfg, f"eq2_select/{k}", "wm", cfg.ft_steps, seed,
-                                                                   weighting="recognition", weight_mix=mix,
-                                                                   weight_norm=norm), ex))
+            tcfg = train_cfg(cfg, f"eq2_select/{norm}_{mix:g}", "wm", cfg.ft_steps, seed, weighting="recognition",
+                             weight_mix=mix, weight_norm=norm)
+            started.append(jobs.start(f"eq2_select_{norm}_{mix:g}", tcfg, ex))
         rows = []
         for (norm, mix), job in zip(cands, started):
             with amp:
@@ -536,6 +536,14 @@ STAGE_KEYS = {
     "pretrain": SHARED_KEYS,
     "eq2_select": SHARED_KEYS + ("ft_steps", "temperature", "eq2_select"),
 }
+# Each fine-tuned model hashes only what its training reads, so choosing another reading of Eq. 2 (--eq2_select,
+# --weight_mix, --weight_norm) retrains the weighted WMs alone and reuses the DM and the plain-CE WMs. (The
+# temperature: the DM's and C-FT's learning curves sample at it.) A candidate of --eq2_select carries its reading in
+# its stage name (eq2_select_<norm>_<mix>), so another candidate list never reuses a model trained with another one.
+FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature")
+EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
+STAGE_KEYS.update({"dm": FT_KEYS, "wm_ce": FT_KEYS, "wm_eq2": FT_KEYS + EQ2_KEYS, "wm_ce_syn": FT_KEYS + BOOT_KEYS,
+                   "wm_eq2_syn": FT_KEYS + BOOT_KEYS + EQ2_KEYS})
 
 
 class Stages:
@@ -547,8 +555,7 @@ class Stages:
         os.makedirs(self.root, exist_ok=True)
 
     def hash(self, name: str) -> str:
-        keys = STAGE_KEYS.get(name, SHARED_KEYS + ("ft_steps", "boot_k", "boot_samples", "temperature", "weight_mix",
-                                                   "weight_norm"))
+        keys = FT_KEYS if name.startswith("eq2_select_") else STAGE_KEYS.get(name, FT_KEYS + BOOT_KEYS + EQ2_KEYS)
         if name == "finetune":  # its results include best-of-N and the learning curves
             keys += ("search_n", "curve_every")
         return settings_hash(self.cfg, keys, self.replicate)

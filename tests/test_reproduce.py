@@ -149,6 +149,12 @@ def test_seed_results_depend_on_the_best_of_n_sizes_but_training_does_not(tmp_pa
     # so do the learning curves' spacing, which changes what is evaluated, not what is trained
     c = Stages(tmp_path, dataclasses.replace(ReproConfig(), curve_every=100))
     assert c.hash("finetune") != sa.hash("finetune") and c.hash("dm") == sa.hash("dm")
+    # another reading of Eq. 2 retrains the weighted WMs only; a candidate's reading is in its stage name
+    e = Stages(tmp_path, dataclasses.replace(ReproConfig(), weight_mix=0.25, weight_norm="batch"))
+    assert all(e.hash(n) == sa.hash(n) for n in ("dm", "wm_ce", "wm_ce_syn", "eq2_select_batch_0.5", "pretrain"))
+    assert all(e.hash(n) != sa.hash(n) for n in ("wm_eq2", "wm_eq2_syn", "finetune"))
+    f = Stages(tmp_path, dataclasses.replace(ReproConfig(), boot_k=7))
+    assert f.hash("wm_ce_syn") != sa.hash("wm_ce_syn") and f.hash("wm_ce") == sa.hash("wm_ce")
     # another replicate (another world) never reuses a stage of this one
     assert all(Stages(tmp_path, a, 1).hash(n) != sa.hash(n) for n in ("vq", "bpe", "pretrain", "dm", "finetune"))
 
