@@ -268,8 +268,8 @@ def test_new_settings_separate_worlds_and_readings():
     old = hashes()
     video = hashes(nuisance=1.0)
     assert video["bpe"] == old["bpe"] and all(video[n] != old[n] for n in ("vq", "pretrain", "finetune", "wm_eq2"))
-    batch = hashes(weight_norm="batch")
-    assert batch["pretrain"] == old["pretrain"] and batch["wm_eq2"] != old["wm_eq2"]
+    image = hashes(weight_norm="image")
+    assert image["pretrain"] == old["pretrain"] and image["wm_eq2"] != old["wm_eq2"]
     assert parse_candidates("image:0.5, batch:0") == [("image", 0.5), ("batch", 0.0)]
     for bad in ("image", "pixel:0.5", "batch:2", "image:x"):
         with pytest.raises(UserError):
