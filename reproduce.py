@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import sys
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -177,6 +178,7 @@ C_FDM = "C-FDM (labelled + synthetic + weighted)"
 
 def main(argv=None):
     cfg = parse_config(ReproConfig, argv, description=__doc__.split("\n\n")[0], presets=PRESETS)
+    command = " ".join(["python reproduce.py", *(sys.argv[1:] if argv is None else argv)])  # for the report
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device=cuda: no CUDA device here (use --device=cpu or auto)")
     device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -200,7 +202,8 @@ def main(argv=None):
             cfg, selection = dataclasses.replace(cfg, weight_norm=sel["norm"], weight_mix=sel["mix"]), sel["evidence"]
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
     report = write_report(cfg, [int(n) for n in cfg.search_n.split(",")], reps, time.time() - t_start,
-                          provenance(cfg, device, runs), selection, time_table(cfg, reps, clock, device))
+                          {**provenance(cfg, device, runs), "command": command}, selection,
+                          time_table(cfg, reps, clock, device))
     clock.bar.close()
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
