@@ -257,8 +257,7 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
     Z, B = [rep["zs"] for rep in reps], [rep["base"] for rep in reps]
     tasks = [t for t in Z[0]["wm"] if t != "all"]
     L = [f"# worldboot: the paper in miniature (preset `{cfg.preset}`, {len(reps)} replicate(s))", ""]
-    command = prov.get("command", f"python reproduce.py --preset={cfg.preset} --replicates={cfg.replicates}")
-    L += [f"Produced by `{command}` in "
+    L += [f"Produced by `{prov['command']}` in "
           f"{seconds / 60:.1f} min "
           f"with {cfg.threads} torch thread(s) per process in every stage. "
           "Numbers are mean ± standard deviation over the replicates, each with its own world, tokenizers, "

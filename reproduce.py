@@ -533,24 +533,25 @@ def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# The tokenizer stages depend on fewer settings, so changing e.g. the model size does not retrain the VQGAN.
+# Each stage hashes only the settings it reads. The tokenizer stages depend on fewer settings, so changing e.g. the
+# model size does not retrain the VQGAN. Each fine-tuned model hashes only what its training reads, so choosing
+# another reading of Eq. 2 (--eq2_select, --weight_mix, --weight_norm) retrains the weighted WMs alone and reuses the
+# DM and the plain-CE WMs. (The temperature: the DM's and C-FT's learning curves sample at it.) A candidate of
+# --eq2_select carries its reading in its stage name (eq2_select_<norm>_<mix>), so another candidate list never
+# reuses a model trained with another one.
+FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature")
+EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
 STAGE_KEYS = {
     "vq": ("threads", "dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps", "vq_batch",
            "vq_images", "n_val", "n_test", "n_comp"),  # checked on val, whose scenes avoid test's: all 3 sizes shape it
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
     "pretrain": SHARED_KEYS,
-    "eq2_select": SHARED_KEYS + ("ft_steps", "temperature", "eq2_select"),
+    "eq2_select": FT_KEYS + ("eq2_select",),
+    "dm": FT_KEYS,
+    **{folder: FT_KEYS + (BOOT_KEYS if syn else ()) + (EQ2_KEYS if loss == "recognition" else ())
+       for folder, syn, loss in VARIANTS.values()},  # each WM: the DM's labels if it reads them, the weighting if used
 }
-# Each fine-tuned model hashes only what its training reads, so choosing another reading of Eq. 2 (--eq2_select,
-# --weight_mix, --weight_norm) retrains the weighted WMs alone and reuses the DM and the plain-CE WMs. (The
-# temperature: the DM's and C-FT's learning curves sample at it.) A candidate of --eq2_select carries its reading in
-# its stage name (eq2_select_<norm>_<mix>), so another candidate list never reuses a model trained with another one.
-FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature")
-EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
-STAGE_KEYS.update({"dm": FT_KEYS, "wm_ce": FT_KEYS, "wm_eq2": FT_KEYS + EQ2_KEYS, "wm_ce_syn": FT_KEYS + BOOT_KEYS,
-                   "wm_eq2_syn": FT_KEYS + BOOT_KEYS + EQ2_KEYS})
-
 
 class Stages:
     """Results cache of one replicate: out/rep<r>/stages/<name>.json holds a stage's results and the hash of the
