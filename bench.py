@@ -39,11 +39,12 @@ Usage:
   python bench.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
   python bench.py --speed --threads=1                # issue 14's rows (~5 min on 2 busy cores), below
 
---speed: the main job's own shapes (reproduce.py's laptop preset: 4 x 128 transformer, 1,024 ids, batch 16; its
-VQGAN at batch 32), each change as a ratio measured interleaved in one run (A, B, A, B, ...; median of --reps):
-bf16 autocast vs fp32 (matrix products, the VQGAN step, the training step of pre-training / DM / WM, sampling and
-scoring), logits only at the positions that carry loss vs all positions (train.sequence_nll), best-of-N from one pool
-vs a pool per N, and the VQGAN and a WM training step beside a 1-thread background process vs alone.
+--speed: the main job's own shapes (reproduce.py's laptop preset: 4 x 128 transformer, 1,024 ids, batch 16; its VQGAN
+at batch 32), each change as a ratio measured interleaved in one run (A, B, A, B, ...; median of --reps): bf16 autocast
+vs fp32 (matrix products, the VQGAN step, the training step of pre-training / DM / WM, sampling and scoring), logits
+only at the positions that carry loss vs all positions (train.sequence_nll), attention written out vs SDPA's math
+kernel (bf16, model.causal_attention), best-of-N from one pool vs a pool per N, and the VQGAN and a WM training step
+beside a 1-thread background process vs alone.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import model as model_py
 import train
 import world
 from common import arg, atomic_write, autocast, native_bf16_cpu, parse_config
@@ -794,8 +796,17 @@ def laptop_batch(task: str, B: int = 16, T: int = 150, seed: int = 0):
     return ids, w
 
 
-def speed_train_step(task: str, dtype: str, sparse: bool, T: int):
-    """One training step (forward, weighted loss, backward, AdamW) of the laptop model, as train.train does it."""
+def sdpa_math(q, k, v):
+    """What model.causal_attention did before on a CPU in bf16: SDPA with its math kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def speed_train_step(task: str, dtype: str, sparse: bool, T: int, sdpa: bool = False):
+    """One training step (forward, weighted loss, backward, AdamW) of the laptop model, as train.train does it;
+    `sdpa`: with attention by SDPA's math kernel instead of model.causal_attention."""
 
     model = laptop_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -804,12 +815,13 @@ def speed_train_step(task: str, dtype: str, sparse: bool, T: int):
     amp = autocast(dtype, "cpu")
 
     def run():
-        saved = train.SPARSE_LOGITS_MIN_VOCAB
+        saved = train.SPARSE_LOGITS_MIN_VOCAB, model_py.causal_attention
         train.SPARSE_LOGITS_MIN_VOCAB = 0 if sparse else 1 << 30
+        model_py.causal_attention = sdpa_math if sdpa else saved[1]
         try:
             train.forward_backward(model, ids, w, batch, 0, 1, 1, torch.device("cpu"), amp)
         finally:
-            train.SPARSE_LOGITS_MIN_VOCAB = saved
+            train.SPARSE_LOGITS_MIN_VOCAB, model_py.causal_attention = saved
         opt.step()
         opt.zero_grad(set_to_none=True)
     return run
@@ -898,6 +910,9 @@ def speed(args) -> dict:
         print(f"|   {task}: bf16 {tok_s:,.0f} tokens/s = {tok_s * fpt / 1e9:.1f} GFLOP/s, "
               f"{100 * tok_s * fpt / flops['bfloat16']:.0f}% of the bf16 matmul peak "
               f"({flops['bfloat16'] / 1e9:.0f} GFLOP/s) | | | |", flush=True)
+    t = interleaved({k: speed_train_step("wm", "bfloat16", True, 150, sdpa=k == "SDPA math kernel")
+                     for k in ("SDPA math kernel", "written out")}, reps)
+    row("attention: wm train step (16 x 150), bf16", "SDPA math kernel", "written out", t)
     t = interleaved({dt: speed_sampling(dt) for dt in ("float32", "bfloat16")}, reps)
     row("sample 8 x 8 candidates (64 tokens) + DM score", "float32", "bfloat16", t)
     t = interleaved(speed_pool(), max(1, reps // 2))

@@ -26,7 +26,7 @@ import shutil
 import signal
 import sys
 import threading
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 
 DEBUG_ENV = "WORLDBOOT_DEBUG"
 MARKER = ".worldboot"
@@ -206,9 +206,7 @@ def compute_dtype(flag: str, device_type: str) -> str:
 
 class autocast:
     """A reusable context: torch.autocast to bf16 when `dtype` (a compute_dtype result) is "bfloat16", else nothing.
-    On a CPU it also selects SDPA's plain (math) attention kernel: at the tiny model's shapes (4 heads of 32, ~150
-    tokens) the fused flash kernel took over half of a bf16 training step, and the math kernel made the step 1.5x
-    faster (bench.py --speed); in fp32 the two ran at the same speed."""
+    (Attention under it on a CPU: model.causal_attention.)"""
 
     def __init__(self, dtype: str, device_type: str):
         self.dtype, self.device_type, self.stacks = dtype, device_type, []
@@ -219,21 +217,11 @@ class autocast:
         stack = ExitStack()
         if self.dtype == "bfloat16":
             stack.enter_context(torch.autocast(self.device_type, dtype=torch.bfloat16))
-        stack.enter_context(self.kernels())
         self.stacks.append(stack)
         return self
 
     def __exit__(self, *exc):
         return self.stacks.pop().__exit__(*exc)
-
-    def kernels(self):
-        """The attention-kernel choice alone, to hold over a backward pass too: gradient checkpointing recomputes the
-        forward there and must take the same kernel (autocast restores itself there; this choice does not)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        if self.dtype == "bfloat16" and self.device_type == "cpu":
-            return sdpa_kernel(SDPBackend.MATH)
-        return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------------

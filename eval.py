@@ -161,6 +161,7 @@ class EvalConfig:
     image_size: int = arg(32, ">0")  # preprocessing size before VQ encoding (512 for Chameleon/Anole)
     llm_judge: bool = False  # also ask an OpenAI-compatible LLM judge (env JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)
     seed: int = arg(0, ">=0")  # sampling seed
+    threads: int = arg(1, ">=0")  # torch intra-op CPU threads (0 = torch's default, one per core; as train.py's)
     out: str = arg("out/eval", "required")  # where the grid PNG and results.json go
 
 
@@ -169,6 +170,8 @@ def main(argv=None):
     needed = {"dm": ["dm"], "wm": ["wm"] + (["dm"] if cfg.n > 1 else [])}[cfg.task]
     if missing := [k for k in needed if not getattr(cfg, k)]:
         raise UserError(f"--task={cfg.task}" + (f" --n={cfg.n}" if cfg.n > 1 else "") + f" needs --{missing[0]}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = load_items(cfg.data)
     if cfg.task == "dm" and not (items := [it for it in items if it.output_path]):

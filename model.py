@@ -217,7 +217,7 @@ class Attention(nn.Module):
         rep = self.n_head // self.n_kv_head  # GQA: each kv head serves `rep` consecutive query heads
         if kv_cache is None:  # the plain algorithm: causal attention over the whole sequence
             k, v = repeat_kv(k, v, rep)  # (B, n_head, T, head_dim) each
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
+            y = causal_attention(q, k, v)  # SDPA(q, k, v, is_causal=True) (B, n_head, T, head_dim); speed-ups below
         else:  # prefill or decode step through the KV cache (speed-ups section at the end of this file)
             y = cached_attention(q, k, v, kv_cache, self.layer_idx, rep)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_head * head_dim)
@@ -657,6 +657,27 @@ def repeat_kv(k, v, rep: int):
     return k.transpose(2, 3).repeat_interleave(rep, dim=1).transpose(2, 3), v.repeat_interleave(rep, dim=1)
 
 
+def causal_attention(q, k, v):
+    """F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v (B, n_head, T, head_dim). Under bf16 on a
+    CPU it is written out as transformers' "eager" attention: scores as a bf16 matrix product, the causal mask,
+    softmax, a bf16 product with the values. At the tiny model's shapes (4 heads of 32, ~150 tokens) SDPA's kernels
+    are slow there: a WM training step took 1.43x longer with the math kernel (the flash kernel was slower still;
+    bench.py --speed, "attention" row). Elsewhere (fp32, CUDA): the fused kernel."""
+    bf16 = q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                        and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    if q.device.type != "cpu" or not bf16:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    T = q.shape[2]
+    att = (q @ k.transpose(2, 3)) * q.shape[-1] ** -0.5 + causal_mask(T, q.device)  # (B, n_head, T, T) scores
+    return att.softmax(dim=-1) @ v  # (B, n_head, T, head_dim)
+
+
+@functools.lru_cache(maxsize=8)
+def causal_mask(T: int, device) -> torch.Tensor:
+    """(T, T) bf16: 0 on and below the diagonal, -inf above (position t attends to positions <= t)."""
+    return torch.full((T, T), float("-inf"), device=device).triu(1).to(torch.bfloat16)
+
+
 def cached_attention(q, k, v, kv_cache: KVCache, layer: int, rep: int):
     """Causal attention of q (B, n_head, T, head_dim) over the cache after appending k, v (B, n_kv_head, T,
     head_dim) to it; returns (B, n_head, T, head_dim)."""
@@ -666,8 +687,8 @@ def cached_attention(q, k, v, kv_cache: KVCache, layer: int, rep: int):
         kt = kt.repeat_interleave(rep, dim=1)  # (B, n_head, head_dim, S)
         v = v.repeat_interleave(rep, dim=1)  # (B, n_head, S, head_dim)
     S = v.shape[2]  # past + T
-    if S == T:  # no past (a prefill): plain causal attention
-        return F.scaled_dot_product_attention(q, kt.transpose(2, 3), v, is_causal=True)
+    if S == T:  # no past (a prefill): plain causal attention, as the full forward computes it
+        return causal_attention(q, kt.transpose(2, 3), v)
     if T == 1:  # decode step: one new token sees every cached one. Written out (2 matmuls and a softmax): faster
         # than the fused kernel at this shape on CPU (measured), with keys read in their stored order
         att = (q * q.shape[-1] ** -0.5) @ kt  # (B, n_head, 1, S)

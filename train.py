@@ -101,6 +101,9 @@ class TrainConfig:
     seed: int = arg(1337, ">=0")  # seeds model init, data order and sampling; each rank offsets it by its rank
     dtype: str = arg("auto", DTYPES)  # "bfloat16" = autocast (fp32 weights and AdamW state); "auto" = bf16 on CUDA
     # and on CPUs with native bf16 (common.compute_dtype), else fp32
+    threads: int = arg(1, ">=0")  # torch intra-op CPU threads of this process (0 = torch's default, one per core). 1,
+    # as reproduce.py: two runs side by side on 2 cores at one thread per core each ran >10x slower, and a CPU run's
+    # bits depend on the thread count
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
     fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped (the settings must be the same)
@@ -340,6 +343,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     example, optional) name the item of an example in errors. An out_dir holding a checkpoint is continued with
     cfg.resume (same settings) and replaced only with cfg.force; Ctrl-C saves at the next step.
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     rank, world, device = setup_distributed()
     if cfg.fsdp and not dist.is_initialized():
         raise UserError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
@@ -394,7 +399,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    with interruptible(world == 1) as interrupted, amp.kernels():  # Ctrl-C: save at the end of the step, then stop
+    with interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
         for step in bar:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -531,6 +536,8 @@ def pretrain_examples(items, codes: dict, tok) -> list:
 def prepare_pairs(cfg: TrainConfig):
     """What the DM and WM scripts share: tokenizers, the scorable (source, target) items of --data and --val_data
     (validation capped at eval_items) and the VQ codes of every image. Returns (image_tok, tok, items, val, codes)."""
+    if cfg.threads:  # before the encoding, whose codes depend on it too
+        torch.set_num_threads(cfg.threads)
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = [it for it in load_items(cfg.data) if it.output_path]
     val = [it for it in load_items(cfg.val_data) if it.output_path][: cfg.eval_items] if cfg.val_data else []
@@ -546,6 +553,8 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
     if cfg.task != "pretrain":
         raise UserError("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
+    if cfg.threads:  # before the encoding, whose codes depend on it too
+        torch.set_num_threads(cfg.threads)
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = load_captions(cfg.data)
     val = load_captions(cfg.val_data) if cfg.val_data else []

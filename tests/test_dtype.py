@@ -82,9 +82,9 @@ def test_a_short_bf16_vqgan_run_tracks_the_fp32_one():
 
 
 def test_bf16_with_gradient_checkpointing_recomputes_the_same_forward(tiny_tok, tmp_path):
-    """The backward's recomputation takes the same attention kernel as the forward (it failed with a metadata
-    mismatch when the kernel choice covered the forward only), and gives the same training. As many key/value heads
-    as query heads, as the main job's model: there the fused kernel is eligible again in the recomputation."""
+    """The backward's recomputation takes the same attention path as the forward (it once failed with a metadata
+    mismatch when an SDPA kernel choice covered the forward only), and gives the same training. As many key/value
+    heads as query heads, as the main job's model."""
     from model import Chameleon, ChameleonConfig
     from train import TrainConfig, train
     from train_world import wm_example
@@ -106,3 +106,30 @@ def test_bf16_with_gradient_checkpointing_recomputes_the_same_forward(tiny_tok, 
                           eval_every=0, save_every=0, quiet=True, seed=0, dtype="bfloat16", grad_checkpoint=ckpt)
         hist[ckpt] = [h["loss"] for h in train(cfg, ex, tok, model=model())[1]]
     assert hist[True] == pytest.approx(hist[False], rel=1e-6)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_cpu_bf16_attention_is_causal_and_close_to_exact(autocast):
+    """model.causal_attention's written-out CPU bf16 path (under autocast, and on a bf16 model): within bf16 rounding
+    of exact causal attention, and no position sees a later one."""
+    import torch.nn.functional as F
+
+    from model import causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 40, 32) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+
+    def attend(q, k, v):
+        if not autocast:
+            return causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return causal_attention(q, k, v)
+
+    y = attend(q, k, v)
+    assert y.dtype == torch.bfloat16 and y.shape == q.shape
+    assert (y.double() - exact).abs().max() < 0.05  # bf16 keeps 8 bits: ~0.4% of values of order 1-3
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, -1], v2[:, :, -1] = 5.0, -5.0  # the last position changes
+    y2 = attend(q, k2, v2)
+    assert torch.equal(y2[:, :, :-1], y[:, :, :-1]) and not torch.equal(y2[:, :, -1], y[:, :, -1])

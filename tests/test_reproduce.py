@@ -311,3 +311,34 @@ def test_paired_interval_with_each_replicate_its_own_items():
     assert 0 < iv["lo"] <= iv["hi"] <= 1 and verdict(iv) == "not shown"  # replicate 1 does not agree in sign
     one = paired_interval(a[:1], b[:1], n_boot=2000)
     assert one["lo"] == one["hi"] == 1.0 and verdict(one) == "shown"
+
+
+def test_a_job_queued_after_others_waits_for_them_and_passes_failures_on():
+    """Jobs.after (how each WM's evaluation is queued): the job is submitted only once every dependency is done;
+    a failed dependency, or a failing job, fails the returned future (the waiter sees the error, nothing hangs)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import reproduce
+
+    jobs = object.__new__(reproduce.Jobs)
+    jobs.pool = ThreadPoolExecutor(2)
+    gate, ran = threading.Event(), []
+    slow = jobs.submit(lambda: gate.wait(10) and "slow")
+    fast = jobs.submit(lambda: "fast")
+    after = jobs.after([slow, fast], lambda a, b: ran.append((a, b)) or "done", 1, 2)
+    fast.result()
+    assert not after.done() and ran == []  # `slow` holds it back
+    gate.set()
+    assert after.result(timeout=10) == "done" and ran == [(1, 2)]
+
+    def boom():
+        raise ValueError("training failed")
+
+    failed = jobs.submit(boom)
+    with pytest.raises(ValueError, match="training failed"):
+        jobs.after([failed, fast], ran.append, "never").result(timeout=10)
+    with pytest.raises(ValueError, match="training failed"):
+        jobs.after([fast], boom).result(timeout=10)
+    assert ran == [(1, 2)]
+    jobs.pool.shutdown()
