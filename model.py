@@ -606,10 +606,12 @@ def generate_image(model: Chameleon, idx, n_tokens: int, boi_id: int, eoi_id: in
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# CPU decode speed-ups, fenced: none changes what is computed, only how fast. Generation is one token at a time, so a
-# decode step is a handful of one-row matmuls; these make it cheaper on a CPU (measured effect in each comment). The
-# plain algorithm above reads without them: `use_in_major_weights` only changes memory order, `cached_attention` is
-# attention over the cache, `inverse_cdf_draw` is torch.multinomial, `decode_step` is Chameleon.hidden for one token.
+# CPU speed-ups, fenced (measured effect in each comment). `causal_attention` is SDPA with is_causal=True, written
+# out under bf16 on a CPU: there it rounds as transformers' eager attention does, not as SDPA's kernels. The decode
+# ones change nothing computed, only how fast: generation is one token at a time, so a decode step is a handful of
+# one-row matmuls, and these make it cheaper. The plain algorithm above reads without them: `use_in_major_weights`
+# only changes memory order, `cached_attention` is attention over the cache, `inverse_cdf_draw` is
+# torch.multinomial, `decode_step` is Chameleon.hidden for one token.
 # (Also here, above: apply_rope's roll with a pre-negated sin table, 3 ops instead of 6; generate_image's lm_head
 # restricted to the image rows; the generators under torch.inference_mode.)
 

@@ -3,8 +3,8 @@ and writes VQ image tokens and BPE text tokens; ours are small versions of both)
 
 - the VQGAN (tokenizer.train_vqgan) on freshly rendered world scenes, checked on the validation split's images: how
   well it reconstructs them, and whether the world's judge still reads every scene back from the reconstruction;
-- the byte-level BPE (tokenizer.TextTokenizer.train) on all of the world's text: captions, instructions, the
-  videos' hidden actions (text only, never paired with their frames) and the prompt templates.
+- the byte-level BPE (tokenizer.TextTokenizer.train) on the captions, the train instructions and the prompt
+  templates (not the videos' hidden actions: the "unlabelled" videos must stay unlabelled).
 
 reproduce.py calls the same two functions (train_vq, train_bpe) and caches their results in out/stages/.
 
