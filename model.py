@@ -663,8 +663,8 @@ def causal_attention(q, k, v):
     """F.scaled_dot_product_attention(q, k, v, is_causal=True) for q, k, v (B, n_head, T, head_dim). Under bf16 on a
     CPU it is written out as transformers' "eager" attention: scores as a bf16 matrix product, the causal mask,
     softmax, a bf16 product with the values. At the tiny model's shapes (4 heads of 32, ~150 tokens) SDPA's kernels
-    are slow there: a WM training step took 1.43x longer with the math kernel (the flash kernel was slower still;
-    bench.py --speed, "attention" row). Elsewhere (fp32, CUDA): the fused kernel."""
+    are slow there: a WM training step took 1.36x longer with the math kernel (the flash kernel was slower still;
+    bench.py --speed, "attention" row, on the 2-core AMD EPYC). Elsewhere (fp32, CUDA): the fused kernel."""
     bf16 = q.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
     if q.device.type != "cpu" or not bf16:
