@@ -737,7 +737,7 @@ class Jobs:
 
     def after(self, deps: list[Future], fn, *args) -> Future:
         """fn(*args) as a job queued the moment every future in `deps` is done (a failed one fails this one too)."""
-        out, left, lock = Future(), [len(deps)], threading.Lock()
+        out, left, lock = Future(), len(deps), threading.Lock()
 
         def relay(job: Future):  # the job's outcome -> out
             if job.exception() is not None:
@@ -746,9 +746,10 @@ class Jobs:
                 out.set_result(job.result())
 
         def ready(_):  # called (in the pool's thread) as each dependency finishes
+            nonlocal left
             with lock:
-                left[0] -= 1
-                if left[0]:
+                left -= 1
+                if left:
                     return
             failed = [d.exception() for d in deps if d.exception() is not None]
             try:
