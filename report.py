@@ -236,7 +236,9 @@ def time_table(cfg, reps: list[dict], clock, device: torch.device) -> list[str]:
     peak = peak_matmul_flops(cfg.dtype, device)
     L = ["## Where the time went (this run)", "",
          f"This invocation, stage by stage (wall seconds; fine-tuning runs side by side in worker processes, so a "
-         f"stage's time includes the models that trained beside it; cached stages take ~0 s). Peak of one "
+         f"stage's time includes the models that trained beside it; cached stages take ~0 s; from the second "
+         f"replicate on, stages 1-4 ran in a background process during the previous replicate's fine-tuning, so "
+         f"their rows show only the wait for it). Peak of one "
          f"{cfg.dtype} matrix product at the model's shape (2240 x 128 x 384, {cfg.threads} thread(s)): "
          f"{peak / 1e9:.1f} GFLOP/s.", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {name} | {sec:.0f} |" for name, sec in clock.seconds.items()]

@@ -18,8 +18,12 @@ Every stage of arXiv 2506.06006 runs on the built-in synthetic world (world.py) 
 Stages 1-7 form one replicate, in out/rep<r>/: replicate r has its own world (seed r), tokenizers, pre-trained model
 and fine-tuning seed, so the spread over replicates covers all of them. `--replicates=K` runs K and pools them.
 Stages are cached in out/ (a stage is skipped when its results exist for the same settings; training resumes from
-its checkpoint) so an interrupted run continues. `--preset` picks the scale: `laptop` (default, 2 CPU cores),
-`smoke` (a minute; what the tests run), `gpu` (larger world and model).
+its checkpoint) so an interrupted run continues. Every process computes with one thread (--threads), so the work is
+spread over processes: the world and the BPE are built beside the VQGAN, a worker encodes half of the images, the
+fine-tuning runs train side by side (--jobs), and replicate r+1's stages 1-4 run in a background process while
+replicate r fine-tunes. None of this changes a bit (a slow test compares it with --jobs=1 on one core).
+`--preset` picks the scale: `laptop` (default, 2 CPU cores), `smoke` (a minute; what the tests run), `gpu` (larger
+world and model).
 
 Run:  python reproduce.py [--preset=laptop] [--replicates=3] [--jobs=N] [--out=out] [--key=value ...]
 """
@@ -53,10 +57,7 @@ from draw import save_grid
 from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
 from report import provenance, time_table, write_items, write_report
 from search import MAX_N, best_of_n
-from tokenizer import (
-    ImageTokenizer,
-    TextTokenizer,
-)
+from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
 from train import (
     TrainConfig,
     encode_images,
@@ -65,7 +66,7 @@ from train import (
     train,
 )
 from train_dynamics import dm_examples
-from train_tokenizer import train_bpe, train_vq
+from train_tokenizer import check_vq, train_bpe, train_vq
 from train_world import generate_targets, recognition_weights, wm_examples
 
 
@@ -82,9 +83,10 @@ class ReproConfig:
     dtype: str = "auto"  # arithmetic of every training, sampling and scoring stage (common.compute_dtype): "auto" =
     # bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), else fp32; weights, AdamW state, VQ
     # encoding and decoding stay fp32. Stages cache per resolved dtype
-    jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core, at most 3:
-    # the DM, C-FT and labelled + weighted WMs need nothing from each other). Every run is seeded on its own, so the
-    # results do not depend on this; only the wall time does
+    jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core plus one,
+    # at most 3: the DM, C-FT and labelled + weighted WMs need nothing from each other; the extra worker keeps the
+    # cores busy while this process labels the videos and once the synthetic-data WMs start). Every run is seeded on
+    # its own, so the results do not depend on this; only the wall time does
     threads: int = 1  # torch intra-op CPU threads of EVERY stage and job, whatever the machine offers: a kernel's
     # summation order depends on its thread count, so a VQGAN trained with torch's default (one thread per core) came
     # out different on 1 and 2 cores, and every later number with it. Parallelism comes from processes (--jobs).
@@ -198,10 +200,10 @@ def main(argv=None):
     log(f"reproduce: preset {cfg.preset}, {cfg.replicates} replicate(s), out {cfg.out}, device {device}, "
         f"dtype {cfg.dtype}, "
         f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    reps, selection = [], None
+    reps, selection, ahead = [], None, None
     clock = Clock(STAGES_PER_REPLICATE * cfg.replicates)  # the whole job's bar and each stage's seconds
     for r in range(cfg.replicates):
-        rep, sel = run_replicate(cfg, r, device, clock)
+        rep, sel, ahead = run_replicate(cfg, r, device, clock, ahead)
         reps.append(rep)
         if sel is not None:  # the reading of Eq. 2 chosen on replicate 0's validation split holds for all
             cfg, selection = dataclasses.replace(cfg, weight_norm=sel["norm"], weight_mix=sel["mix"]), sel["evidence"]
@@ -213,30 +215,23 @@ def main(argv=None):
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
-def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock) -> tuple[dict, dict | None]:
+def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead | None = None):
     """Stages 1-7 of replicate r in out/rep<r>/: its own world (seed r), tokenizers, pre-trained model, fine-tuning
-    seed r. Returns ({tok, zs, base, R, stages}: what the report reads, the Eq. 2 reading chosen on validation or
-    None)."""
+    seed r. `ahead`: stages 1-4 of this replicate, run in the background during the previous one's fine-tuning.
+    Returns ({tok, zs, base, R, runs}: what the report reads, the Eq. 2 reading chosen on validation or None, the
+    next replicate's stages 1-4 started in the background or None)."""
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
     amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
-    paths, wcfg = build_data(rcfg, r)  # 1. data
-    clock.done(f"rep{r}: data")
-    image_tok, tok, tok_res = build_tokenizers(rcfg, paths, stages, device, r)  # 2. tokenizers
-    image_tok.to(device)
-    data = load_and_encode(paths, wcfg, image_tok)
-    tok_res = {**tok_res, **token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"])}
-    clock.done(f"rep{r}: tokenizers (VQGAN, BPE, encoding)")
-    pre_cfg = train_cfg(rcfg, "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch")  # 3.
-    pretrained, _ = run_training(rcfg, stages, "pretrain", pre_cfg,
-                                 pretrain_examples(data["captions"], data["cache"], tok), tok, device)
-    clock.done(f"rep{r}: pre-training")
-    with amp:
-        zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
-    base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
-                                                                        wcfg.image_size))
-    clock.done(f"rep{r}: zero-shot evaluation, baselines")
-    jobs = Jobs(rcfg, stages, tok, device, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
+    jobs = Jobs(rcfg, stages, None, device, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
+    P = prepare(rcfg, r, device, jobs, ahead.result() if ahead is not None else None,
+                done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
+    data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
+    jobs.tok = tok
+    # The next replicate's stages 1-4 run in one background process while this one fine-tunes. Until then they
+    # would have only one core (one thread per process); from here on they take a share of two. Their results are
+    # stored in out/rep<r+1>/ exactly as if they ran later in this process, so the numbers do not change.
+    nxt = Ahead(cfg, r + 1, device) if r + 1 < cfg.replicates and device.type == "cpu" and jobs.pool else None
     chosen = None
     if cfg.eq2_select and r == 0:  # the weighted WMs' reading of Eq. 2, chosen on the validation split
         rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r, amp)
@@ -245,58 +240,155 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock) -> tuple[dict,
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
     R = stages.get("finetune")
     if R is None:  # 5-7. fine-tuning, bootstrapping, search
-        R = stages.put("finetune", run_seed(rcfg, r, jobs, paths, wcfg, data, image_tok, tok, r == 0, amp,
+        R = stages.put("finetune", run_seed(rcfg, r, jobs, P["paths"], P["wcfg"], data, image_tok, tok, r == 0, amp,
                                             lambda name: clock.done(f"rep{r}: {name}")))
         write_items(rcfg.out, R["items"], R["controls"])
     else:
         clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
     jobs.close()
     runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
-    return {"tok": tok_res, "zs": zs, "base": base, "R": R, "runs": runs}, chosen
+    return {"tok": P["tok_res"], "zs": P["zs"], "base": P["base"], "R": R, "runs": runs}, chosen, nxt
+
+
+def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs | None = None, encoded: dict | None = None,
+            done=lambda name, n=1: None, quiet: bool = False) -> dict:
+    """Stages 1-4 of replicate r (cfg.out = out/rep<r>): the world, the tokenizers, the VQ codes of every image,
+    the pre-trained model, its zero-shot scores and the baselines. `jobs`: worker processes for the parts that can
+    run beside the VQGAN (the world and the BPE) and beside this process's encoding (half the images); None = all
+    here. `encoded`: the VQ codes already computed (by the background process of Ahead). `done(stage, n)`: called
+    after each part (the job's progress bar)."""
+    stages = Stages(cfg.out, cfg, r)
+    world_job = (jobs.submit if jobs else run_here)(build_world_and_bpe, cfg, r)  # 1. data, the BPE ...
+    image_tok, vq_res = build_vq(cfg, stages, device, r, world_job, quiet)  # 2. ... beside the VQGAN
+    paths, wcfg, bpe_res = world_job.result()
+    tok = TextTokenizer.from_file(os.path.join(cfg.out, "tok", "tokenizer.json"))
+    image_tok.to(device)
+    data = load_and_encode(paths, wcfg, image_tok, jobs, encoded)
+    tok_res = {**vq_res, **bpe_res,
+               **token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"])}
+    done("data, tokenizers (VQGAN; world and BPE beside it), encoding", 2)
+    pre_cfg = train_cfg(cfg, "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch",
+                        quiet=quiet)  # 3.
+    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg,
+                                 pretrain_examples(data["captions"], data["cache"], tok), tok, device)
+    done("pre-training")
+    with autocast(cfg.dtype, device.type):
+        zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
+    base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
+                                                                        wcfg.image_size))
+    done("zero-shot evaluation, baselines")
+    return {"paths": paths, "wcfg": wcfg, "image_tok": image_tok, "tok": tok, "tok_res": tok_res, "data": data,
+            "zs": zs, "base": base}
+
+
+class Ahead:
+    """The next replicate's stages 1-4 (prepare), started in a background process: they need nothing from this
+    replicate. result() waits for it and returns its VQ codes (the one thing prepare does not store in out/)."""
+
+    def __init__(self, cfg: ReproConfig, r: int, device):
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.job = self.pool.submit(prepare_ahead, dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}")), r,
+                                    device)
+
+    def result(self) -> dict:
+        try:
+            return unstack_codes(self.job.result())
+        finally:
+            self.pool.shutdown()
+
+
+def prepare_ahead(cfg: ReproConfig, r: int, device) -> dict:
+    """prepare() in a background process, without progress bars; returns its VQ codes stacked (stack_codes)."""
+    torch.set_num_threads(cfg.threads)  # a spawned process starts with torch's default (one per core)
+    log(f"rep{r}: stages 1-4 start in the background")
+    cache = prepare(cfg, r, device, quiet=True)["data"]["cache"]
+    log(f"rep{r}: stages 1-4 done in the background")
+    return stack_codes(cache, sorted(cache))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The stages
 
 
-def build_data(cfg: ReproConfig, r: int) -> dict:
+def build_world_and_bpe(cfg: ReproConfig, r: int):
+    """The world's data (world.py; reused when built with the same settings) and the BPE trained on its text
+    (train_tokenizer.train_bpe; reused from out/tok when its settings are unchanged). Returns (paths, world config,
+    BPE results); the tokenizer is in out/tok/tokenizer.json. Runs beside the VQGAN, which reads none of it."""
+    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
     wcfg = world.WorldConfig(seed=r, n_train=cfg.n_train, n_videos=cfg.n_videos, n_val=cfg.n_val, n_test=cfg.n_test,
                              n_comp=cfg.n_comp, n_captions=cfg.n_captions, nuisance=cfg.nuisance)
-    return world.build(os.path.join(cfg.out, "data"), wcfg, log=log), wcfg
-
-
-def build_tokenizers(cfg: ReproConfig, paths: dict, stages: Stages, device: torch.device, r: int):
-    """The VQGAN (trained on rendered world scenes) and the BPE (trained on all of the world's text), by
-    train_tokenizer.py's functions; each is reused from out/tok when its settings are unchanged."""
-    tok_dir = os.path.join(cfg.out, "tok")
-    res = stages.get("vq")
-    if res is None:
-        vq, res = train_vq(cfg, paths, device, log, seed=r)
-        vq.save(os.path.join(tok_dir, "vq"))
-        res = stages.put("vq", res)
-    vq = ImageTokenizer.load(os.path.join(tok_dir, "vq")).eval()
+    paths = world.build(os.path.join(cfg.out, "data"), wcfg, log=log)
+    stages = Stages(cfg.out, cfg, r)
     bpe = stages.get("bpe")
-    if bpe is None:
-        text_tok, bpe = train_bpe(cfg, paths, vq.cfg.num_embeddings)
-        text_tok.save(os.path.join(tok_dir, "tokenizer.json"))
+    if bpe is None or not os.path.exists(os.path.join(cfg.out, "tok", "tokenizer.json")):
+        text_tok, bpe = train_bpe(cfg, paths, cfg.vq_codes)
+        os.makedirs(os.path.join(cfg.out, "tok"), exist_ok=True)
+        text_tok.save(os.path.join(cfg.out, "tok", "tokenizer.json"))
         bpe = stages.put("bpe", bpe)
-    text_tok = TextTokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
-    return vq, text_tok, {**res, **bpe}
+    return paths, wcfg, bpe
 
 
-def load_and_encode(paths: dict, wcfg, image_tok) -> dict:
-    """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages)."""
+def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, world_job: Future, quiet: bool = False):
+    """The VQGAN (train_tokenizer.train_vq, on freshly rendered world scenes), checked on the validation split's
+    images once the world is built (`world_job`); reused from out/tok/vq when its settings are unchanged. Returns
+    (ImageTokenizer, results)."""
+    vq_dir = os.path.join(cfg.out, "tok", "vq")
+    res = stages.get("vq")
+    if res is None or not os.path.exists(vq_dir):
+        vq, res = train_vq(cfg, device, log, seed=r, progress=not quiet)
+        res.update(check_vq(vq, cfg, world_job.result()[0], log))
+        vq.save(vq_dir)
+        res = stages.put("vq", res)
+    return ImageTokenizer.load(vq_dir).eval(), res
+
+
+def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs | None = None, encoded: dict | None = None) -> dict:
+    """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages).
+    `jobs`: a worker encodes half of the images. `encoded`: codes computed before (by Ahead's process)."""
     data = {"train": load_items(paths["train"]), "val": load_items(paths["val"]),
             "test": load_items(paths["test"]) + load_items(paths["test_comp"]),
-            "captions": load_captions(paths["captions"]), "cache": {}}
+            "captions": load_captions(paths["captions"]), "cache": dict(encoded or {})}
     # how each test edit moves things (Table 3 by motion): changed cells and distance an object moves
     data["motion"] = {it.id: world.motion(world.Scene.from_json(it.extra["src_scene"]),
                                           world.Scene.from_json(it.extra["tgt_scene"]))
                       for it in data["test"] if "tgt_scene" in it.extra}
-    encode_images(image_tok, [p for it in data["train"] + data["val"] + data["test"]
-                              for p in (it.input_path, it.output_path)] +
-                  [it.input_path for it in data["captions"]], wcfg.image_size, cache=data["cache"])
+    items = data["train"] + data["val"] + data["test"]
+    todo = sorted(({str(p) for it in items for p in (it.input_path, it.output_path)}
+                   | {str(it.input_path) for it in data["captions"]}) - set(data["cache"]))
+    # Half the images in a worker, split at a whole number of encode_images' batches: every batch holds the same
+    # images as when one process encodes them all (the batch is part of the arithmetic), so the same codes
+    b = max(1, min(64, MAX_PIXELS_PER_PASS // wcfg.image_size**2))  # encode_images' batch at this size
+    half = b * (len(todo) // (2 * b)) if jobs is not None and jobs.pool is not None else 0
+    far = jobs.submit(encode_job, jobs.args[0], todo[:half], wcfg.image_size) if half else None
+    encode_images(image_tok, todo[half:], wcfg.image_size, cache=data["cache"])
+    if far is not None:
+        data["cache"].update(unstack_codes(far.result()))
     return data
+
+
+def encode_job(cfg: ReproConfig, paths: list[str], size: int) -> dict:
+    """encode_images in a worker, with the VQGAN of out/rep<r>/tok/vq; returns the codes stacked (stack_codes)."""
+    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
+    vq = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval()
+    return stack_codes(encode_images(vq, paths, size), paths)
+
+
+def stack_codes(cache: dict, keys: list[str]) -> dict:
+    """{path: (codes (n,), feats (C, h, w))} -> two tensors and the paths: 2 tensors cross a process boundary
+    cheaply, 80,000 small ones do not."""
+    return {"keys": keys, "codes": torch.stack([cache[k][0] for k in keys]),  # (N, n)
+            "feats": torch.stack([cache[k][1] for k in keys])}  # (N, C, h, w)
+
+
+def unstack_codes(stacked: dict) -> dict:
+    return {k: (c, f) for k, c, f in zip(stacked["keys"], stacked["codes"], stacked["feats"])}
+
+
+def run_here(fn, *args) -> Future:
+    """fn(*args) now, as a finished Future (the pool-less Jobs.submit)."""
+    done = Future()
+    done.set_result(fn(*args))
+    return done
 
 
 def zero_shot(stages: Stages, pretrained, tok, image_tok, data: dict, temperature: float) -> dict:
@@ -324,11 +416,11 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
              "vq": os.path.join(cfg.out, "tok", "vq"), "temperature": cfg.temperature, "seed": seed} \
         if cfg.curve_every else None
 
-    def start_wm(folder: str, weighting: str, items, curve=None):
+    def start_wm(folder: str, weighting: str, items, curve=None, after=()):
         ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed, norm=cfg.weight_norm)
         tcfg = train_cfg(cfg, folder, "wm", cfg.ft_steps, seed, weighting=weighting, weight_mix=cfg.weight_mix,
                          weight_norm=cfg.weight_norm)
-        return jobs.start(folder, tcfg, ex, curve)
+        return jobs.start(folder, tcfg, ex, curve, after)
 
     # Each WM's test evaluation (and, for C-FT and C-FDM, its best-of-N pool) is a job of its own, queued the moment
     # the WM and the DM are trained: it fills a worker that would otherwise idle while the last WM trains. The
@@ -343,8 +435,11 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     R = {}
     dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps, seed), dm_examples(data["train"], cache, tok),
                         {**curve, "kind": "dm"} if curve else None)
+    # The DM is on the critical path (its labels feed the synthetic-data WMs): with one worker more than cores, the
+    # labelled + weighted WM waits for it rather than sharing its core
     wm_jobs = {name: start_wm(folder, weighting, data["train"], {**curve, "kind": "wm"} if curve and name == "C-FT"
-                              else None) for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
+                              else None, [dm_job[0]] if jobs.spare and name != "C-FT" else ())
+               for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
     for name in wm_jobs:
         queue_eval(name)
     dm, R["dm_train"] = jobs.finish(dm_job)
@@ -600,10 +695,10 @@ def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
+def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, quiet: bool = False, **kw) -> TrainConfig:
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
-                       resume=True, quiet=False, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype,
+                       resume=True, quiet=quiet, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype,
                        threads=cfg.threads, **kw)
 
 
@@ -720,20 +815,20 @@ class Jobs:
     def __init__(self, cfg: ReproConfig, stages: Stages, tok, device, init: str):
         self.args, self.device = (cfg, stages), device
         self.tok, self.init = tok, init
-        n = 1 if device.type != "cpu" else cfg.jobs or min(3, max(1, usable_cores() // cfg.threads))
+        cores = max(1, usable_cores() // cfg.threads)
+        n = 1 if device.type != "cpu" else cfg.jobs or min(3, cores + 1)
         self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) if n > 1 else None
+        self.spare = n > cores  # more workers than cores: a job that can wait should not slow the DM (run_seed)
 
-    def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None) -> tuple[Future, TrainConfig]:
+    def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None,
+              after: list[Future] = ()) -> tuple[Future, TrainConfig]:
+        """train_stage as a job, queued now or once the futures in `after` are done."""
         args = (*self.args, name, tcfg, examples, self.tok, self.device, self.init, curve)
-        return self.submit(train_stage, *args), tcfg
+        return (self.after(list(after), train_stage, *args) if after else self.submit(train_stage, *args)), tcfg
 
     def submit(self, fn, *args) -> Future:
         """fn(*args) in a worker (queued until one is free), or here and now without a pool."""
-        if self.pool is not None:
-            return self.pool.submit(fn, *args)
-        done = Future()
-        done.set_result(fn(*args))
-        return done
+        return self.pool.submit(fn, *args) if self.pool is not None else run_here(fn, *args)
 
     def after(self, deps: list[Future], fn, *args) -> Future:
         """fn(*args) as a job queued the moment every future in `deps` is done (a failed one fails this one too)."""

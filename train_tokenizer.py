@@ -6,7 +6,7 @@ and writes VQ image tokens and BPE text tokens; ours are small versions of both)
 - the byte-level BPE (tokenizer.TextTokenizer.train) on the captions, the train instructions and the prompt
   templates (not the videos' hidden actions: the "unlabelled" videos must stay unlabelled).
 
-reproduce.py calls the same two functions (train_vq, train_bpe) and caches their results in out/stages/.
+reproduce.py calls the same functions (train_vq, check_vq, train_bpe) and caches their results in out/stages/.
 
 Run:  python train_tokenizer.py --data=out/data --out=out/tok   (writes out/tok/vq/ and out/tok/tokenizer.json)
 """
@@ -55,18 +55,17 @@ def world_paths(data_dir: str) -> dict:
     return {n: os.path.join(data_dir, n + ".json") for n in ("train", "val", "captions")}
 
 
-def train_vq(cfg, paths: dict, device, log=print, seed: int = 0):
-    """The VQGAN of the synthetic world. `cfg`: a TokenizerConfig (or reproduce's ReproConfig: the same vq_* fields).
-    `seed`: the training images and the VQGAN's initialisation and batches (reproduce.py: the replicate).
-    Returns (ImageTokenizer on the CPU, results: seconds, held-out reconstruction L1, scenes recovered, usage)."""
+def train_vq(cfg, device, log=print, seed: int = 0, progress: bool = True):
+    """The VQGAN of the synthetic world, trained (check it with check_vq). `cfg`: a TokenizerConfig (or reproduce's
+    ReproConfig: the same vq_* fields). `seed`: the training images and the VQGAN's initialisation and batches
+    (reproduce.py: the replicate). It reads no file of the world's data, so it can train while the data is built.
+    Returns (ImageTokenizer on the CPU, results: seconds, final reconstruction loss)."""
     # The VQGAN sees freshly rendered world scenes with 4-8 objects: denser than the task scenes (2-4 objects), so
     # objects are not a rare sliver of pixels next to the background. In a video-like world (--nuisance) they are
     # video-like frames too.
     rng = random.Random(12345 + seed)
     images = torch.stack([preprocess_image(world.nuisance_frame(world.render(world.sample_scene(
         rng, min_objects=4, max_objects=8)), cfg.nuisance, f"vq-{i}"), 32) for i in range(cfg.vq_images)])
-    check = torch.stack([preprocess_image(p, 32) for it in load_items(paths["val"])
-                         for p in (it.input_path, it.output_path)])
     levels = int(math.log2(cfg.vq_downsample)) + 1
     vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=cfg.vq_codes, recon_loss="mse",
                                channel_multiplier=(1, 1, 2, 2, 4)[:levels])
@@ -74,22 +73,31 @@ def train_vq(cfg, paths: dict, device, log=print, seed: int = 0):
         f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
     t0 = time.time()
     vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3, betas=(0.9, 0.99),
-                           ae_warmup=cfg.vq_warmup, seed=seed, device=device, dtype=cfg.dtype)
+                           ae_warmup=cfg.vq_warmup, seed=seed, device=device, dtype=cfg.dtype,
+                           progress=progress)
     vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
+    return vq, {"vq_seconds": round(time.time() - t0, 1), "final_recon": hist["recon"][-1]}
+
+
+def check_vq(vq, cfg, paths: dict, log=print) -> dict:
+    """How well the VQGAN reconstructs held-out task images (the validation split's), and whether the world's judge
+    still reads every scene back from the reconstructions. Returns held-out reconstruction L1, scenes recovered and
+    codebook usage."""
+    check = torch.stack([preprocess_image(p, 32) for it in load_items(paths["val"])
+                         for p in (it.input_path, it.output_path)])
     with torch.no_grad():  # checked on held-out task images (the validation split)
         codes = torch.cat([vq.encode(check[i : i + 256]) for i in range(0, len(check), 256)])
         recon = torch.cat([vq.decode(codes[i : i + 256]) for i in range(0, len(codes), 256)])
-    usage = codebook_usage(codes, vcfg.num_embeddings)
+    usage = codebook_usage(codes, vq.cfg.num_embeddings)
     # how much of the world survives the tokenizer: the judge reads scenes back from reconstructions
     shift = world.MAX_SHIFT * cfg.nuisance  # the detector allows the camera shift of video-like frames
     ok = sum(world.parse(to_pil(r), max_shift=shift) == world.parse(to_pil(c), max_shift=shift)
              for r, c in zip(recon, check))
-    res = {"vq_seconds": round(time.time() - t0, 1), "recon_l1": (recon - check).abs().mean().item() / 2,
-           "scene_recovered": ok / len(check), **{k: float(v) for k, v in usage.items()},
-           "final_recon": hist["recon"][-1]}
+    res = {"recon_l1": (recon - check).abs().mean().item() / 2, "scene_recovered": ok / len(check),
+           **{k: float(v) for k, v in usage.items()}}
     log(f"tokenizers: recon L1 {res['recon_l1']:.4f}, scenes recovered from reconstructions "
         f"{100 * res['scene_recovered']:.1f}%, codebook usage {usage}")
-    return vq, res
+    return res
 
 
 def bpe_texts(paths: dict) -> list[str]:
@@ -115,7 +123,8 @@ def main(argv=None):
     cfg.dtype = compute_dtype(cfg.dtype, cfg.device)
     paths = world_paths(cfg.data)
     claim_dir(cfg.out, "train_tokenizer.py")
-    vq, vq_res = train_vq(cfg, paths, torch.device(cfg.device), seed=cfg.seed)
+    vq, vq_res = train_vq(cfg, torch.device(cfg.device), seed=cfg.seed)
+    vq_res.update(check_vq(vq, cfg, paths))
     vq.save(os.path.join(cfg.out, "vq"))
     text_tok, bpe_res = train_bpe(cfg, paths, vq.cfg.num_embeddings)
     text_tok.save(os.path.join(cfg.out, "tokenizer.json"))
