@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 import world
 from bootstrap import BootstrapConfig, bootstrap
-from checkpoint import load_model
-from common import DTYPES, UserError, atomic_write, autocast, claim_dir, compute_dtype, run
+from checkpoint import has_checkpoint, load_model
+from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_dir, compute_dtype, run
 from data import load_captions, load_items, open_image, preprocess_image
 from draw import save_grid
 from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
@@ -236,6 +236,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
     if cfg.eq2_select and r == 0:  # the weighted WMs' reading of Eq. 2, chosen on the validation split
         rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r, amp)
         stages.cfg, jobs.args = rcfg, (rcfg, stages)  # the weighted WMs' stage hashes carry the chosen reading
+        reuse_winner(rcfg, stages, evidence)
         chosen = {"norm": rcfg.weight_norm, "mix": rcfg.weight_mix, "evidence": evidence}
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
     R = stages.get("finetune")
@@ -539,6 +540,27 @@ def select_eq2(cfg: ReproConfig, stages: Stages, jobs: Jobs, data: dict, tok, im
         res = stages.put("eq2_select", {"seed": seed, "candidates": rows, "chosen": best})
     chosen = res["candidates"][res["chosen"]]
     return dataclasses.replace(cfg, weight_norm=chosen["norm"], weight_mix=chosen["mix"]), res
+
+
+def reuse_winner(cfg: ReproConfig, stages: Stages, res: dict) -> None:
+    """The chosen candidate of --eq2_select was trained exactly as this replicate's labelled + weighted WM is trained:
+    the same examples, seed, steps and reading, no learning curve; only its folder differs (a slow test trains both
+    and compares the bytes). So that WM becomes a copy of the candidate's checkpoint instead of a second training.
+    Only into a folder that does not exist yet: anything else (a run interrupted before) trains as usual."""
+    c = res["candidates"][res["chosen"]]
+    src = os.path.join(cfg.out, "eq2_select", f"{c['norm']}_{c['mix']:g}")
+    folder = VARIANTS["labelled + weighted"][0]
+    done, dst = stages.get(f"eq2_select_{c['norm']}_{c['mix']:g}"), os.path.join(cfg.out, folder)
+    if done is None or os.path.exists(dst) or not has_checkpoint(os.path.join(src, "ckpt")):
+        return
+    claim_dir(dst, "reproduce.py")
+    with atomic_dir(os.path.join(dst, "ckpt")) as tmp:
+        for f in os.listdir(os.path.join(src, "ckpt")):
+            shutil.copy2(os.path.join(src, "ckpt", f), tmp)
+    shutil.copy2(os.path.join(src, "metrics.jsonl"), dst)  # its loss curve
+    atomic_write(os.path.join(dst, "stage_hash.txt"), stages.hash(folder))
+    stages.put(folder, {**done, "copied_from": os.path.relpath(src, cfg.out)})
+    log(f"{folder}: the chosen candidate's checkpoint ({os.path.relpath(src, cfg.out)}), copied, not trained again")
 
 
 def best_of_pool(items, controls: list[dict], judged: list[list[dict]], ns: list[int]) -> tuple[dict, dict]:

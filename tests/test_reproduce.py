@@ -286,6 +286,7 @@ def test_eq2_selection_on_validation_smoke(tmp_path):
     """--eq2_select trains each candidate reading, scores it on the validation split only, and every weighted WM then
     uses the winner; the report carries the evidence and the by-motion table."""
     import json
+    import shutil
 
     import reproduce
 
@@ -302,6 +303,18 @@ def test_eq2_selection_on_validation_smoke(tmp_path):
     assert (meta["weight_norm"], meta["weight_mix"]) == (chosen["norm"], chosen["mix"])
     report = (out / "report.md").read_text()
     assert "chosen on the validation split" in report and "## Eq. 2 by motion" in report
+    # the labelled + weighted WM is the chosen candidate's checkpoint, copied: trained again from its own folder, it
+    # comes out byte for byte the same (only the folder differs between the two trainings)
+    folder = f"{chosen['norm']}_{chosen['mix']:g}"
+    cand = out / "rep0" / "eq2_select" / folder / "ckpt" / "model.safetensors"
+    assert (out / "rep0" / "wm_eq2" / "ckpt" / "model.safetensors").read_bytes() == cand.read_bytes()
+    again = tmp_path / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("eq2_select", "wm_eq2"))  # every other model is reused
+    for stage in ("wm_eq2", "eq2_select", "finetune"):
+        (again / "rep0" / "stages" / f"{stage}.json").unlink()
+    reproduce.main(["--preset=smoke", f"--out={again}", f"--weight_norm={chosen['norm']}",
+                    f"--weight_mix={chosen['mix']}"])  # no --eq2_select: wm_eq2 is trained
+    assert (again / "rep0" / "wm_eq2" / "ckpt" / "model.safetensors").read_bytes() == cand.read_bytes()
 
 
 def test_paired_interval_with_each_replicate_its_own_items():
