@@ -232,7 +232,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
     # would have only one core (one thread per process); from here on they take a share of two. Their results are
     # stored in out/rep<r+1>/ exactly as if they ran later in this process, so the numbers do not change. Not when
     # this replicate's fine-tuning is cached: there would be nothing to run beside, and the background process
-    # runs its stages in order, without the pool (measured: 13.5 min against 10.4 in the foreground).
+    # runs its stages in order, without the pool (measured: 13.8 min against 10.4 in the foreground).
     fine_tuned = stages.get("finetune") is not None
     nxt = (Ahead(cfg, r + 1, device) if r + 1 < cfg.replicates and device.type == "cpu" and jobs.pool
            and not fine_tuned else None)
