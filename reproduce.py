@@ -233,9 +233,9 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
     # stored in out/rep<r+1>/ exactly as if they ran later in this process, so the numbers do not change. Not when
     # this replicate's fine-tuning is cached: there would be nothing to run beside, and the background process
     # runs its stages in order, without the pool (measured: 13.8 min against 10.4 in the foreground).
-    fine_tuned = stages.get("finetune") is not None
+    R = stages.get("finetune")  # stages 5-7's results when cached, else None
     nxt = (Ahead(cfg, r + 1, device) if r + 1 < cfg.replicates and device.type == "cpu" and jobs.pool
-           and not fine_tuned else None)
+           and R is None else None)
     chosen = None
     if cfg.eq2_select and r == 0:  # the weighted WMs' reading of Eq. 2, chosen on the validation split
         rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r, amp)
@@ -243,7 +243,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
         reuse_winner(rcfg, stages, evidence)
         chosen = {"norm": rcfg.weight_norm, "mix": rcfg.weight_mix, "evidence": evidence}
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
-    R = stages.get("finetune")
+        R = stages.get("finetune")  # again: its hash now carries the chosen reading
     if R is None:  # 5-7. fine-tuning, bootstrapping, search
         R = stages.put("finetune", run_seed(rcfg, r, jobs, P["paths"], P["wcfg"], data, image_tok, tok, r == 0, amp,
                                             lambda name: clock.done(f"rep{r}: {name}")))
