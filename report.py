@@ -209,7 +209,9 @@ def provenance(cfg, device: torch.device, runs: list[str]) -> dict:
                  "synthetic": [os.path.join(rep, "synthetic.json")]}
         stages[f"rep{r}"] = " ".join(f"{name} {sha(paths)}" for name, paths in files.items())
     return {"commit": commit, "torch": torch.__version__, "device": device.type,
-            "dtype": "bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32", "threads": torch.get_num_threads(),
+            "dtype": ("bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32") + (
+                f" (VQGAN and pre-training: {cfg.foundation_dtype})" if cfg.foundation_dtype not in ("same", cfg.dtype)
+                else ""), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
 
 
@@ -233,7 +235,8 @@ def peak_matmul_flops(dtype: str, device: torch.device, shape=(2240, 128, 384), 
 def time_table(cfg, reps: list[dict], clock, device: torch.device) -> list[str]:
     """Report lines: wall seconds per stage of this invocation, and per trained model its seconds, tokens/s and
     model FLOP/s against the measured peak of this machine's matrix products in the same dtype (a CPU "MFU")."""
-    peak = peak_matmul_flops(cfg.dtype, device)
+    peaks = {cfg.dtype: peak_matmul_flops(cfg.dtype, device)}  # each model against its own dtype's peak
+    peak = peaks[cfg.dtype]
     L = ["## Where the time went (this run)", "",
          f"This invocation, stage by stage (wall seconds; fine-tuning runs side by side in worker processes, so a "
          f"stage's time includes the models that trained beside it; cached stages take ~0 s; from the second "
@@ -246,9 +249,11 @@ def time_table(cfg, reps: list[dict], clock, device: torch.device) -> list[str]:
     for r, rep in enumerate(reps):
         for name, res in rep["runs"].items():
             if "tokens_per_s" in res:
-                flops = res["tokens_per_s"] * res["flops_per_token"]
+                flops, dt = res["tokens_per_s"] * res["flops_per_token"], res.get("dtype", cfg.dtype)
+                if dt not in peaks:
+                    peaks[dt] = peak_matmul_flops(dt, device)
                 L.append(f"| rep{r}/{name} | {res['seconds']:.0f} | {res['tokens_per_s']:.0f} | {flops / 1e9:.2f} | "
-                         f"{100 * flops / peak:.0f}% |")
+                         f"{100 * flops / peaks[dt]:.0f}%{'' if dt == cfg.dtype else f' ({dt})'} |")
     return L + [""]
 
 

@@ -360,3 +360,41 @@ def test_a_job_queued_after_others_waits_for_them_and_passes_failures_on():
         jobs.after([fast], boom).result(timeout=10)
     assert ran == [(1, 2)]
     jobs.pool.shutdown()
+
+
+def test_foundation_dtype_changes_only_the_hashes_it_should(tmp_path):
+    """--foundation_dtype equal to --dtype ("same", the default) leaves every stage's hash as before the flag existed,
+    so old caches stay valid; another foundation dtype retrains the VQGAN, the pre-training and all that follows."""
+    import dataclasses
+
+    from reproduce import ReproConfig, Stages
+
+    bf = dataclasses.replace(ReproConfig(), dtype="bfloat16")
+    names = ("vq", "bpe", "pretrain", "dm", "wm_ce", "finetune")
+    same = [Stages(tmp_path, dataclasses.replace(bf, foundation_dtype=d)) for d in ("same", "bfloat16")]
+    assert all(same[0].hash(n) == same[1].hash(n) for n in names)
+    fp32 = Stages(tmp_path, dataclasses.replace(bf, foundation_dtype="float32"))
+    assert all(fp32.hash(n) != same[0].hash(n) for n in names if n != "bpe") and fp32.hash("bpe") == same[0].hash("bpe")
+
+
+@pytest.mark.slow
+def test_an_fp32_foundation_under_bf16_fine_tuning(tmp_path):
+    """--dtype=bfloat16 --foundation_dtype=float32: the VQGAN and the pre-training run in fp32 (the VQGAN is the one
+    train_vq makes in fp32), the fine-tuning in bf16 autocast, and the report's header says so."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    import reproduce
+    from train_tokenizer import train_vq
+
+    out = tmp_path / "out"
+    reproduce.main(["--preset=smoke", f"--out={out}", "--dtype=bfloat16", "--foundation_dtype=float32"])
+    stage = lambda name: json.loads((out / "rep0" / "stages" / f"{name}.json").read_text())["result"]
+    assert stage("pretrain")["dtype"] == "float32" and stage("dm")["dtype"] == "bfloat16"
+    cfg = reproduce.ReproConfig(**{**reproduce.PRESETS["smoke"], "out": str(out), "dtype": "float32"})
+    vq, _ = train_vq(cfg, torch.device("cpu"), seed=0, progress=False)
+    saved, made = load_file(str(out / "rep0" / "tok" / "vq" / "model.safetensors")), vq.state_dict()
+    assert saved.keys() == made.keys() and all(torch.equal(saved[k], made[k]) for k in saved)
+    assert "bfloat16 autocast (VQGAN and pre-training: float32)" in (out / "report.md").read_text()
