@@ -210,8 +210,8 @@ def provenance(cfg, device: torch.device, runs: list[str]) -> dict:
         stages[f"rep{r}"] = " ".join(f"{name} {sha(paths)}" for name, paths in files.items())
     return {"commit": commit, "torch": torch.__version__, "device": device.type,
             "dtype": ("bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32") + (
-                f" (VQGAN and pre-training: {cfg.foundation_dtype})" if cfg.foundation_dtype not in ("same", cfg.dtype)
-                else ""), "threads": torch.get_num_threads(),
+                f" (VQGAN and pre-training: {cfg.own_foundation_dtype})" if cfg.own_foundation_dtype else ""),
+            "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
 
 

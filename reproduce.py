@@ -161,6 +161,11 @@ class ReproConfig:
         search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1", weight_norm=("image", "batch"),
         nuisance="0..1")
 
+    @property
+    def own_foundation_dtype(self) -> str | None:
+        """--foundation_dtype when it differs from --dtype, else None ("same" or equal: one dtype for all stages)."""
+        return None if self.foundation_dtype in ("same", self.dtype) else self.foundation_dtype
+
 
 PRESETS = {
     "laptop": {},
@@ -665,7 +670,7 @@ SHARED_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "n_train", "n
 def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
     # the world's generation version and the replicate too: a stage trained on another world is not reused
     # (--foundation_dtype enters only when it differs from --dtype, so caches made before it existed stay valid)
-    keys = [k for k in keys if k != "foundation_dtype" or cfg.foundation_dtype not in ("same", cfg.dtype)]
+    keys = [k for k in keys if k != "foundation_dtype" or cfg.own_foundation_dtype]
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "data_version": world.DATA_VERSION,
                        "replicate": replicate}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -732,7 +737,7 @@ def log(msg: str):
 
 def foundation(cfg: ReproConfig) -> ReproConfig:
     """The settings of the VQGAN and the pre-training: --dtype replaced by the resolved --foundation_dtype."""
-    return dataclasses.replace(cfg, dtype=cfg.foundation_dtype)
+    return dataclasses.replace(cfg, dtype=cfg.own_foundation_dtype or cfg.dtype)
 
 
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, quiet: bool = False, **kw) -> TrainConfig:
