@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
+import tokenize
 from contextlib import ExitStack, contextmanager
 
 DEBUG_ENV = "WORLDBOOT_DEBUG"
@@ -98,17 +101,65 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
 
 
-def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None, presets: dict | None = None):
-    """--key=value overrides for any config dataclass; --help lists every field with its default; unknown and
-    abbreviated keys fail; every value is checked (validate). `defaults` replaces field defaults; `presets`
-    ({name: defaults}) lets a `preset` field choose them (reproduce.py)."""
-    parser = _Parser(description=description, allow_abbrev=False)
+def field_help(cls) -> dict[str, str]:
+    """{field: its comment in the class source}: the text after `#` on the field's line(s) and the comment-only
+    lines right below it, up to a blank line, the next field or a `# ---` section line. One source: the comment a
+    reader sees beside the field is the flag's --help. Fields of base classes come from their own source."""
+    out = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        names = set(klass.__dict__.get("__annotations__", {}))
+        lines = inspect.getsource(klass).splitlines()
+        comments = {}  # source line (0-based) -> comment text, from the tokenizer (no '#' inside strings)
+        for t in tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__):
+            if t.type == tokenize.COMMENT:
+                comments[t.start[0] - 1] = t.string.lstrip("#").strip()
+        current = None
+        for i, line in enumerate(lines):
+            m = re.match(r"^    (\w+)\s*:", line)
+            if m and m.group(1) in names:
+                current = m.group(1)
+                out[current] = comments.get(i, "")
+            elif current and line.strip() and not line.strip().startswith("# ---") and not re.match(r"^    \w", line):
+                out[current] = (out[current] + " " + comments.get(i, "")).strip()  # its comment or code goes on
+            else:
+                current = None
+    return out
+
+
+def _rule_text(rule) -> str:
+    """What a rule allows, for --help ("one of a, b", ">= 1", ...); '' when it is a function."""
+    if rule is None or callable(rule):
+        return ""
+    if isinstance(rule, tuple):
+        return "one of " + ", ".join(map(str, rule))
+    if rule in ("required", "text"):
+        return "non-empty text"
+    return "comma-separated integers " + rule[4:] if rule.startswith("ints") else rule
+
+
+def parse_config(cls, argv=None, description: str = "", defaults: dict | None = None, presets: dict | None = None,
+                 exclude: tuple = ()):
+    """--key=value overrides for any config dataclass; --help shows each field's source comment, its allowed values
+    and its default (fields whose comment starts with "internal:" are accepted but not shown); unknown, abbreviated
+    and `exclude`d keys (fields this script does not use: they keep their default) fail; every value is checked
+    (validate). `defaults` replaces field defaults; `presets` ({name: defaults}) lets a `preset` field choose them
+    (reproduce.py)."""
+    parser = _Parser(description=description, allow_abbrev=False, usage="%(prog)s [--flag=value ...]")
+    helps, table = field_help(cls), getattr(cls, "RULES", {})
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         default = f.default if f.default is not dataclasses.MISSING else None
         default = (defaults or {}).get(f.name, default)
         kind = {"int": int, "float": float, "str": str, "bool": _bool}.get(str(f.type), str)
         bare = dict(nargs="?", const=True) if kind is _bool else {}  # `--flag` alone = `--flag=true`
-        parser.add_argument(f"--{f.name}", type=kind, default=default, help=f"(default: {default!r})", **bare)
+        text = helps.get(f.name, "")
+        rule = f.metadata.get("rule", table.get(f.name))
+        allowed = _rule_text(rule)
+        given = "required" if rule == "required" and not default else f"default: {default!r}"
+        shown = argparse.SUPPRESS if text.startswith("internal:") else \
+            f"{text} [{'allowed: ' + allowed + '; ' if allowed else ''}{given}]".replace("%", "%%")
+        parser.add_argument(f"--{f.name}", type=kind, default=default, help=shown, **bare)
     parser.add_argument("--debug", type=_bool, nargs="?", const=True, default=False,
                         help="show the traceback of an error (or WORLDBOOT_DEBUG=1)")
     args = parser.parse_args(argv)
@@ -119,7 +170,8 @@ def parse_config(cls, argv=None, description: str = "", defaults: dict | None = 
         args = parser.parse_args(argv)
     if args.debug:
         os.environ[DEBUG_ENV] = "1"
-    cfg = cls(**{k: v for k, v in vars(args).items() if k != "debug"})
+    cfg = cls(**{k: v for k, v in vars(args).items() if k != "debug"},
+              **{k: (defaults or {})[k] for k in exclude if k in (defaults or {})})
     try:
         validate(cfg)
     except UserError as e:

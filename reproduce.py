@@ -134,13 +134,15 @@ class ReproConfig:
     boot_samples: int = 2  # sampled DM actions per pair besides the greedy one
     search_n: str = "1,2,4,8"  # best-of-N sizes
     temperature: float = 1.0  # WM sampling temperature (paper: 1)
-    weight_mix: float = 0.5  # Eq. 2 weights mixed with uniform ones (train_world --weight_mix: w = (1 - m) w + m).
-    # Chosen with weight_norm on the validation split of replicate 0 (210 items; README: "Eq. 2 ... chosen on
-    # validation"), by `--eq2_select=image:0.5,image:0.25,batch:0,batch:0.5`: val score 3.40, 0.80, 0.00 and 3.69. In
-    # this world an unchanged cell has almost zero feature distance, so without the floor copied tokens get almost
-    # no loss and the WM stops copying (batch:0 scored 0 on validation)
-    weight_norm: str = "batch"  # Eq. 2's normalisation (train_world --weight_norm): "batch" (raw weights over the
-    # batch mean: pairs with more motion weigh more; the validation choice above) or "image" (mean 1 per image)
+    weight_mix: float = TrainConfig.weight_mix  # Eq. 2 weights mixed with uniform ones (train_world
+    # --weight_mix: w = (1 - m) w + m; the default is train.TrainConfig's, one source). Chosen with weight_norm on the
+    # validation split of replicate 0 (210 items; docs/log.md: "Eq. 2 ... chosen on validation"), by
+    # `--eq2_select=image:0.5,image:0.25,batch:0,batch:0.5`: val score 3.40, 0.80, 0.00 and 3.69. In this world an
+    # unchanged cell has almost zero feature distance, so without the floor copied tokens get almost no loss and the
+    # WM stops copying (batch:0 scored 0 on validation)
+    weight_norm: str = TrainConfig.weight_norm  # Eq. 2's normalisation (train_world --weight_norm): "batch" (raw
+    # weights over the batch mean: pairs with more motion weigh more; the validation choice above) or "image" (mean 1
+    # per image)
     eq2_select: str = ""  # choose the reading and mix of Eq. 2 on the validation split: candidates "norm:mix,..."
     # (e.g. "image:0.5,image:0.25,batch:0,batch:0.5"), each a WM trained like "labelled + weighted" (first seed) and
     # scored on val; the best val score (ties: the first listed) replaces --weight_norm and --weight_mix for every

@@ -77,7 +77,9 @@ class TrainConfig:
     n_embd: int = arg(0, ">=0")  # override the preset's width when > 0 (init=scratch only)
     image_size: int = arg(32, ">0")  # images are preprocessed to this square size before VQ encoding (512 for
     # Chameleon); must be the image tokenizer's resolution
-    steps: int = arg(600, ">0")  # optimizer steps
+    steps: int = arg(600, ">0")  # optimizer steps (replaced by --epochs when that is > 0)
+    epochs: float = arg(0.0, ">=0")  # passes over the training examples, the paper's unit (10 for the DM, 40 for the
+    # WM): steps = ceil(epochs x examples / batch_size) when > 0; 0 = use --steps
     batch_size: int = arg(32, ">0")  # global batch size (sequences per optimizer step, over all ranks and micro-steps)
     grad_accum: int = arg(1, ">0")  # micro-steps per optimizer step (gradients sync only on the last one)
     lr: float = arg(1e-3, ">0")  # peak learning rate (paper: 2e-4 DM, 5e-4 WM with LoRA on 7B)
@@ -88,9 +90,10 @@ class TrainConfig:
     grad_clip: float = arg(1.0, ">=0")  # max global gradient norm (0 = off)
     weighting: str = arg("none", ("none", "recognition"))  # WM token loss: "none" = plain CE, "recognition" = Eq. 2
     # weights from VQ features
-    weight_mix: float = arg(0.0, "0..1")  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a floor)
-    weight_norm: str = arg("image", ("image", "batch"))  # Eq. 2's normalisation (the paper states none): "image" =
-    # mean 1 per image; "batch" = raw w_l over the batch mean, so pairs that changed more weigh more
+    weight_mix: float = arg(0.5, "0..1")  # recognition weights mixed with uniform: w = (1-mix) * w_eq2 + mix (a
+    # floor). 0.5 with "batch" is the reading chosen on the validation split (reproduce.py takes its default from here)
+    weight_norm: str = arg("batch", ("image", "batch"))  # Eq. 2's normalisation (the paper states none): "image" =
+    # mean 1 per image; "batch" = raw w_l over the batch mean, so pairs that changed more weigh more (the validated one)
     lora_r: int = arg(0, ">=0")  # LoRA rank (0 = full fine-tuning; paper: 16)
     lora_alpha: float = arg(32.0, ">0")  # LoRA scale numerator (paper: 32)
     lora_dropout: float = arg(0.05, "0..<1")  # dropout on the LoRA branch input (paper: 0.05)
@@ -112,6 +115,9 @@ class TrainConfig:
     # run to the end
     max_len: int = arg(0, ">=0")  # truncate/limit sequences (0 = the model's max_seq_len)
     quiet: bool = False  # no tqdm bar (tests, reproduce.py's nested runs)
+
+
+WM_ONLY = ("weighting", "weight_mix", "weight_norm")  # flags that only train_world.py reads (others reject them)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -345,6 +351,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.epochs:  # the paper counts passes over the data; the loop counts optimizer steps
+        cfg.steps = math.ceil(cfg.epochs * len(examples) / cfg.batch_size)
     rank, world, device = setup_distributed()
     if cfg.fsdp and not dist.is_initialized():
         raise UserError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
@@ -550,7 +558,8 @@ def prepare_pairs(cfg: TrainConfig):
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
+    cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).",
+                       defaults={"task": "pretrain"}, exclude=WM_ONLY)
     if cfg.task != "pretrain":
         raise UserError("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
     if cfg.threads:  # before the encoding, whose codes depend on it too

@@ -21,6 +21,7 @@ import torch
 from common import run
 from model import generate_text
 from train import (
+    WM_ONLY,
     TrainConfig,
     collate,
     image_segment,
@@ -115,8 +116,8 @@ def action_accuracy(model, tok, items, codes, n: int = 0) -> dict:
 
 
 def main(argv=None):
-    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0])
-    cfg.task = "dm"
+    cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0], defaults={"task": "dm"},
+                       exclude=("task", *WM_ONLY))
     _, tok, items, val, codes = prepare_pairs(cfg)
     evaluate = (lambda m, step: action_accuracy(m, tok, val, codes)) if val else None
     train(cfg, dm_examples(items, codes, tok), tok, dm_examples(val, codes, tok) if val else None, evaluate,

@@ -7,9 +7,10 @@ text. Two losses over the target image tokens l = 1..L:
   squared distance between the VQ encoder's pre-quantisation features of source and target at that position
   (recognition_weights below). Most tokens of an edit are copies of the source; the weights move the loss onto the
   tokens the action changed. The paper leaves the normalisation open; three readings are options here:
-  --weight_norm=image  each image's weights have mean 1: every pair weighs the same (the default);
+  --weight_norm=image  each image's weights have mean 1: every pair weighs the same;
   --weight_norm=batch  raw w_l over the batch's mean: a pair whose features changed more (more motion) weighs more;
   --weight_mix=m       w = (1 - m) * w + m with either: a uniform floor (m = 1 is plain CE, exactly).
+  The defaults, batch and 0.5, are the reading chosen on the validation split (docs/log.md); the main job uses them.
 Bootstrapping (Eq. 1) is simply more data: pass the labelled and the DM-labelled JSON files together in --data.
 
 Sequence (our template; the paper publishes none):
@@ -173,8 +174,8 @@ def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_
 
 
 def main(argv=None):
-    cfg = parse_config(WorldTrainConfig, argv, description=__doc__.split("\n\n")[0])
-    cfg.task = "wm"
+    cfg = parse_config(WorldTrainConfig, argv, description=__doc__.split("\n\n")[0], defaults={"task": "wm"},
+                       exclude=("task",))
     image_tok, tok, items, val, codes = prepare_pairs(cfg)
     examples = wm_examples(items, codes, tok, cfg.weighting, cfg.weight_mix, cfg.uncond_prob, cfg.seed,
                            cfg.weight_norm)

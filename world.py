@@ -781,7 +781,7 @@ class WorldConfig:
     image_size: int = arg(IMAGE_SIZE, ">0")  # image side in pixels
     grid: int = arg(GRID, ">0")  # cells per side; image_size // grid >= 6 so shapes stay distinguishable
     min_objects: int = arg(2, ">=1")  # objects per scene (sampled uniformly in [min, max])
-    max_objects: int = arg(4, ">=1")
+    max_objects: int = arg(4, ">=1")  # at most this many objects per scene (at least min_objects)
     n_train: int = arg(400, ">=1")  # labelled (source, instruction, target) triplets: the supervised WM/DM data
     n_val: int = arg(210, ">=1")  # validation triplets: as many as test, so a choice made on them is as precise
     n_test: int = arg(210, ">=1")  # test triplets (a multiple of 7 balances the action classes exactly, as in val)
