@@ -1,11 +1,20 @@
 """The report of reproduce.py: paired bootstrap intervals and verdicts for the findings, the tables of out/report.md,
-per-item records, and the provenance header (what determines the numbers). Harness: it computes nothing of the
-paper's method, it only reads the results reproduce.py collected.
+per-item records, the provenance header (what determines the numbers) and, at the end, the run against the committed
+reference run of its arithmetic. Harness: it computes nothing of the paper's method, it only reads the results
+reproduce.py collected.
+
+`python report.py` renders the README's generated blocks (the code map with line ranges, the results, the stage
+times, the file table) and docs/results.md from the code and the reference runs committed under docs/reference/
+(each: report.md, results.json.gz with the per-item records, machine.json); `--check=true` only compares (the fast
+tier's README test does the same).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import glob
+import gzip
 import hashlib
 import json
 import math
@@ -13,12 +22,14 @@ import os
 import re
 import statistics
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from common import atomic_write
+from common import UserError, atomic_write, parse_config, run
 from draw import curve_png
 from eval import write_jsonl
 
@@ -211,8 +222,18 @@ def provenance(cfg, device: torch.device, runs: list[str]) -> dict:
     return {"commit": commit, "torch": torch.__version__, "device": device.type,
             "dtype": ("bfloat16 autocast" if cfg.dtype == "bfloat16" else "float32") + (
                 f" (VQGAN and pre-training: {cfg.own_foundation_dtype})" if cfg.own_foundation_dtype else ""),
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "cpu": cpu_name(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "stage_hashes": stages}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count (Linux /proc/cpuinfo; elsewhere the platform's word for it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{name or os.uname().machine}, {os.cpu_count()} cores"
 
 
 def peak_matmul_flops(dtype: str, device: torch.device, shape=(2240, 128, 384), reps: int = 20) -> float:
@@ -277,7 +298,8 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
     L += ["What determines these numbers (runs that agree on every line should match byte for byte from the Setup "
           "section on; other CPUs run other kernels, which round differently):", "",
           f"- commit {prov['commit']}, torch {prov['torch']}, device {prov['device']}, dtype {prov['dtype']}, "
-          f"{prov['threads']} intra-op thread(s) per process, CPU capability {prov['cpu_capability']}",
+          f"{prov['threads']} intra-op thread(s) per process, CPU {prov.get('cpu', '?')}, capability "
+          f"{prov['cpu_capability']}",
           "- stage outputs (sha256, 12 hex): " + "; ".join(f"{k} {v}" for k, v in prov["stage_hashes"].items()),
           "- report tables (sha256 of the Setup section and all after it): {TABLES_HASH}", ""]
     L += list(times)  # before the Setup section: timings vary between runs, the tables from Setup on do not
@@ -448,10 +470,255 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
           "![search](rep0/search_example.png)", ""]
     tables_hash = hashlib.sha256("\n".join(L[body_start:]).encode()).hexdigest()[:12]
     L = [line.replace("{TABLES_HASH}", tables_hash) for line in L]
+    L += against_reference(dataclasses.asdict(cfg), found, tables_hash)  # after the hash: not part of the tables
     path = os.path.join(cfg.out, "report.md")
     atomic_write(path, "\n".join(L))
     atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(
-        {"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash}, "findings": found,
-         "eq2_by_motion": motion_rows, "eq2_selection": selection,
+        {"config": dataclasses.asdict(cfg), "provenance": {**prov, "tables": tables_hash}, "seconds": seconds,
+         "findings": found, "eq2_by_motion": motion_rows, "eq2_selection": selection,
          "replicates": reps}, indent=1))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Your run against the reference run of its arithmetic (committed under docs/reference/)
+
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "reference")
+NOT_SETTINGS = ("out", "jobs", "threads", "replicates", "device", "curve_every")  # change the wall time, not numbers
+
+
+def reference_name(config: dict) -> str:
+    """The folder of the reference a run compares with: preset and arithmetic, e.g. laptop-bfloat16."""
+    return f"{config['preset']}-{config['dtype']}"
+
+
+def load_reference(name: str) -> dict | None:
+    """A committed reference run: its results.json (findings, config, per-item records) and machine.json."""
+    path = os.path.join(REFERENCE_DIR, name, "results.json.gz")
+    if not os.path.exists(path):
+        return None
+    with gzip.open(path, "rt") as f:
+        res = json.load(f)
+    with open(os.path.join(REFERENCE_DIR, name, "machine.json")) as f:
+        res["machine"] = json.load(f)
+    return res
+
+
+def against_reference(config: dict, found: list[dict], tables_hash: str) -> list[str]:
+    """Report lines: per finding, this run's verdict and difference beside the reference's. A difference inside the
+    reference's 95% interval is within what the sampling of test items explains; outside it, the run differs by
+    more (other arithmetic, settings or code)."""
+    name = reference_name(config)
+    ref = load_reference(name)
+    L = ["## Your run against the reference", ""]
+    if ref is None:
+        return L + [f"No reference run for preset `{config['preset']}` in `{config['dtype']}` is committed "
+                    "(docs/reference/ holds the laptop preset in bfloat16 and float32).", ""]
+    rp = ref["provenance"]
+    changed = [k for k in config if k not in NOT_SETTINGS and config[k] != ref["config"].get(k)]
+    L += [f"Reference `docs/reference/{name}/`: `{ref['machine']['command']}` at commit {rp['commit']}, "
+          f"{len(ref['replicates'])} replicate(s), {ref['machine']['cpu']}, report tables {rp['tables']}. "
+          + ("**Your tables are the reference's, byte for byte.**" if rp["tables"] == tables_hash else
+             "Your tables differ from the reference's.")
+          + (f" Your settings differ from the reference's in {', '.join(f'`--{k}`' for k in changed)}, so "
+             "differences are expected." if changed else ""), "",
+          "| finding | metric | your A − B | reference A − B [95%] | inside | your verdict | reference verdict |",
+          "|---|---|---|---|---|---|---|"]
+    refs = {(c["what"], c["metric"]): c for c in ref["findings"]}
+    same = inside = n = 0
+    for c in found:
+        r = refs.get((c["what"], c["metric"]))
+        if r is None:
+            continue
+        n, ok, agree = n + 1, r["lo"] <= c["diff"] <= r["hi"], verdict(c) == verdict(r)
+        same, inside = same + agree, inside + ok
+        L.append(f"| {c['what']} | {c['metric']} | {c['diff']:+.2f} | {r['diff']:+.2f} [{r['lo']:+.2f}, "
+                 f"{r['hi']:+.2f}] | {'yes' if ok else '**no**'} | {verdict(c)} | {verdict(r)}"
+                 f"{'' if agree else ' (differs)'} |")
+    L += ["", f"{same} of {n} verdicts are the reference's; {inside} of {n} of your differences lie inside the "
+          "reference's interval. A verdict that differs while your difference lies inside the interval is a "
+          "finding the reference itself could not pin down (near a boundary of the rule); a difference outside it "
+          "means your run differs from the reference by more than the sampling of test items explains: another "
+          "arithmetic, other settings or other code (compare the header's commit and stage hashes).", ""]
+    return L
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's generated blocks and docs/results.md (python report.py)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHOD = ("tokenizer", "model", "train", "train_dynamics", "train_world", "bootstrap", "search", "eval")
+CODE_MAP = (  # (paper, object "module.name[.method]", what to read there), in reading order
+    ("Sec. 3: the VQ image tokenizer (Chameleon's VQGAN)", "tokenizer.ImageTokenizer", "encode, quantise, decode"),
+    ("Sec. 3: the early-fusion transformer", "model.Chameleon", "one stream of text and image ids"),
+    ("", "model.Block", "pre-norm attention + SwiGLU, QK-norm, RoPE"),
+    ("Sec. 3: sampling an image, token by token", "model.generate_image", "KV-cached, image ids only"),
+    ("App. H: the one training loop", "train.train", "DDP/FSDP, LoRA, resume, Ctrl-C saves"),
+    ("", "train.weighted_nll", "per-token loss weights (Eq. 2 plugs in here)"),
+    ("Sec. 3.1: the dynamics model (DM)", "train_dynamics.dm_example", "loss on the action text only"),
+    ("", "train_dynamics.score_actions", "log p(action | source, target): the verifier's score"),
+    ("Sec. 3.1: the world model (WM)", "train_world.wm_example", "loss on the target image tokens"),
+    ("**Eq. 2: the recognition-weighted loss**", "train_world.recognition_weights", "w_l = ||z_s - z_t||^2"),
+    ("Sec. 3.2, Eq. 1, Alg. 1: labelling video", "bootstrap.label_pairs", "the DM labels frame pairs"),
+    ("", "bootstrap.stratified_top_k", "keep the top K, round-robin over verbs"),
+    ("Sec. 3.3: verification (best-of-N)", "search.best_of_n", "the DM reranks N WM samples"),
+    ("Sec. 4: Aurora-Bench evaluation", "eval.eval_wm", "judge scores per subset"),
+)
+
+
+def code_span(obj: str) -> tuple[str, int, int]:
+    """(file, first line, last line) of a module-level function or class, or a class's method: "mod.name[.meth]"."""
+    mod, *names = obj.split(".")
+    path = os.path.join(HERE, mod + ".py")
+    body = ast.parse(open(path).read()).body
+    node = None
+    for name in names:
+        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name), None)
+        if node is None:
+            raise UserError(f"report.CODE_MAP: {obj} not found in {mod}.py")
+        body = node.body
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    return mod + ".py", first, node.end_lineno
+
+
+def code_map_lines() -> list[str]:
+    L = ["| paper | code | what it does |", "|---|---|---|"]
+    for paper, obj, what in CODE_MAP:
+        f, a, b = code_span(obj)
+        L.append(f"| {paper} | [`{obj.split('.', 1)[1]}`, {f}:{a}-{b}]({f}#L{a}-L{b}) | {what.replace('|', '∣')} |")
+    return L
+
+
+def imports_of(path: str) -> set[str]:
+    """The project modules a file imports at its top level."""
+    mods = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py"))}
+    found = set()
+    for n in ast.parse(open(path).read()).body:
+        names = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""] \
+            if isinstance(n, ast.ImportFrom) else []
+        found |= {m.split(".")[0] for m in names} & mods
+    return found
+
+
+def file_lines() -> list[str]:
+    """The file table: the method files in reading order, then the harness in import order (a file after what it
+    imports; ties by name), each with its line count, direct project imports and its docstring's first sentence."""
+    paths = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(HERE, "*.py"))}
+    deps = {m: imports_of(p) - {m} for m, p in paths.items()}
+    order, done = [m for m in METHOD if m in paths], set()
+    while len(order) < len(paths):
+        ready = sorted(m for m in paths if m not in done and m not in METHOD and deps[m] - set(METHOD) <= done)
+        if not ready:
+            raise UserError(f"import cycle among {sorted(set(paths) - done - set(METHOD))}")
+        done.add(ready[0])
+        order.append(ready[0])
+    L = ["| file | lines | kind | imports (project) | what it is |", "|---|---|---|---|---|"]
+    totals = {"method": 0, "harness": 0}
+    for m in order:
+        text = open(paths[m]).read()
+        doc = (ast.get_docstring(ast.parse(text)) or "").split("\n\n")[0].replace("\n", " ")
+        first = re.split(r"(?<!Sec)(?<!Eq)(?<!App)(?<!e\.g)[.:;]\s", doc + " ", maxsplit=1)[0]
+        first = first if len(first) <= 100 else first[:first.rfind(" ", 0, 97)] + " ..."
+        kind = "method" if m in METHOD else "harness"
+        n = text.count("\n")
+        totals[kind] += n
+        L.append(f"| [{m}.py]({m}.py) | {n} | {kind} | {', '.join(sorted(deps[m])) or '-'} | {first} |")
+    return L + ["", f"Method files: {totals['method']:,} lines; harness files: {totals['harness']:,} lines."]
+
+
+def references() -> list[tuple[str, dict]]:
+    """The committed reference runs, bf16 before fp32."""
+    names = sorted(os.listdir(REFERENCE_DIR)) if os.path.isdir(REFERENCE_DIR) else []
+    return [(n, load_reference(n)) for n in sorted(names, key=lambda n: ("float32" in n, n))
+            if os.path.exists(os.path.join(REFERENCE_DIR, n, "results.json.gz"))]
+
+
+def short_dtype(name: str) -> str:
+    return "bf16" if "bfloat16" in name else "fp32"
+
+
+def results_lines() -> list[str]:
+    refs = references()
+    if not refs:
+        return ["No reference run is committed yet (docs/reference/)."]
+    head = "| | " + " | ".join(f"{short_dtype(n)} reference" for n, _ in refs) + " |"
+    row = lambda label, f: f"| {label} | " + " | ".join(f(n, r) for n, r in refs) + " |"
+    L = ["Reference runs of the main job, one replicate each, rendered from `docs/reference/` by `python report.py`"
+         " (the full reports: `docs/results.md`):", "", head, "|---|" + "---|" * len(refs),
+         row("command", lambda n, r: f"`{r['machine']['command']}`"),
+         row("machine", lambda n, r: f"{r['machine']['cpu']}, torch {r['provenance']['torch']}"),
+         row("arithmetic", lambda n, r: r["provenance"]["dtype"]),
+         row("commit", lambda n, r: f"`{r['provenance']['commit']}`"),
+         row("wall", lambda n, r: f"{r['seconds'] / 60:.1f} min" + (f" ({r['machine']['wall_note']})"
+                                                                     if r["machine"].get("wall_note") else "")),
+         row("report tables", lambda n, r: f"`{r['provenance']['tables']}`"), "",
+         "| finding | metric | A | B | " + " | ".join(f"{short_dtype(n)}: A, B | A − B [95%] | verdict"
+                                                   for n, _ in refs) + " |",
+         "|---|---|---|---|" + "---|---|---|" * len(refs)]
+    for i, c in enumerate(refs[0][1]["findings"]):
+        cells = []
+        for _, r in refs:
+            f = r["findings"][i]
+            cells.append(f"{f['mean_a']:.2f}, {f['mean_b']:.2f} | {f['diff']:+.2f} [{f['lo']:+.2f}, {f['hi']:+.2f}]"
+                         f" | **{verdict(f)}**")
+        L.append(f"| {c['what']} | {c['metric']} | {c['a']} | {c['b']} | " + " | ".join(cells) + " |")
+    return L
+
+
+def stage_time_lines() -> list[str]:
+    """The bf16 reference's stage table (from its report.md), in minutes."""
+    refs = references()
+    if not refs:
+        return ["No reference run is committed yet (docs/reference/)."]
+    name, ref = refs[0]
+    text = open(os.path.join(REFERENCE_DIR, name, "report.md")).read()
+    rows = re.findall(r"^\| ([^|]+) \| (\d+) \|$", text.split("| stage | seconds |")[1].split("\n\n")[0], re.M)
+    L = [f"| stage ({short_dtype(name)} reference, {ref['machine']['cpu']}) | minutes |", "|---|---|"]
+    L += [f"| {stage} | {int(sec) / 60:.1f} |" for stage, sec in rows]
+    return L + [f"| whole job | {ref['seconds'] / 60:.1f} |"]
+
+
+def results_doc() -> str:
+    """docs/results.md: each reference run's full report, its pictures' paths made relative to docs/."""
+    L = ["# Results of the reference runs", "", "Rendered by `python report.py` from `docs/reference/<run>/` "
+         "(report.md, results.json.gz with every per-item record, machine.json); do not edit by hand.", ""]
+    for name, ref in references():
+        text = open(os.path.join(REFERENCE_DIR, name, "report.md")).read()
+        text = re.sub(r"\]\((?:rep0/)?([\w.]+\.png)\)", rf"](reference/{name}/\1)", text)
+        text = "\n".join("#" + ln if ln.startswith("#") else ln for ln in text.split("\n"))
+        L += [f"## {name}: {ref['machine']['cpu']}", "", text.strip(), ""]
+    return "\n".join(L)
+
+
+def render_readme(text: str) -> str:
+    """README.md with every generated block between its BEGIN and END markers replaced by the current render."""
+    blocks = {"code-map": code_map_lines, "results": results_lines, "stage-times": stage_time_lines,
+              "files": file_lines}
+    for name, fn in blocks.items():
+        pat = re.compile(rf"(<!-- BEGIN {name}[^\n]*-->\n)(.*?)(<!-- END {name} -->)", re.S)
+        if not pat.search(text):
+            raise UserError(f"README.md: no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
+        text = pat.sub(lambda m, fn=fn: m.group(1) + "\n".join(fn()) + "\n" + m.group(3), text)
+    return text
+
+
+@dataclass
+class RenderConfig:
+    check: bool = False  # only compare README.md and docs/results.md with their render: exit 1 when they differ
+
+
+def main(argv=None):
+    cfg = parse_config(RenderConfig, argv, description="Render the README's generated blocks and docs/results.md.")
+    targets = {os.path.join(HERE, "README.md"): render_readme(open(os.path.join(HERE, "README.md")).read()),
+               os.path.join(HERE, "docs", "results.md"): results_doc()}
+    stale = [p for p, new in targets.items() if not os.path.exists(p) or open(p).read() != new]
+    if cfg.check:
+        print("up to date" if not stale else "differs from its render: " + ", ".join(stale))
+        sys.exit(1 if stale else 0)
+    for p in stale:
+        atomic_write(p, targets[p])
+        print(f"rendered {os.path.relpath(p, HERE)}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -85,7 +85,7 @@ class ReproConfig:
     # encoding and decoding stay fp32 (VQGAN and pre-training: see foundation_dtype). Stages cache per resolved dtype
     foundation_dtype: str = "same"  # arithmetic of the VQGAN and the pre-training only (stages 2-3, the "foundation
     # model"): "same" = --dtype; "float32" with a bf16 --dtype trains them in fp32 and fine-tunes, samples and scores
-    # in bf16. Kept at "same" with validation evidence (README: "Settings and the validation split": over 3
+    # in bf16. Kept at "same" with validation evidence (docs/log.md: "Settings chosen on the validation split": over 3
     # replicates an fp32 foundation gave the DM +0.08 on validation, not in every replicate, and C-FT +0.27, not shown)
     jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core plus one,
     # at most 3: the DM, C-FT and labelled + weighted WMs need nothing from each other; the extra worker keeps the
@@ -97,24 +97,24 @@ class ReproConfig:
     # One thread: the tiny transformers' small matrix products ran ~2x faster on one thread than on two (2 cores)
     # --- the world (world.WorldConfig)
     n_train: int = 10000  # labelled triplets (the supervised data of DM and WM). Kept with validation evidence
-    # (README: "Settings and the validation split"): trained on a seeded half (5,000) from replicate 0's pre-trained
-    # model, the DM names the same share of validation actions (0.57 both) and the WM scores 0.42 less (3.73 vs
+    # (docs/log.md, "n_train"): trained on a seeded half (5,000) from replicate 0's pre-trained model,
+    # the DM names the same share of validation actions (0.57 both) and the WM scores 0.42 less (3.73 vs
     # 4.15; 10,000 minus 5,000 in [-0.23, +1.08]): the DM is not short of data at 10,000, the WM perhaps still is
     n_videos: int = 400  # unlabelled videos (9 frames each: ~6 changed pairs per video)
     n_val: int = 210  # validation triplets: as many as test and balanced the same way, so a setting chosen on
     # validation is chosen as precisely as test would measure it
     n_test: int = 210  # test triplets (balanced over the 7 action classes)
     n_comp: int = 140  # compositional test triplets (held-out colour/shape/verb combinations)
-    n_captions: int = 20000  # image-caption pairs for pre-training. Kept with validation evidence (README: "Settings
-    # and the validation split"): pre-trained on a seeded half (10,000) of replicate 0's captions, then fine-tuned as
+    n_captions: int = 20000  # image-caption pairs for pre-training. Kept with validation evidence (docs/log.md: "The
+    # number of caption pairs"): pre-trained on a seeded half (10,000) of replicate 0's captions, then fine-tuned as
     # the main job does, the DM names the same share of validation actions (0.57 both) and the WM scores 0.87 less
     # (3.28 vs 4.15; 20,000 minus 10,000 in [+0.20, +1.56]): pre-training on the captions is what the WM, not the DM,
     # draws on
     # --- tokenizers
     vq_downsample: int = 4  # 32x32 images -> 8x8 = 64 tokens: 2x2 tokens per grid cell, so an object spans several
     # tokens, as in the paper's 512px images. Not a tuned choice: the first finding depends on it (with 8, one token
-    # per cell, it reversed in a development run), so both are a reported dependence, not a pick (README: tokens per
-    # object, run with --vq_downsample=8)
+    # per cell, it reversed in a development run), so both are a reported dependence, not a pick (docs/log.md:
+    # tokens per object, run with --vq_downsample=8)
     vq_codes: int = 128  # codebook size
     vq_warmup: int = 800  # VQGAN steps as a plain autoencoder before the codebook is switched on (k-means init)
     vq_steps: int = 800  # VQGAN steps with the quantiser
@@ -147,9 +147,9 @@ class ReproConfig:
     # (e.g. "image:0.5,image:0.25,batch:0,batch:0.5"), each a WM trained like "labelled + weighted" (first seed) and
     # scored on val; the best val score (ties: the first listed) replaces --weight_norm and --weight_mix for every
     # weighted WM, and the report records the evidence. "" = off: the flags are used as given
-    nuisance: float = 0.0  # video-like frames (world.WorldConfig.nuisance, 0 = pixel-exact, 1 = the README's
-    # levels): every image of the world, the VQGAN's training images included, gets sensor noise, a brightness/contrast
-    # change and a sub-pixel camera shift of its own
+    nuisance: float = 0.0  # video-like frames (world.WorldConfig.nuisance, 0 = pixel-exact, 1 = the levels of
+    # docs/log.md's Eq. 2 entry): every image of the world, the VQGAN's training images included, gets sensor
+    # noise, a brightness/contrast change and a sub-pixel camera shift of its own
 
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
@@ -501,7 +501,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     for name in ("C-FT", C_FDM):
         log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                for n in ns))
-    if grids:  # (outside `amp`: the pictures of the README's run were drawn this way)
+    if grids:  # (outside `amp`: the pictures of the reference runs were drawn this way)
         example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     R["curves"] = {kind: read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}

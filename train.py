@@ -22,7 +22,7 @@ then back-propagates its share scaled by world_size (DDP averages gradients). Th
 one process on the same global batch, whatever the split into ranks and micro-steps (tested in tests/test_ddp.py).
 
 Run:  python train.py --task=pretrain --data=out/data/captions.json --tokenizer_dir=out/tok --out_dir=out/pretrain
-      torchrun --nproc_per_node=2 train_world.py ...   (same flags; see README for 7B on GPUs)
+      torchrun --nproc_per_node=2 train_world.py ...   (same flags; docs/full_scale.md for 7B on GPUs)
 """
 
 from __future__ import annotations

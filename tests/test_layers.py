@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # "file:module" pairs allowed to import a project module inside a function (none today; add one only for a heavy
 # optional dependency, and say which in a comment at the import)
 ALLOWED_LAZY: set[str] = set()
-# the layers as the README's file tree draws them: a module may import only modules before it in this list
+# the layers: a module may import only modules before it in this list (the README's file table shows the imports)
 ORDER = ["common", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train", "train_dynamics",
          "train_world", "train_tokenizer", "bootstrap", "search", "eval", "report", "reproduce", "bench"]
 
@@ -76,6 +76,6 @@ def test_no_project_import_inside_a_function():
 
 def test_imports_follow_the_readme_layers():
     edges, _ = project_imports()
-    assert not (new := sorted(set(edges) - set(ORDER))), f"add {new} to ORDER (and to the README's file tree)"
+    assert not (new := sorted(set(edges) - set(ORDER))), f"add {new} to ORDER"
     upward = [f"{m} imports {n}" for m in ORDER for n in sorted(edges.get(m, ())) if ORDER.index(n) > ORDER.index(m)]
     assert not upward, "imports against the layers: " + "; ".join(upward)
