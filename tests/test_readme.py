@@ -49,3 +49,31 @@ def test_against_reference_without_one(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "REFERENCE_DIR", str(tmp_path))
     lines = report.against_reference({"preset": "smoke", "dtype": "float32"}, [], "abc")
     assert any("No reference run" in ln for ln in lines)
+
+
+def test_against_reference_compares_verdicts_and_intervals(tmp_path, monkeypatch):
+    import gzip
+    import json
+
+    def finding(what, diff, lo, hi):
+        return {"what": what, "metric": "score", "a": "A", "b": "B", "diff": diff, "lo": lo, "hi": hi,
+                "per_replicate": [diff], "mean_a": 0.0, "mean_b": 0.0}
+
+    config = {"preset": "laptop", "dtype": "float32", "out": "x", "n_train": 10}
+    ref = {"config": {**config, "out": "elsewhere"}, "provenance": {"commit": "abc", "tables": "t1"},
+           "replicates": [{}], "findings": [finding("f1", 0.5, 0.2, 0.8), finding("f2", 0.1, -0.2, 0.4)]}
+    (tmp_path / "laptop-float32").mkdir()
+    with gzip.open(tmp_path / "laptop-float32" / "results.json.gz", "wt") as f:
+        json.dump(ref, f)
+    (tmp_path / "laptop-float32" / "machine.json").write_text(json.dumps({"command": "python reproduce.py",
+                                                                         "cpu": "a CPU"}))
+    monkeypatch.setattr(report, "REFERENCE_DIR", str(tmp_path))
+    mine = [finding("f1", 0.3, 0.1, 0.5), finding("f2", 0.9, 0.6, 1.2)]  # f1 inside, same verdict; f2 outside
+    text = "\n".join(report.against_reference(config, mine, "t2"))
+    row = {ln.split(" | ")[0][2:]: ln for ln in text.split("\n") if ln.startswith("| f")}
+    assert "| yes | shown | shown |" in row["f1"]
+    assert "| **no** | shown | not shown (differs) |" in row["f2"]
+    assert "1 of 2 verdicts are the reference's; 1 of 2 of your differences lie inside" in text
+    assert "differ from the reference's" in text and "settings differ" not in text  # --out is not a setting
+    text = "\n".join(report.against_reference({**config, "n_train": 20}, mine, "t1"))
+    assert "byte for byte" in text and "`--n_train`" in text

@@ -13,7 +13,8 @@ def test_reproduce_smoke_end_to_end(tmp_path):
     out = tmp_path / "out"
     reproduce.main(["--preset=smoke", f"--out={out}", "--replicates=2"])
     report = (out / "report.md").read_text()
-    for heading in ("Table 1", "Learning curves", "Table 2", "Table 3", "Table 4", "Best-of-N", "Findings"):
+    for heading in ("Table 1", "Learning curves", "Table 2", "Table 3", "Table 4", "Best-of-N", "Findings",
+                    "Your run against the reference"):
         assert heading in report
     # replicates vary everything: each has its own world, tokenizers and pre-trained model
     for f in ("data/test.json", "tok/tokenizer.json", "tok/vq/model.safetensors", "pretrain/ckpt/model.safetensors"):
