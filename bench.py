@@ -18,8 +18,9 @@ free heap is returned to the OS (malloc_trim) and the RSS high-water mark is res
 peak is VmHWM - VmRSS-before (Linux; elsewhere ru_maxrss growth, which cannot be reset: an upper-bound-ish guess).
 So it counts activations, KV cache, logits and gradients, not the weights or (after warm-up) the optimizer state.
 On CUDA: torch.cuda.max_memory_allocated growth over the allocated memory before the measurement.
-MFU (CUDA only): training FLOPs per token = 6 * N (non-embedding params + lm_head) + 12 * n_layer * T * n_embd
-(attention scores, forward + backward), times tokens/s, over --peak_flops (H100 dense bf16 = 989e12).
+MFU: training FLOPs per token = 6 * N (non-embedding params + lm_head) + 12 * n_layer * T * n_embd (attention
+scores, forward + backward), times tokens/s, over --peak_flops on CUDA (H100 dense bf16 = 989e12), on a CPU over the
+measured best FLOP/s of its --dtype matrix products (report.peak_matmul_flops, as the report's time table).
 
 Two more jobs live here because they are harness, not method:
   --rehearse   the README's full-scale commands (Anole-7B) run end to end on a CPU against an Anole-shaped checkpoint
@@ -37,10 +38,12 @@ Usage:
   python bench.py --device=cuda --dtype=bfloat16 --config=small,base --preset=chameleon-7b   # on a GPU machine
   python bench.py --rehearse --threads=2             # ~45 min on 2 busy cores, 8.8 GB RAM; --rehearse_size=small: 1 min
   python bench.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
-  python bench.py --speed --threads=1                # issue 14's rows (~5 min on 2 busy cores), below
+  python bench.py --speed --dtype=float32 --threads=1   # the rows below (~6 min on 2 busy cores)
 
 --speed: the main job's own shapes (reproduce.py's laptop preset: 4 x 128 transformer, 1,024 ids, batch 16; its VQGAN
-at batch 32), each change as a ratio measured interleaved in one run (A, B, A, B, ...; median of --reps): bf16 autocast
+at batch 32). First ours against transformers in --dtype (float32 = the path of CPUs without native bf16; config
+`laptop`): training step (16 x 150) with its MFU, decode of 64 image tokens at batch 1 and 64, best-of-8. Then each
+change as a ratio measured interleaved in one run (A, B, A, B, ...; median of --reps): bf16 autocast
 vs fp32 (matrix products, the VQGAN step, the training step of pre-training / DM / WM, sampling and scoring), logits
 only at the positions that carry loss vs all positions (train.sequence_nll), attention written out vs SDPA's math
 kernel (bf16, model.causal_attention), best-of-N from one pool vs a pool per N, and the VQGAN and a WM training step
@@ -50,6 +53,7 @@ beside a 1-thread background process vs alone.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -75,6 +79,7 @@ import world
 from common import arg, atomic_write, autocast, native_bf16_cpu, parse_config
 from data import Item, write_benchmark
 from model import Chameleon, ChameleonConfig, apply_lora, generate_image
+from report import peak_matmul_flops
 from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours, train_vqgan
 from train import TrainConfig, sequence_nll
 from train_dynamics import DM_PROMPT
@@ -86,6 +91,7 @@ CONFIGS = {
     "small": (256, 4, 4, 688, 1000, 256),  # the "tiny" preset at the synthetic world's size (256-code VQ)
     "base": (512, 8, 8, 1376, 1000, 256),  # 4x the width x depth: matmuls dominate more, like real models
     "large": (2048, 8, 16, 5504, 65536, 8192),  # Chameleon's vocabulary and codebook, a quarter of its depth (GPU)
+    "laptop": (128, 4, 4, 352, 1024, 128),  # reproduce.py's laptop transformer (laptop_model), the main job's model
 }
 PROMPT_LEN = 8  # text prompt before BOI; the last prompt token is BOI (id 3)
 BOI = 3
@@ -395,8 +401,7 @@ def bench_config(args, name: str) -> list[dict]:
         print(f"  {name} {row}: ours {med['ours']:.3f} s, ref {med['ref']:.3f} s", file=sys.stderr, flush=True)
         del runs
         gc.collect()
-    if args.device.startswith("cuda"):
-        mfu_row(args, ours, rows)
+    mfu_row(args, ours, rows)
     del ours, hf
     if not args.no_memory:
         mem = {k: memory(args, ckpt, k) for k in ("ours", "ref")}
@@ -407,12 +412,16 @@ def bench_config(args, name: str) -> list[dict]:
 
 
 def mfu_row(args, model, rows):
+    """The training step's model FLOP/s over the peak: --peak_flops on CUDA; on a CPU the best FLOP/s of this
+    machine's matrix products in --dtype (report.peak_matmul_flops, the denominator of the report's time table)."""
     c = model.config
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "vqmodel" not in n)
     flops_per_tok = 6 * n_params + 12 * c.n_layer * args.train_len * c.n_embd
     r = rows[0]
+    cuda = args.device.startswith("cuda")
+    r["peak_flops"] = args.peak_flops if cuda else peak_matmul_flops(args.dtype, torch.device(args.device))
     for side in ("ours", "ref"):
-        r[f"mfu_{side}"] = r["tokens"] / r[f"s_{side}"] * flops_per_tok / args.peak_flops
+        r[f"mfu_{side}"] = r["tokens"] / r[f"s_{side}"] * flops_per_tok / r["peak_flops"]
 
 
 def preset_decode(args) -> dict:
@@ -468,7 +477,7 @@ def fmt_table(name: str, rows: list[dict], args) -> str:
         big["cost_vs_1_ours"], big["cost_vs_1_ref"] = co, cr
     if has_mfu:
         r = rows[0]
-        lines.append(f"| train MFU ({args.dtype}, peak {args.peak_flops:.3g}) | {r['mfu_ours']:.1%} | "
+        lines.append(f"| train MFU ({args.dtype}, peak {r['peak_flops']:.3g}) | {r['mfu_ours']:.1%} | "
                      f"{r['mfu_ref']:.1%} | {r['mfu_ours'] / r['mfu_ref']:.2f}x | | | |")
     lines.append("")
     lines.append("ratio = ours / reference throughput (seconds rows: reference / ours); higher is better.")
@@ -830,9 +839,6 @@ def speed_train_step(task: str, dtype: str, sparse: bool, T: int, sdpa: bool = F
 def speed_vq_step(dtype: str, steps: int = 4):
     """reproduce.py's VQGAN (laptop: 128 codes, MSE, 3 levels) at batch 32: `steps` autoencoder warm-up steps and
     `steps` quantised steps, with its setup (model, codebook initialisation)."""
-    import dataclasses
-
-
     vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=128, recon_loss="mse", channel_multiplier=(1, 1, 2))
     images = torch.rand(64, 3, 32, 32) * 2 - 1
     return lambda: train_vqgan(images, vcfg, steps=steps, batch_size=32, ae_warmup=steps, progress=False, dtype=dtype)
@@ -874,11 +880,25 @@ def background_load(seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code])
 
 
+def speed_vs_transformers(args, config: str = "laptop", batch: int = 16, length: int = 150, n: int = 64) -> list:
+    """Ours against transformers at the main job's shapes in --dtype (float32: the path of CPUs without native bf16):
+    a training step of `batch` x `length` tokens with its MFU against this machine's --dtype matrix-product peak
+    (as the report's time table), decode of n image tokens at batch 1 and 64 (a sampling batch of 8 items x 8
+    candidates), best-of-8. Prints bench_config's table; returns its rows."""
+    sub = dataclasses.replace(args, config=config, train_batch=batch, train_len=length, decode_lens=str(n),
+                              batches="1,64", best_of=8)
+    rows = bench_config(sub, config)
+    print(fmt_table(config, rows, sub) + "\n", flush=True)
+    return rows
+
+
 def speed(args) -> dict:
     """--speed: the rows, printed as a table, appended to --results as one JSON line."""
 
     reps = max(3, args.reps)
     rows = []
+    print(f"--speed on {_cpu_name()}, {args.threads} thread(s), native bf16: {native_bf16_cpu()}\n")
+    vs_hf = speed_vs_transformers(args)
 
     def row(what, a, b, t):
         rows.append({"what": what, "a": a, "b": b, "a_s": t[a], "b_s": t[b], "speedup": t[a] / t[b]})
@@ -886,7 +906,6 @@ def speed(args) -> dict:
         print(f"| {what} | {a} {r['a_s'] * 1e3:.1f} ms | {b} {r['b_s'] * 1e3:.1f} ms | {r['speedup']:.2f}x |",
               flush=True)
 
-    print(f"--speed on {_cpu_name()}, {args.threads} thread(s), native bf16: {native_bf16_cpu()}\n")
     print("| what | A | B | A / B |\n|---|---|---|---|")
     peak = {}
     for dt, torch_dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
@@ -932,7 +951,7 @@ def speed(args) -> dict:
             {"loaded": loaded[k], "alone": alone[k]})
     rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), command="python bench.py " + " ".join(sys.argv[1:]),
                cpu=_cpu_name(), threads=args.threads, torch=torch.__version__, native_bf16=native_bf16_cpu(),
-               peak_flops=flops, rows=rows)
+               peak_flops=flops, rows=rows, vs_transformers=dict(dtype=args.dtype, rows=vs_hf))
     if args.results:
         os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
         with open(args.results, "a") as f:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import inference_device, load_model
 from common import UserError, arg, atomic_write, refuse_overwrite, run
 from data import all_video_pairs
 from train import encode_images, load_tokenizers, parse_config
@@ -48,6 +48,8 @@ class BootstrapConfig:
     spacing: int = arg(1, ">=1")  # minimum frame distance between key frames (paper: I_f = 20 on 30 fps video)
     image_size: int = arg(32, ">0")  # preprocessing size before VQ encoding (the tokenizer's resolution)
     seed: int = arg(0, ">=0")  # sampling seed
+    max_batch: int = arg(0, ">=0")  # sequences sampled or scored at once (0 = as many as the device's free memory
+    # holds, at most 64: checkpoint.auto_batch; the sampled draws depend on it, so fix it to compare machines)
 
 
 def action_class(text: str) -> str:
@@ -76,9 +78,9 @@ def stratified_top_k(records: list[dict], k: int, score_key: str = "score", clas
 
 @torch.no_grad()
 def label_pairs(dm, tok, src_codes, tgt_codes, n_samples: int = 2, temperature: float = 1.0, seed: int = 0,
-                batch: int = 64) -> list[dict]:
+                batch: int = 0) -> list[dict]:
     """DM labels for (source, target) code pairs (N, L): for each pair the best of greedy + n_samples sampled actions
-    by per-token log-likelihood. Returns [{"action", "score", "score_sum", "verb"}] in input order."""
+    by per-token log-likelihood, `batch` at once (0: auto). Returns [{"action", "score", "score_sum", "verb"}]."""
     g = torch.Generator().manual_seed(seed)
     candidates = [predict_actions(dm, tok, src_codes, tgt_codes, batch=batch)]
     for _ in range(n_samples):
@@ -98,7 +100,7 @@ def bootstrap(cfg: BootstrapConfig, dm=None, image_tok=None, tok=None, cache: di
     if dm is None:
         dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
     if tok is None:
-        image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
+        image_tok, tok = load_tokenizers(cfg.tokenizer_dir, inference_device())
     pairs = all_video_pairs(cfg.videos, k=cfg.keyframes, spacing=cfg.spacing)
     if not pairs:
         raise UserError(f"{cfg.videos}: no frame pairs found (expected one sub-folder of frames per video)")
@@ -107,7 +109,7 @@ def bootstrap(cfg: BootstrapConfig, dm=None, image_tok=None, tok=None, cache: di
                           cfg.image_size, cache=cache)
     src = torch.stack([codes[name(p.src_path)][0] for p in pairs])
     tgt = torch.stack([codes[name(p.tgt_path)][0] for p in pairs])
-    labels = label_pairs(dm, tok, src, tgt, cfg.n_samples, cfg.temperature, cfg.seed)
+    labels = label_pairs(dm, tok, src, tgt, cfg.n_samples, cfg.temperature, cfg.seed, cfg.max_batch)
     records = [dict(lab, video=p.video, input=name(p.src_path), output=name(p.tgt_path), index=i)
                for i, (p, lab) in enumerate(zip(pairs, labels))]
     kept = stratified_top_k([r for r in records if r["action"]], cfg.k)

@@ -90,7 +90,61 @@ def load_model(ckpt_dir: str, device=None, merge: bool = True, role: str | None 
         merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), meta
+    return model.to(device or inference_device()), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference on the device: where bootstrap.py, search.py and eval.py run their models and the VQ tokenizer, and how
+# many sequences they batch there (the --max_batch flag; 0 = auto_batch)
+
+MAX_BATCH = 64  # the most sequences batched at once: what every sampler and scorer used before memory was read, so
+# the small models' batches (and the random draws that follow them) stay as they were
+MEMORY_HEADROOM = 0.9  # the share of the free memory a batch plans to fill: the rest covers the caching allocator's
+# fragmentation, kernels' workspaces and what sequence_bytes leaves out
+
+
+def inference_device() -> torch.device:
+    """CUDA when there is one, else the CPU: load_model's default, and where the scripts put the VQ tokenizer."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def free_memory(device) -> int:
+    """Bytes a batch can still take on `device`. CUDA: the driver's free memory plus what torch's caching allocator
+    holds unused (a freed KV cache stays reserved); CPU: /proc/meminfo's MemAvailable (not Linux: no limit)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 1 << 62
+
+
+def sequence_bytes(cfg: ChameleonConfig, seq_len: int, dtype_bytes: int, kv_cache: bool = True,
+                   logit_rows: int = 1) -> int:
+    """Memory one sequence of seq_len tokens adds to a batch: its KV cache when generating (keys and values of every
+    layer: 2 x n_layer x kv width x seq_len x dtype bytes), one layer's activations (a forward frees each layer's
+    before the next: residual, q/k/v and attention output, 4 x n_embd, and the SwiGLU's gate, up and product,
+    3 x n_inner, per token) and its logits (logit_rows x vocab: fp32 logits, their softmax and the sampler's fp64
+    cumulative sum, 16 bytes each). The weights are not in it: auto_batch reads the free memory after loading."""
+    kv = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * seq_len * dtype_bytes if kv_cache else 0
+    return kv + seq_len * (4 * cfg.n_embd + 3 * cfg.n_inner) * dtype_bytes + logit_rows * cfg.vocab_size * 16
+
+
+def batch_limit(cfg: ChameleonConfig, seq_len: int, dtype_bytes: int, free: int, kv_cache: bool = True,
+                logit_rows: int = 1) -> int:
+    """How many such sequences fit MEMORY_HEADROOM of `free` bytes: at least 1, at most MAX_BATCH."""
+    per = sequence_bytes(cfg, seq_len, dtype_bytes, kv_cache, logit_rows)
+    return max(1, min(MAX_BATCH, int(free * MEMORY_HEADROOM) // per))
+
+
+def auto_batch(model: nn.Module, seq_len: int, kv_cache: bool = True, logit_rows: int = 1) -> int:
+    """The batch of a sampler or scorer given --max_batch=0: batch_limit at the model's shapes and weight dtype
+    against the free memory of its device, read now (the loaded models' weights are already out of it)."""
+    w = next(model.parameters())
+    return batch_limit(model.config, seq_len, w.element_size(), free_memory(w.device), kv_cache, logit_rows)
 
 
 def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):

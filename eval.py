@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import world
-from checkpoint import load_model
+from checkpoint import inference_device, load_model
 from common import UserError, arg, atomic_write, claim_dir, run
 from data import load_items, preprocess_image, to_pil
 from draw import save_triplet_grid
@@ -41,13 +41,14 @@ def write_jsonl(path: str, records: list[dict]):
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def eval_dm(dm, tok, items, codes, temperature: float = 0.0, seed: int = 0) -> tuple[dict, list[dict]]:
+def eval_dm(dm, tok, items, codes, temperature: float = 0.0, seed: int = 0, max_batch: int = 0) -> tuple[dict, list]:
     """DM actions for labelled pairs (greedy, or sampled at `temperature` > 0): accuracy (world judge where possible,
     else exact text), BLEU, ROUGE-L. Returns (metrics, per-item records: id, prediction, correct)."""
     items = [it for it in items if it.output_path]
     src = torch.stack([codes[str(it.input_path)][0] for it in items])
     tgt = torch.stack([codes[str(it.output_path)][0] for it in items])
-    pred = predict_actions(dm, tok, src, tgt, temperature, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    pred = predict_actions(dm, tok, src, tgt, temperature, generator=g, batch=max_batch)
     refs = [it.instruction for it in items]
     hits = []
     for p, it in zip(pred, items):
@@ -67,19 +68,20 @@ def eval_dm(dm, tok, items, codes, temperature: float = 0.0, seed: int = 0) -> t
 
 @torch.no_grad()
 def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0, temperature: float = 1.0,
-            top_k: int | None = None, cfg_scale: float | None = None, llm: tuple | None = None):
-    """Edit every item with the WM (best-of-n verified by `dm` when n > 1). Returns ({task: metrics}, images,
-    per-item records (item_scores))."""
+            top_k: int | None = None, cfg_scale: float | None = None, llm: tuple | None = None, max_batch: int = 0):
+    """Edit every item with the WM (best-of-n verified by `dm` when n > 1), max_batch sequences at once (0:
+    checkpoint.auto_batch). Returns ({task: metrics}, images, per-item records (item_scores))."""
     g = torch.Generator().manual_seed(seed)
     src = torch.stack([codes[str(it.input_path)][0] for it in items])
     actions = [it.instruction for it in items]
     if n > 1:
         if dm is None:
             raise ValueError("best-of-n (n > 1) needs a dynamics model as the verifier")
-        cands, _ = best_of_n(wm, dm, tok, src, actions, n, temperature, top_k, cfg_scale, g)
+        cands, _ = best_of_n(wm, dm, tok, src, actions, n, temperature, top_k, cfg_scale, g, max_batch=max_batch)
         best = cands[:, 0]
     else:
-        best = generate_targets(wm, tok, src, actions, 1, temperature, top_k, cfg_scale=cfg_scale, generator=g)[:, 0]
+        best = generate_targets(wm, tok, src, actions, 1, temperature, top_k, cfg_scale=cfg_scale, generator=g,
+                                max_batch=max_batch)[:, 0]
     images = image_tok.decode(best)  # (N, 3, H, W)
     records = item_scores(items, images)
     return score_by_task(items, images, llm, records), images, records
@@ -87,20 +89,21 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
 
 @torch.no_grad()
 def eval_search_controls(wm, dm, tok, image_tok, items, codes, n: int, seed: int = 0,
-                         temperature: float = 1.0, records: bool = False):
+                         temperature: float = 1.0, records: bool = False, max_batch: int = 0):
     """Best-of-N with controls: n candidates per item (in sampling order) with, for each, the DM verifier's score
     log p_DM(action | source, candidate), the WM's own log-likelihood of it, and the judge's score. Any picker and
     any N <= n can then be evaluated on the same candidates: the first k candidates are a best-of-k sample.
     With `records`, returns (that list, every candidate's item_scores record [item][candidate]): best-of-k for
-    every k from this one pool (reproduce.py), instead of sampling a pool per k."""
+    every k from this one pool (reproduce.py), instead of sampling a pool per k. max_batch: as eval_wm's."""
     g = torch.Generator().manual_seed(seed)
     src = torch.stack([codes[str(it.input_path)][0] for it in items])  # (B, L)
     actions = [it.instruction for it in items]
-    cands, dm_score = scored_candidates(wm, dm, tok, src, actions, n, temperature, generator=g)  # (B, n, L), (B, n)
+    cands, dm_score = scored_candidates(wm, dm, tok, src, actions, n, temperature, generator=g,
+                                        max_batch=max_batch)  # (B, n, L), (B, n)
     B, _, L = cands.shape
     flat = cands.view(B * n, L)  # (B*n, L)
     flat_act = [a for a in actions for _ in range(n)]
-    wm_score = score_targets(wm, tok, src.repeat_interleave(n, 0), flat, flat_act).view(B, n)
+    wm_score = score_targets(wm, tok, src.repeat_interleave(n, 0), flat, flat_act, max_batch).view(B, n)
     judged = item_scores([it for it in items for _ in range(n)], image_tok.decode(flat))
     controls = [{"id": it.id, "dm": dm_score[i].tolist(), "wm": wm_score[i].tolist(),
                  "judge": [judged[i * n + k].get("score") for k in range(n)]} for i, it in enumerate(items)]
@@ -162,6 +165,8 @@ class EvalConfig:
     llm_judge: bool = False  # also ask an OpenAI-compatible LLM judge (env JUDGE_BASE_URL, JUDGE_MODEL, JUDGE_API_KEY)
     seed: int = arg(0, ">=0")  # sampling seed
     threads: int = arg(1, ">=0")  # torch intra-op CPU threads (0 = torch's default, one per core; as train.py's)
+    max_batch: int = arg(0, ">=0")  # sequences sampled or scored at once (0 = as many as the device's free memory
+    # holds, at most 64: checkpoint.auto_batch; the sampled draws depend on it, so fix it to compare machines)
     out: str = arg("out/eval", "required")  # where the grid PNG and results.json go
 
 
@@ -172,7 +177,7 @@ def main(argv=None):
         raise UserError(f"--task={cfg.task}" + (f" --n={cfg.n}" if cfg.n > 1 else "") + f" needs --{missing[0]}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
+    image_tok, tok = load_tokenizers(cfg.tokenizer_dir, inference_device())
     items = load_items(cfg.data)
     if cfg.task == "dm" and not (items := [it for it in items if it.output_path]):
         raise UserError(f"{cfg.data}: no item has an 'output' image, so there is nothing to predict an action for")
@@ -181,7 +186,7 @@ def main(argv=None):
     claim_dir(cfg.out, "eval.py", ours=("results.json",))
     if cfg.task == "dm":
         dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
-        results, records = eval_dm(dm, tok, items, codes)
+        results, records = eval_dm(dm, tok, items, codes, max_batch=cfg.max_batch)
         print(markdown_table({"dynamics model": results}, ["action_acc", "bleu", "rougeL", "n"]))
         write_jsonl(os.path.join(cfg.out, "items.jsonl"), records)
     else:
@@ -189,7 +194,7 @@ def main(argv=None):
         dm = load_model(cfg.dm, role="dm", image_size=cfg.image_size)[0] if cfg.n > 1 else None
         llm = llm_judge_config() if cfg.llm_judge else None
         res, images, records = eval_wm(wm, tok, image_tok, items, codes, dm, cfg.n, cfg.seed, cfg.temperature,
-                                       cfg.top_k or None, cfg.cfg_scale or None, llm)
+                                       cfg.top_k or None, cfg.cfg_scale or None, llm, cfg.max_batch)
         write_jsonl(os.path.join(cfg.out, "items.jsonl"), records)
         base = baselines(items, codes, image_tok, cfg.image_size)
         cols = ["score", "success", "minimal", "l1"] + (["llm_score"] if llm else [])

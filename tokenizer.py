@@ -335,7 +335,7 @@ class VectorQuantizer(nn.Module):
 
         Uses |z|^2 + |e|^2 - 2 z.e exactly like the reference (taming / HF): the same rounding as the reference, so
         near-ties resolve the same way (torch.cdist computes a different float expression and can flip them)."""
-        e = self.embedding.weight  # (K, D)
+        z, e = z.float(), self.embedding.weight.float()  # (N, D), (K, D): fp32 whatever the encoder ran in
         d = torch.sum(z**2, dim=1, keepdim=True) + torch.sum(e**2, dim=1) - 2 * torch.einsum("bd,dn->bn", z, e.t())
         return torch.argmin(d, dim=1)  # (N,)
 
@@ -397,18 +397,27 @@ class ImageTokenizer(nn.Module):
                                "pass decoder_path= to from_pretrained to add the one from vqgan.ckpt")
         return self.decoder(self.post_quant_conv(z_q))
 
+    def to_inference(self, device="cpu", dtype: torch.dtype = torch.float32) -> ImageTokenizer:
+        """On the models' device, the decoder in their `dtype`; the encoder and codebook stay fp32: codes and Eq. 2
+        features must be those training saw, and bf16 features move more than the near-ties (docs/performance)."""
+        for m in filter(None, (self.to(device).post_quant_conv, self.decoder)):
+            m.to(dtype)
+        return self
+
     @torch.no_grad()  # output images only: a graph would hold every decoder activation (~5 GB per 512 px image)
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h*w) in raster order (square grid) -> pixels (B, 3, H, W), clamped to [-1, 1]."""
+        """codes (B, h*w) in raster order (square grid), on any device -> fp32 pixels (B, 3, H, W) on the codes'
+        device, clamped to [-1, 1]; computed on this tokenizer's device in its decoder's dtype."""
         B, T = codes.shape
         side = math.isqrt(T)
         if side * side != T:
             raise ValueError(f"decode expects a square token grid, got {T} codes per image")
-        z_q = self.quantize.embedding(codes).view(B, side, side, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
+        w = self.post_quant_conv.weight
+        z_q = self.quantize.embedding(codes.to(w.device)).view(B, side, side, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
         per_pass = max(1, MAX_PIXELS_PER_PASS // (side * self.cfg.downsample) ** 2)
-        with torch.autocast(codes.device.type, enabled=False):  # fp32 pixels under a caller's bf16 (the judge reads)
-            parts = [self.decode_latents(z) for z in z_q.split(per_pass)]
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1)
+        with torch.autocast(w.device.type, enabled=False):  # fp32 pixels under a caller's bf16 (the judge reads)
+            parts = [self.decode_latents(z.to(w.dtype)).float() for z in z_q.split(per_pass)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).clamp(-1, 1).to(codes.device)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """x (B, 3, H, W) in [-1, 1] -> (recon (B, 3, H, W) unclamped, losses, codes (B, h*w)).

@@ -187,8 +187,8 @@ def sequence_nll(model, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
 # Tokenizers and images
 
 
-def load_tokenizers(tokenizer_dir: str):
-    """(ImageTokenizer, TextTokenizer) from either
+def load_tokenizers(tokenizer_dir: str, device="cpu", dtype: torch.dtype = torch.float32):
+    """(ImageTokenizer on `device`, decoding in `dtype`: ImageTokenizer.to_inference; TextTokenizer) from either
     - a folder written by reproduce.py: vq/ (our VQGAN) + tokenizer.json, or
     - an HF Chameleon/Anole folder: model.safetensors[.index.json] (its `model.vqmodel.*` encoder) + tokenizer.json,
       plus, to look at generated images, vqgan_decoder.safetensors made by tokenizer.convert_vqgan_ckpt from the
@@ -199,7 +199,7 @@ def load_tokenizers(tokenizer_dir: str):
     else:
         decoder = os.path.join(tokenizer_dir, "vqgan_decoder.safetensors")
         image = ImageTokenizer.from_pretrained(tokenizer_dir, decoder if os.path.exists(decoder) else None)
-    return image.eval(), text
+    return image.eval().to_inference(device, dtype), text
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from checkpoint import auto_batch
 from common import run
 from model import generate_text
 from train import (
@@ -56,19 +57,18 @@ def normalise_action(text: str) -> str:
 
 @torch.no_grad()
 def predict_actions(model, tok, src_codes: torch.Tensor, tgt_codes: torch.Tensor, temperature: float = 0.0,
-                    top_k: int | None = None, max_new_tokens: int = 24, generator=None, batch: int = 64):
+                    top_k: int | None = None, max_new_tokens: int = 24, generator=None, batch: int = 0):
     """Generate an action text for each (source, target) pair of codes (N, h*w). Returns a list of N strings.
 
-    temperature 0 = greedy. Sampling is restricted to text ids (never image tokens).
+    temperature 0 = greedy. Sampling is restricted to text ids (never image tokens). batch 0: checkpoint.auto_batch.
     """
     model.eval()
     device = next(model.parameters()).device
-    texts = []
+    texts, prompts = [], [dm_prompt(tok, s, t) for s, t in zip(src_codes, tgt_codes)]  # equal lengths
+    batch = batch or auto_batch(model, len(prompts[0]) + max_new_tokens if prompts else 1)
     for i in range(0, len(src_codes), batch):
-        pairs = zip(src_codes[i : i + batch], tgt_codes[i : i + batch])
-        prompts = torch.tensor([dm_prompt(tok, s, t) for s, t in pairs])  # (b, T): equal lengths
-        out = generate_text(model, prompts.to(device), max_new_tokens=max_new_tokens, eos_id=tok.eos_id,
-                            allowed=text_vocab_mask(tok, model.config.vocab_size).to(device),
+        out = generate_text(model, torch.tensor(prompts[i : i + batch]).to(device), max_new_tokens=max_new_tokens,
+                            eos_id=tok.eos_id, allowed=text_vocab_mask(tok, model.config.vocab_size).to(device),
                             temperature=temperature, top_k=top_k, generator=generator)
         texts.extend(tok.decode([t for t in row.tolist() if t not in (tok.eos_id, tok.pad_id)]).strip() for row in out)
     return texts
@@ -85,19 +85,20 @@ def text_vocab_mask(tok, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_actions(model, tok, src_codes, tgt_codes, actions: list[str], batch: int = 64):
+def score_actions(model, tok, src_codes, tgt_codes, actions: list[str], batch: int = 0):
     """log p_DM(action | source, target), teacher-forced. Returns (sum (N,), per-token mean (N,)).
 
     The sum is the paper's verifier score (App.: argmax_i log p(a | o_s, o_t^(i))); the per-token mean removes the
     length bias when comparing *different* actions (bootstrap.py's filter). Both include the <eos> token.
+    batch 0: checkpoint.auto_batch.
     """
     model.eval()
     device = next(model.parameters()).device
-    sums, means = [], []
+    examples, sums, means = [dm_example(tok, s, t, a) for s, t, a in zip(src_codes, tgt_codes, actions)], [], []
+    rows = max((sum(map(bool, w)) for _, w in examples), default=1)  # the loss positions: the only logits computed
+    batch = batch or auto_batch(model, max((len(x) for x, _ in examples), default=1), False, rows)
     for i in range(0, len(actions), batch):
-        ex = [dm_example(tok, s, t, a) for s, t, a in zip(src_codes[i : i + batch], tgt_codes[i : i + batch],
-                                                            actions[i : i + batch])]
-        x, w = collate(ex, tok.pad_id)
+        x, w = collate(examples[i : i + batch], tok.pad_id)
         x, w = x.to(device), w.to(device)
         nll = sequence_nll(model, x, w)  # (b,)
         sums.append(-nll.cpu())

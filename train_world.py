@@ -30,6 +30,7 @@ from itertools import groupby
 
 import torch
 
+from checkpoint import auto_batch
 from common import UserError, arg, run
 from draw import save_triplet_grid
 from metrics import item_scores, judge_items
@@ -113,16 +114,15 @@ def wm_examples(items, codes: dict, tok, weighting: str = "none", mix: float = 0
 
 
 @torch.no_grad()
-def score_targets(model, tok, src_codes, tgt_codes, actions: list[str], batch: int = 64) -> torch.Tensor:
+def score_targets(model, tok, src_codes, tgt_codes, actions: list[str], batch: int = 0) -> torch.Tensor:
     """log p_WM(target image tokens | action, source), teacher-forced and summed over the target's tokens (N,): the
-    WM's own likelihood of a candidate, a picker to compare the DM verifier with."""
+    WM's own likelihood of a candidate, a picker to compare the DM verifier with. batch 0: checkpoint.auto_batch."""
     model.eval()
     device = next(model.parameters()).device
-    out = []
+    examples, out = [wm_example(tok, s, t, a) for s, t, a in zip(src_codes, tgt_codes, actions)], []
+    batch = batch or auto_batch(model, max((len(x) for x, _ in examples), default=1), False, tgt_codes.shape[1] + 1)
     for i in range(0, len(actions), batch):
-        ex = [wm_example(tok, s, t, a) for s, t, a in zip(src_codes[i : i + batch], tgt_codes[i : i + batch],
-                                                            actions[i : i + batch])]
-        x, w = collate(ex, tok.pad_id)
+        x, w = collate(examples[i : i + batch], tok.pad_id)
         out.append(-sequence_nll(model, x.to(device), w.to(device)).cpu())
     return torch.cat(out)
 
@@ -130,11 +130,12 @@ def score_targets(model, tok, src_codes, tgt_codes, actions: list[str], batch: i
 @torch.no_grad()
 def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_samples: int = 1,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                     cfg_scale: float | None = None, generator=None, max_batch: int = 64) -> torch.Tensor:
+                     cfg_scale: float | None = None, generator=None, max_batch: int = 0) -> torch.Tensor:
     """Sample target images from the WM. src_codes (N, L) -> codes (N, n_samples, L).
 
     The n_samples candidates of one item share its prompt, so they are one batch through the KV cache; items whose
-    prompts have the same length are batched together too (the model's generate needs equal-length prompts).
+    prompts have the same length are batched together too (the model's generate needs equal-length prompts), up to
+    max_batch candidates (0: checkpoint.auto_batch; the draws depend on the batches: one generator feeds them).
     The paper samples at temperature 1: lower temperatures collapse to copying the source.
     """
     model.eval()
@@ -148,17 +149,19 @@ def generate_targets(model, tok, src_codes: torch.Tensor, actions: list[str], n_
                         f"{limit} tokens the model's context of {model.config.max_seq_len} leaves (shorten it)")
     uncond = [wm_prompt(tok, s, None) for s in src_codes]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per = max(1, max_batch // n_samples)
+    seq = max(map(len, prompts), default=0) + L + 1  # prompt, <boi>, target; CFG adds the unconditional stream
+    max_batch = max_batch or auto_batch(model, seq * (2 if cfg_scale else 1))
+    rows = max_batch // n_samples * n_samples or max_batch  # whole items per batch, else part of one item's n
     for _, group in groupby(order, key=lambda i: len(prompts[i])):
-        group = list(group)
-        for j in range(0, len(group), per):
-            idx = group[j : j + per]
-            p = torch.tensor([prompts[i] for i in idx]).repeat_interleave(n_samples, 0)  # (b*n, T)
-            u = torch.tensor([uncond[i] for i in idx]).repeat_interleave(n_samples, 0) if cfg_scale else None
+        flat = [i for i in group for _ in range(n_samples)]  # the item of each candidate row
+        for j in range(0, len(flat), rows):
+            idx, s = flat[j : j + rows], [k % n_samples for k in range(j, min(j + rows, len(flat)))]
+            p = torch.tensor([prompts[i] for i in idx])  # (b, T)
+            u = torch.tensor([uncond[i] for i in idx]) if cfg_scale else None
             ids = generate_image(model, p.to(device), n_tokens=L, boi_id=tok.boi_id, eoi_id=tok.eoi_id,
                                  temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                                  cfg_scale=cfg_scale, uncond_idx=None if u is None else u.to(device))
-            out[idx] = tok.image_codes(ids.cpu()).view(len(idx), n_samples, L)  # (b, n, L)
+            out[idx, s] = tok.image_codes(ids.cpu())  # (b, L) into (item, sample)
     return out
 
 

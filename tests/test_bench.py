@@ -6,6 +6,7 @@ Speed targets are NOT asserted: timings on shared CI machines are too noisy (the
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="bench.py compares against transformers")
 
@@ -96,3 +97,32 @@ def test_rehearsal_small(tmp_path):
     r = tmp_path / "r"
     assert (r / "anole" / "model.safetensors.index.json").exists() and (r / "runs" / "search.png").exists()
     assert "all" in json.loads((r / "runs" / "eval" / "results.json").read_text())["wm"]
+
+
+def test_speed_rows_against_transformers_in_fp32(capsys):
+    """--speed's first rows at a micro size: ours vs transformers in --dtype=float32, with the training step's MFU
+    against this CPU's fp32 matrix-product peak (the report's denominator), decode at batch 1 and 64, best-of-8."""
+    args = bench.parse_args(["--dtype=float32", "--threads=1", "--quick", "--no_memory"])
+    rows = bench.speed_vs_transformers(args, config="micro", batch=2, length=16, n=16)
+    assert [r["row"] for r in rows] == ["train step (2x16)", "decode 16 b1", "decode 16 b64", "best-of-1 (64 tok)",
+                                        "best-of-8 (64 tok)"]
+    assert rows[0]["peak_flops"] > 0 and 0 < rows[0]["mfu_ours"] < 1 and 0 < rows[0]["mfu_ref"] < 1
+    assert "| train MFU (float32, peak" in capsys.readouterr().out
+
+
+def test_time_table_measures_each_model_against_its_dtypes_peak(monkeypatch):
+    """report.time_table: an fp32 run's models against the fp32 peak; a model of another dtype against its own."""
+    from types import SimpleNamespace
+
+    import report
+
+    asked = []
+    monkeypatch.setattr(report, "peak_matmul_flops", lambda dtype, device: asked.append(dtype) or 1e9)
+    cfg = SimpleNamespace(dtype="float32", threads=1)
+    runs = {"dm": {"seconds": 10, "tokens_per_s": 1000, "flops_per_token": 2e5},  # 0.2 GFLOP/s of 1: 20%
+            "pretrain": {"seconds": 5, "tokens_per_s": 1000, "flops_per_token": 1e5, "dtype": "bfloat16"}}
+    lines = report.time_table(cfg, [{"runs": runs}], SimpleNamespace(seconds={}), torch.device("cpu"))
+    assert asked == ["float32", "bfloat16"]
+    assert any("float32 matrix product" in line for line in lines)
+    assert "| rep0/dm | 10 | 1000 | 0.20 | 20% |" in lines
+    assert "| rep0/pretrain | 5 | 1000 | 0.10 | 10% (bfloat16) |" in lines
