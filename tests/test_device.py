@@ -53,7 +53,7 @@ def test_vq_on_the_inference_path_equals_the_plain_path(device, dtype):
 
 
 def test_auto_batch_for_anole_7b_on_an_80_gb_gpu():
-    """The arithmetic of docs/performance_device.md. eval.py --n=4 at 7B holds the WM and the DM in fp32 (load_model):
+    """docs/full_scale.md, "--max_batch". eval.py --n=4 at 7B holds the WM and the DM in fp32 (load_model):
     2 x 7,043,090,432 x 4 B = 56.34 GB, so 23.66 GB of an 80 GB GPU stay free. A 2,100-token candidate's fp32 KV
     cache is 2 x 32 layers x 4,096 x 2,100 x 4 B = 2.202 GB, one layer's activations 2,100 x (4 x 4,096 + 3 x
     11,008) x 4 B = 0.415 GB, its sampling logits 65,536 x 16 B = 1 MB: 2.618 GB. 0.9 x 23.66 / 2.618 = 8.1 -> 8
