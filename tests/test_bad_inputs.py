@@ -100,6 +100,8 @@ def ws(tmp_path_factory, tiny_tok):
     Image.new("RGB", (1, 1_000_000)).save(w / "tall.png")  # 1 x 1,000,000 pixels: a resize to 32 px would make 1 G
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, w / "vqgan.ckpt")
     (w / "foreign").mkdir()
+    (w / "userout").mkdir()
+    (w / "userout" / "results.json").write_text('{"mine": 1}')
     (w / "foreign" / "notes.txt").write_text("mine")
     (w / "aurora" / "images").mkdir(parents=True)
     (w / "aurora" / "train.json").write_text("[]")
@@ -180,7 +182,7 @@ CASES = [  # (script, argv, text the message must contain)
     ("reproduce", ["--preset=smoke", "--out={ws}/foreign"], "not written by worldboot"),
     ("train_dynamics", [DATA, *TRAIN[:2], "--out_dir={ws}/foreign", "--batch_size=4"], "not written by worldboot"),
     ("train_dynamics", [DATA, *TRAIN[:2], "--out_dir={ws}/dm", "--batch_size=4"], "holds a checkpoint"),
-    ("eval", [*EVAL[:4], "--out={ws}/data"], "not written by worldboot"),  # a folder holding results.json
+    ("eval", [*EVAL[:4], "--out={ws}/userout"], "not written by worldboot"),  # a folder holding results.json
     ("tokenizer", ["--ckpt={ws}/vqgan.ckpt", "--out={ws}/data/train.json"], "train.json exists"),
     # tampered checkpoints, tokenizers that do not match, values that used to load silently
     ("search", ["--wm={ws}/heads0", *SEARCH[1:]], "n_head must be > 0"),
