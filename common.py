@@ -445,8 +445,8 @@ def check_dir(path, ours: tuple = (), force: bool | None = None) -> None:
                             f"it or deleting anything there ({how} another folder)")
     elif os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} exists and is not a folder")
-    pid, holder = _lock_pid(os.path.join(path, LOCK))
-    if pid is not None and pid != os.getpid() and _alive(pid):
+    pid, job, holder = _lock_pid(os.path.join(path, LOCK))
+    if pid is not None and pid != os.getpid() and _alive(pid) and not (job and job == _job()):
         raise UserError(f"{path} is being written by another run (PID {pid}: {holder}): one writer per folder; wait "
                         "for it, stop it, or choose another folder")
 
@@ -485,19 +485,26 @@ def lock_dir(path, who: str) -> None:
                 pass
             continue
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {who}: {' '.join(sys.argv)}\n")
+            f.write(f"{os.getpid()} {_job()} {who}: {' '.join(sys.argv)}\n")
         _HELD[lock] = os.getpid()
         return
     raise UserError(f"{lock}: cannot take the lock (another run keeps taking it)")
 
 
 def _lock_pid(lock) -> tuple:
+    """(PID, job, command) of a lock's holder; (None, 0, "") when there is none."""
     try:
         with open(lock) as f:
-            first, _, holder = f.read().partition(" ")
-        return int(first), holder.strip()
+            pid, job, holder = f.read().split(" ", 2)
+        return int(pid), int(job), holder.strip()
     except (OSError, ValueError):  # gone, or half-written by a writer killed at that instant
-        return None, ""
+        return None, 0, ""
+
+
+def _job() -> int:
+    """The ranks of one torchrun job are one writer (rank 0 writes, the others read its folder): they share the
+    launching agent, their parent process. 0 outside torchrun."""
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ else 0
 
 
 def _alive(pid: int) -> bool:

@@ -128,10 +128,10 @@ def test_ctrl_c_saves_at_the_next_step_and_stops(tiny_tok, tmp_path):
     assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 1
 
 
-def in_child(fn) -> int:
-    """Run fn() in a forked child (a signal that ends the process ends only the child); its exit code: 0 when fn
-    returns, 130 on KeyboardInterrupt, 2 on a UserError, 1 on another error; -N when signal N ended it."""
-    from common import UserError
+def fork(fn) -> int:
+    """Run fn() in a forked child (a signal that ends the process ends only the child); its PID. The child exits 0
+    when fn returns, 130 on KeyboardInterrupt, 2 on a UserError, 1 on another error."""
+    from common import UserError, release_locks
 
     pid = os.fork()
     if pid == 0:
@@ -144,7 +144,13 @@ def in_child(fn) -> int:
         except UserError:
             code = 2
         finally:
+            release_locks()  # what the end of a process does (os._exit skips it)
             os._exit(code)
+    return pid
+
+
+def exit_code(pid: int) -> int:
+    """The exit code of a forked child; -N when signal N ended it."""
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
@@ -159,8 +165,8 @@ def test_sigterm_and_sighup_save_at_the_next_step_and_stop(tiny_tok, tmp_path, s
         os.kill(os.getpid(), getattr(signal, sig))
         return {}
 
-    code = in_child(lambda: train(cfg(tmp_path, eval_every=1, save_every=0), ex, tok, val_examples=ex, evaluate=send,
-                                  model=tiny_model(tok)))
+    code = exit_code(fork(lambda: train(cfg(tmp_path, eval_every=1, save_every=0), ex, tok, val_examples=ex,
+                                        evaluate=send, model=tiny_model(tok))))
     assert code == 130, code  # (before: killed by the signal, -15 / -1, nothing saved)
     assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 1
     model, _ = train(cfg(tmp_path, resume=True), ex, tok, model=tiny_model(tok, seed=99))
@@ -174,7 +180,7 @@ def test_two_writers_on_one_folder_one_is_refused_naming_the_other(tiny_tok, tmp
     import sys
     import time
 
-    from common import UserError, release_locks
+    from common import UserError
 
     tok, ex = tiny_tok, examples(tiny_tok)
 
@@ -182,22 +188,18 @@ def test_two_writers_on_one_folder_one_is_refused_naming_the_other(tiny_tok, tmp
         time.sleep(0.3)  # both runs are in their loops at the same time
         return {}
 
-    race = lambda: train(cfg(tmp_path, eval_every=1), ex, tok, val_examples=ex, evaluate=slow, model=tiny_model(tok))
-    pids = []
-    for _ in range(2):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                race()
-                code = 0
-            except UserError as e:
-                code = 2 if "being written by another run (PID" in str(e) else 3
-            finally:
-                release_locks()  # what the end of a process does (os._exit skips it)
-                os._exit(code)
-        pids.append(pid)
-    codes = sorted(os.WEXITSTATUS(os.waitpid(p, 0)[1]) for p in pids)
+    errors = tmp_path.parent / f"{tmp_path.name}.err"  # what the refused run said (outside the folder compared)
+
+    def race():
+        try:
+            train(cfg(tmp_path, eval_every=1), ex, tok, val_examples=ex, evaluate=slow, model=tiny_model(tok))
+        except UserError as e:
+            errors.write_text(str(e))
+            raise
+
+    pids = [fork(race) for _ in range(2)]
+    codes = sorted(exit_code(p) for p in pids)
+    assert "being written by another run (PID" in errors.read_text()
     assert codes == [0, 2], codes  # one ran, the other was refused naming the holder's PID
     assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]  # not interleaved
     assert not os.path.exists(tmp_path / ".worldboot.lock")  # released when the run ended
