@@ -24,6 +24,7 @@ import atexit
 import dataclasses
 import json
 import math
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -517,9 +518,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@atexit.register
 def release_locks() -> None:
-    """Remove the locks this process holds (a lock inherited through fork() is the parent's: left alone)."""
+    """Remove the locks this process holds (a lock inherited through fork() is the parent's: left alone). Called when
+    common.run's main returns, at exit, and at the end of a multiprocessing worker (reproduce.py's pools), whose
+    exit skips atexit."""
     for lock, pid in list(_HELD.items()):
         if pid == os.getpid() and _lock_pid(lock)[0] == pid:
             try:
@@ -527,3 +529,7 @@ def release_locks() -> None:
             except OSError:
                 pass
         _HELD.pop(lock, None)
+
+
+atexit.register(release_locks)
+multiprocessing.util.Finalize(None, release_locks, exitpriority=0)

@@ -471,7 +471,7 @@ RESUME_FREE = {"resume", "force", "stop_at", "quiet", "out_dir", "data", "val_da
 def _check_out_dir(cfg: TrainConfig, ckpt_dir: str, tok):
     """Refuse to replace a checkpoint without --force, and to resume with other settings or another tokenizer than
     it was made with."""
-    if cfg.resume and not has_checkpoint(ckpt_dir):  # a first run of a job that always passes it, or a typo
+    if cfg.resume and not cfg.quiet and not has_checkpoint(ckpt_dir):  # a job's first run, or a typo
         print(f"note: --resume=true, but {ckpt_dir} holds no checkpoint: starting at step 0")
     if not has_checkpoint(ckpt_dir) or (cfg.force and not cfg.resume):  # nothing there, or start over
         return

@@ -141,7 +141,8 @@ def test_resume_without_a_checkpoint_says_so(tiny_tok, tmp_path, capsys):
 
     from train import train
 
-    train(cfg(tmp_path / "typo", resume=True, steps=1), examples(tiny_tok), tiny_tok, model=tiny_model(tiny_tok))
+    train(cfg(tmp_path / "typo", resume=True, steps=1, quiet=False), examples(tiny_tok), tiny_tok,
+          model=tiny_model(tiny_tok))
     assert "--resume=true, but" in capsys.readouterr().out  # (before: silently from step 0)
 
 
