@@ -117,7 +117,8 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
     fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped (the settings must be the same)
-    force: bool = False  # resume although settings changed, or start over in an out_dir that holds a checkpoint
+    force: bool = False  # resume although settings changed, start over in an out_dir that holds a checkpoint, or
+    # write into an out_dir that worldboot did not create (docs/reliability.md)
     stop_at: int = arg(0, ">=0")  # end this invocation after this step, checkpointed (fits a job's time limit); 0 =
     # run to the end
     max_len: int = arg(0, ">=0")  # truncate/limit sequences (0 = the model's max_seq_len)
