@@ -280,6 +280,15 @@ def atomic_write(path, data) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def append_line(path, line: str) -> None:
+    """Append one line to a log file (metrics.jsonl); an error (a full disk) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise _named(e, path) from None
+
+
 def _named(e: OSError, path) -> OSError:
     """An OSError that names a file ("No space left on device" names none by itself)."""
     path = os.fspath(path)

@@ -53,6 +53,7 @@ from checkpoint import (
 from common import (
     DTYPES,
     UserError,
+    append_line,
     arg,
     atomic_write,
     autocast,
@@ -450,8 +451,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
             # under FSDP every rank joins the gather; rank 0 then writes the same files as without it
             to_save = fsdp_full_state(raw, optimizer, cfg) if save and cfg.fsdp else (raw, optimizer)
             if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_line(metrics_path, json.dumps(rec))
                 bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
                 if save:
                     save_checkpoint(ckpt_dir, to_save[0], cfg, mcfg, to_save[1], step + 1, sampler, rec, tok)

@@ -184,3 +184,11 @@ def test_bench_uses_the_error_handler(ws):  # noqa: F811
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--config=", f"--results={ws}/foreign"],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT, WORLDBOOT_DEBUG="0"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "foreign" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_no_space_left_names_the_file():
+    from common import append_line
+
+    with pytest.raises(OSError, match="No space left on device: /dev/full"):  # (before: the metrics row named none)
+        append_line("/dev/full", "{}")
