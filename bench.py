@@ -77,6 +77,7 @@ import model as model_py
 import train
 import world
 from common import arg, atomic_write, autocast, native_bf16_cpu, parse_config
+from common import run as run_main  # (bench.py uses `run` as a loop name)
 from data import Item, write_benchmark
 from model import Chameleon, ChameleonConfig, apply_lora, generate_image
 from report import peak_matmul_flops
@@ -1117,4 +1118,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

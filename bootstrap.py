@@ -97,10 +97,10 @@ def label_pairs(dm, tok, src_codes, tgt_codes, n_samples: int = 2, temperature: 
 
 def bootstrap(cfg: BootstrapConfig, dm=None, image_tok=None, tok=None, cache: dict | None = None):
     """Label every unlabelled video pair, filter, write cfg.out. Returns (all records, kept records)."""
-    if dm is None:
-        dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
     if tok is None:
         image_tok, tok = load_tokenizers(cfg.tokenizer_dir, inference_device())
+    if dm is None:
+        dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size, tok=tok)
     pairs = all_video_pairs(cfg.videos, k=cfg.keyframes, spacing=cfg.spacing)
     if not pairs:
         raise UserError(f"{cfg.videos}: no frame pairs found (expected one sub-folder of frames per video)")
@@ -129,7 +129,7 @@ def write_synthetic(records: list[dict], path: str):
 
 def main(argv=None):
     cfg = parse_config(BootstrapConfig, argv, description="DM pseudo-labels + stratified top-K for unlabelled video.")
-    refuse_overwrite(cfg.out, cfg.force)
+    refuse_overwrite(cfg.out, cfg.force, (".json",))
     records, kept = bootstrap(cfg)
     classes = {}
     for r in kept:

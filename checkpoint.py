@@ -2,13 +2,20 @@
 meta.json, written by common.atomic_dir (a kill at any instant leaves the previous checkpoint or the new one, never a
 mix), read back by load_model (bootstrap.py, search.py, eval.py, reproduce.py) and by train.py's --resume. With FSDP
 the state is gathered to rank 0 first and written unchanged. Harness: I/O, not the paper's method.
+
+Reading never writes: a save killed between its two renames leaves `<dir>.old` (complete, marked as ours), which
+readers read in place and only the next save puts back (common.recover_dir). meta.json is checked like a flag
+(check_model_config) and against the machine's memory before any tensor is allocated; it records the text
+tokenizer's fingerprint, and loading beside another tokenizer is refused (check_tokenizer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import sys
 from types import SimpleNamespace
 
 import torch
@@ -17,14 +24,16 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common import UserError, atomic_dir, check_keys, read_json, read_tensors, recover_dir
+from common import UserError, atomic_dir, check_keys, is_ours, read_json, read_tensors
 from model import Chameleon, ChameleonConfig, LoRALinear, apply_lora, merge_lora
 
 
 def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg, model_cfg: ChameleonConfig,
-                    optimizer: torch.optim.Optimizer | None = None, step: int = 0, sampler=None, metrics=None):
+                    optimizer: torch.optim.Optimizer | None = None, step: int = 0, sampler=None, metrics=None,
+                    tok=None):
     """Write a resumable checkpoint atomically: the previous one stays until the new one is complete on disk.
-    cfg: the run's train.TrainConfig (stored in meta.json)."""
+    cfg: the run's train.TrainConfig (stored in meta.json); tok: the TextTokenizer it was trained with (its
+    fingerprint is stored)."""
     tag = {"step": str(step)}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     flat = {}
@@ -45,37 +54,129 @@ def save_checkpoint(ckpt_dir: str, model: nn.Module, cfg, model_cfg: ChameleonCo
         "lora": cfg.lora_r > 0 and any(isinstance(m, LoRALinear) for m in model.modules()),
         "sampler": sampler.state() if sampler is not None else None,
         "metrics": metrics or {},
+        "tokenizer": tokenizer_fingerprint(tok) if tok is not None else None,
     }
     with atomic_dir(ckpt_dir) as tmp:
         for name, tensors in (("model", state), ("optim", flat if optimizer is not None else None), ("rng", rng)):
             if tensors is not None:
-                save_file(tensors, os.path.join(tmp, f"{name}.safetensors"), metadata=tag)
+                path = os.path.join(tmp, f"{name}.safetensors")
+                try:
+                    save_file(tensors, path, metadata=tag)
+                except Exception as e:  # safetensors' own error type (a full disk): an OSError naming the file
+                    raise OSError(f"{path}: cannot write ({e})") from None
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             f.write(json.dumps(meta, indent=1))
 
 
+def checkpoint_dir(ckpt_dir: str) -> str | None:
+    """The folder that holds the checkpoint `ckpt_dir`: itself, or, when a save was killed between its two renames,
+    its complete `<ckpt_dir>.old` (only if marked as ours). None when there is none. Nothing is moved or deleted."""
+    old = os.path.normpath(ckpt_dir) + ".old"
+    if os.path.isfile(os.path.join(ckpt_dir, "meta.json")):
+        return ckpt_dir
+    if not os.path.exists(ckpt_dir) and is_ours(old) and os.path.isfile(os.path.join(old, "meta.json")):
+        return old
+    return None
+
+
 def has_checkpoint(ckpt_dir: str) -> bool:
-    """True when ckpt_dir holds a checkpoint (after undoing a save that was killed half-way)."""
-    return recover_dir(ckpt_dir) and os.path.exists(os.path.join(ckpt_dir, "meta.json"))
+    """True when ckpt_dir holds a checkpoint (or the complete previous one of a save killed half-way)."""
+    return checkpoint_dir(ckpt_dir) is not None
 
 
-def read_meta(ckpt_dir: str) -> dict:
-    if not has_checkpoint(ckpt_dir):
+def read_meta(ckpt_dir: str, tok=None) -> dict:
+    """meta.json of a checkpoint, checked (a worldboot checkpoint, a model config that builds and fits in memory,
+    made with the text tokenizer `tok` if given)."""
+    folder = checkpoint_dir(ckpt_dir)
+    if folder is None:
         raise UserError(f"{ckpt_dir}: no checkpoint here (meta.json missing)")
-    path = os.path.join(ckpt_dir, "meta.json")
+    path = os.path.join(folder, "meta.json")
     meta = read_json(path, "checkpoint metadata")
     missing = [k for k in ("step", "train_config", "model_config") if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise UserError(f"{path}: not a worldboot checkpoint (no {', '.join(missing)})")
+    if not isinstance(meta["step"], int) or isinstance(meta["step"], bool) or meta["step"] < 0:
+        raise UserError(f"{path}: 'step' must be an integer >= 0, got {meta['step']!r}")
+    if not isinstance(meta["train_config"], dict):
+        raise UserError(f"{path}: 'train_config' must be an object")
+    check_model_config(meta["model_config"], f"{path}: model_config")
+    meta["folder"] = folder
+    check_tokenizer(meta, tok, ckpt_dir)
     return meta
 
 
+def check_model_config(d, source: str) -> None:
+    """A model config read from a file, checked like a flag before anything is built: every field of the type of
+    its default, sizes > 0, heads that divide the width and the key/value heads that divide the heads; then
+    check_fits. UserError naming `source` and the field."""
+    if not isinstance(d, dict):
+        raise UserError(f"{source}: must be an object")
+    for f in dataclasses.fields(ChameleonConfig):
+        if f.name not in d or f.name == "vq":
+            continue
+        v, kind = d[f.name], type(f.default)
+        ok = isinstance(v, bool) if kind is bool else (isinstance(v, (int, float) if kind is float else kind)
+                                                        and not isinstance(v, bool))
+        if not ok:
+            raise UserError(f"{source}: {f.name} must be {kind.__name__}, got {v!r}")
+    for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_inner", "max_seq_len"):
+        if k in d and d[k] <= 0:
+            raise UserError(f"{source}: {k} must be > 0, got {d[k]}")
+    cfg = ChameleonConfig.from_dict({k: v for k, v in d.items() if k != "vq"})
+    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head or cfg.head_dim % 2:
+        raise UserError(f"{source}: n_embd {cfg.n_embd}, n_head {cfg.n_head}, n_kv_head {cfg.n_kv_head}: the heads "
+                        "must divide the width into even head sizes, and the key/value heads the heads")
+    if not 0 <= cfg.image_token_start <= cfg.image_token_end <= cfg.vocab_size:
+        raise UserError(f"{source}: image ids [{cfg.image_token_start}, {cfg.image_token_end}) must lie in the "
+                        f"vocabulary of {cfg.vocab_size}")
+    check_fits(cfg, source)
+
+
+def check_fits(cfg: ChameleonConfig, source: str) -> None:
+    """Refuse a model whose fp32 weights alone exceed this machine's memory, before allocating them."""
+    E, kv = cfg.n_embd, cfg.n_embd // cfg.n_head * cfg.n_kv_head
+    n = 2 * cfg.vocab_size * E + cfg.n_layer * (2 * E * E + 2 * E * kv + 3 * E * cfg.n_inner)  # embed, lm_head,
+    # attention, SwiGLU (norms and the VQ encoder are small)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: unknown, not checked
+        return
+    if 4 * n > memory:
+        raise UserError(f"{source}: a model of {n / 1e9:.1f} B parameters needs {4 * n / 2**30:.0f} GiB for its "
+                        f"fp32 weights alone; this machine has {memory / 2**30:.0f} GiB")
+
+
+def tokenizer_fingerprint(tok) -> dict:
+    """What binds a checkpoint to its text tokenizer: the vocabulary's size and a hash of its (name, id) pairs."""
+    vocab = sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"vocab_size": tok.vocab_size, "vocab_sha256": digest}
+
+
+def check_tokenizer(meta: dict, tok, ckpt_dir: str) -> None:
+    """Refuse a checkpoint beside another tokenizer than it was trained with (one line naming both). A checkpoint
+    saved before fingerprints were recorded is loaded with a note (its vocabulary must still cover the tokenizer)."""
+    if tok is None:
+        return
+    saved, now = meta.get("tokenizer"), tokenizer_fingerprint(tok)
+    where = getattr(tok, "source", "the tokenizer")
+    if saved is None and meta["model_config"].get("vocab_size", 0) >= tok.vocab_size:
+        print(f"note: {ckpt_dir} records no tokenizer fingerprint (saved by an older worldboot): not checked "
+              f"against {where}", file=sys.stderr)
+    elif saved != now:
+        had = f"{saved['vocab_size']} ids, vocabulary {saved['vocab_sha256']}" if saved else \
+            f"{meta['model_config'].get('vocab_size')} ids"
+        raise UserError(f"{ckpt_dir} was trained with another tokenizer ({had}) than {where} ({now['vocab_size']} "
+                        f"ids, vocabulary {now['vocab_sha256']}): use the tokenizer it was trained with")
+
+
 def load_model(ckpt_dir: str, device=None, merge: bool = True, role: str | None = None,
-               image_size: int | None = None) -> tuple[Chameleon, dict]:
+               image_size: int | None = None, tok=None) -> tuple[Chameleon, dict]:
     """A worldboot checkpoint -> (model, meta). LoRA adapters are merged unless merge=False. device None: CUDA when
-    there is one (bootstrap.py, search.py and eval.py pass none), else the CPU. `role` ("dm" / "wm") and
-    `image_size` are checked against what the checkpoint was trained as (a pre-trained model may be either)."""
-    meta = read_meta(ckpt_dir)
+    there is one (bootstrap.py, search.py and eval.py pass none), else the CPU. `role` ("dm" / "wm"),
+    `image_size` and the text tokenizer `tok` are checked against what the checkpoint was trained with (a
+    pre-trained model may be either role). Reads only."""
+    meta = read_meta(ckpt_dir, tok)
     tc = meta["train_config"]
     if role and tc.get("task") not in (role, "pretrain"):
         raise UserError(f"{ckpt_dir}: a {tc.get('task')} checkpoint, used here as the {role}")
@@ -85,7 +186,7 @@ def load_model(ckpt_dir: str, device=None, merge: bool = True, role: str | None 
     model = Chameleon(mcfg)
     if meta.get("lora"):
         apply_lora(model, tc["lora_r"], tc["lora_alpha"], tc["lora_dropout"], tc["lora_targets"])
-    _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"])
+    _load_weights(model, os.path.join(meta["folder"], "model.safetensors"), meta["step"])
     if meta.get("lora") and merge:
         merge_lora(model)
     for p in model.parameters():
@@ -156,6 +257,11 @@ def _load_weights(model: nn.Module, path: str, step: int, fsdp: bool = False):
     # the same key-set / shape report as Chameleon.from_pretrained (one readable error listing every problem)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(expected, {k: (path, tuple(v.shape)) for k, v in state.items()}, path, strict=True)
+    for k, v in model.state_dict().items():  # values that would load silently and score as if nothing were wrong
+        if v.is_floating_point() and not state[k].is_floating_point():
+            raise UserError(f"{path}: {k} holds {state[k].dtype} values, not floating-point weights")
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise UserError(f"{path}: {k} holds NaN or infinite values")
     if fsdp:  # every rank read the whole file; each keeps its own shards
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -168,6 +274,7 @@ def restore_training(ckpt_dir, model, optimizer, sampler, fsdp: bool = False) ->
     """Resume: load weights, AdamW state, the data order and torch's RNG (the only global generator training draws
     from: LoRA dropout) from ckpt_dir; returns its step."""
     meta = read_meta(ckpt_dir)
+    ckpt_dir = meta["folder"]
     _load_weights(model, os.path.join(ckpt_dir, "model.safetensors"), meta["step"], fsdp)
     flat = read_tensors(os.path.join(ckpt_dir, "optim.safetensors"))
     params = dict(model.named_parameters())

@@ -8,20 +8,24 @@ per-flag checks, the user-error style, atomic writes and folder ownership.
   traceback unless `--debug=true` is given or WORLDBOOT_DEBUG=1.
 - `atomic_write(path, ...)`, `atomic_dir(path)`: write a temporary file or folder, fsync, rename over the target:
   readers see the old or the new, whatever instant the writer is killed at.
-- `interruptible()`: Ctrl-C sets a flag that a loop checks at its next step boundary.
+- `interruptible()`: Ctrl-C, SIGTERM or SIGHUP sets a flag that a loop checks at its next step boundary.
 - `compute_dtype(flag, device_type)`: the one place that decides whether a stage computes in bf16 (autocast) or fp32;
   `autocast(dtype, device_type)` is its context manager.
-- `claim_dir(path, who)`: a folder we may write into (and delete what we wrote) carries a `.worldboot` marker;
-  a non-empty folder without one belongs to someone else and is refused.
+- `claim_dir(path, who)`: a folder we may write into (and delete what we wrote) carries a `.worldboot` marker,
+  written when worldboot created it and naming the command; a non-empty folder without one belongs to someone else
+  and is refused. Claiming also takes the folder's lock (`.worldboot.lock`, one writer per folder), held until the
+  process ends. docs/reliability.md says what is refused and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import inspect
 import json
 import math
+import multiprocessing.util
 import os
 import re
 import shutil
@@ -32,7 +36,10 @@ import tokenize
 from contextlib import ExitStack, contextmanager
 
 DEBUG_ENV = "WORLDBOOT_DEBUG"
-MARKER = ".worldboot"
+MARKER = ".worldboot"  # in a folder worldboot created: the only proof that the folder (and its .old/.tmp) is ours
+LOCK = ".worldboot.lock"  # in a folder being written: the writer's PID and command
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # what Ctrl-C, kill / timeout / docker stop / SLURM and a closed
+# terminal send: each saves at the next step boundary (interruptible)
 
 
 class UserError(ValueError):
@@ -189,24 +196,32 @@ def _bool(s: str) -> bool:
 
 @contextmanager
 def interruptible(enabled: bool = True):
-    """A list that Ctrl-C (SIGINT) appends to, so that a loop can stop at its next step boundary (after saving); a
-    second Ctrl-C interrupts at once. Off when not `enabled` (train: under DDP, where ranks would stop at different
-    steps), outside the main thread, and where SIGINT is not at its default (e.g. ignored in the background)."""
+    """A list that Ctrl-C (SIGINT), SIGTERM and SIGHUP append to, so that a loop can stop at its next step boundary
+    (after saving); a second signal acts at once (its previous handler). Off when not `enabled` (train: under DDP,
+    where ranks would stop at different steps) and outside the main thread; a signal whose handler is not the
+    default is left alone (SIGINT ignored in the background, SIGHUP ignored under nohup, a caller's own handler)."""
     flag: list = []
-    if (not enabled or threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
         return
+    defaults = (signal.default_int_handler, signal.SIG_DFL)
+    sigs = [getattr(signal, n) for n in STOP_SIGNALS if hasattr(signal, n)]
+    previous = {sig: signal.getsignal(sig) for sig in sigs}
+    sigs = [sig for sig in sigs if previous[sig] in defaults]
 
     def handler(sig, frame):
         flag.append(sig)
-        signal.signal(signal.SIGINT, previous)
+        print(f"\n{signal.Signals(sig).name}: saving at the end of this step, then stopping (send it again to stop "
+              "at once, unsaved)", file=sys.stderr, flush=True)
+        signal.signal(sig, previous[sig])
 
-    previous = signal.signal(signal.SIGINT, handler)
+    for sig in sigs:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig in sigs:
+            signal.signal(sig, previous[sig])
 
 
 def run(main) -> None:
@@ -225,6 +240,8 @@ def run(main) -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        release_locks()  # (also at exit: this is for a main() called in-process, as the tests do)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -295,36 +312,81 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path, data) -> None:
-    """Replace `path` by `data` (str, bytes, or a function that writes a given path) atomically and durably."""
+    """Replace `path` by `data` (str, bytes, or a function that writes a given path) atomically and durably. The
+    temporary file's name carries our name and PID, so it never replaces a file of the user's (`<path>.tmp`)."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    if callable(data):
-        data(tmp)
-    else:
-        with open(tmp, "w" if isinstance(data, str) else "wb") as f:
-            f.write(data)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = f"{path}.worldboot-{os.getpid()}.tmp"
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+                f.write(data)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):  # ours: a full disk gets its space back
+            os.remove(tmp)
+        raise _named(e, path) from None
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def append_line(path, line: str) -> None:
+    """Append one line to a log file (metrics.jsonl); an error (a full disk) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        raise _named(e, path) from None
+
+
+def _named(e: OSError, path) -> OSError:
+    """An OSError that names a file ("No space left on device" names none by itself)."""
+    path = os.fspath(path)
+    if e.filename or path in str(e):
+        return e
+    return OSError(e.errno, f"{e.strerror}: {path}") if e.errno else OSError(f"{e}: {path}")
+
+
+def is_ours(path) -> bool:
+    """A folder that worldboot created: it holds our marker."""
+    return os.path.isfile(os.path.join(os.fspath(path), MARKER))
+
+
+def _mark(path, who: str) -> None:
+    """Write the marker into a folder that worldboot has just created (naming the command that created it)."""
+    with open(os.path.join(path, MARKER), "w") as f:
+        f.write(f"written by worldboot ({who}): {' '.join(sys.argv)}\n")
+
+
 @contextmanager
-def atomic_dir(path):
-    """Write a folder atomically: yields an empty `<path>.tmp` to write into; when the block ends, its files are
-    fsynced and it replaces `path` (`path` -> `<path>.old`, `<path>.tmp` -> `path`, delete `<path>.old`). The previous
-    folder stays until the new one is complete; a kill between the two renames is undone by recover_dir."""
+def atomic_dir(path, who: str = "checkpoint"):
+    """Write a folder atomically: yields an empty `<path>.tmp` (marked as ours) to write into; when the block ends,
+    its files are fsynced and it replaces `path` (`path` -> `<path>.old`, `<path>.tmp` -> `path`, delete
+    `<path>.old`). The previous folder stays until the new one is complete; a kill between the two renames is undone
+    by recover_dir at the next write. A `<path>.old` or `<path>.tmp` without our marker is the user's: refused."""
     path = os.path.normpath(os.fspath(path))
     tmp, old = path + ".tmp", path + ".old"
     recover_dir(path)
-    shutil.rmtree(tmp, ignore_errors=True)  # of a write that was interrupted
+    for other in (tmp, old):
+        if os.path.lexists(other):
+            raise UserError(f"{other} exists and was not written by worldboot (no {MARKER} marker): not replacing "
+                            f"it; move it away to write {path}")
     os.makedirs(tmp)
-    yield tmp
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb+") as f:
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
+    _mark(tmp, who)  # before anything else: a kill from here on leaves a .tmp that is provably ours
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb+") as f:
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, unfinished; the previous folder is untouched
+        raise _named(e, tmp) from None
     if os.path.exists(path):
+        if not is_ours(path):  # a checkpoint written before folders were marked: the caller chose to replace it
+            _mark(path, who)
         os.rename(path, old)
     os.rename(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
@@ -332,20 +394,21 @@ def atomic_dir(path):
 
 
 def recover_dir(path) -> bool:
-    """Undo an atomic_dir swap killed between its two renames (`<path>.old` is then complete, `path` missing) and
-    delete what a killed write left behind. True when `path` exists."""
+    """For a writer only (atomic_dir): undo an atomic_dir swap killed between its two renames (`<path>.old` is then
+    complete, `path` missing) and delete what a killed write left behind. Only folders carrying our marker are
+    renamed or deleted (and an empty `.tmp`: killed before its marker); a reader never calls this. True when
+    `path` exists."""
     path = os.path.normpath(os.fspath(path))
-    old = path + ".old"
-    if not os.path.exists(path) and os.path.isdir(old):
-        try:
-            os.rename(old, path)
-        except FileNotFoundError:  # another process (a DDP rank) was first
-            pass
-    if os.path.isdir(path):
-        for leftover in (old, path + ".tmp"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        return True
-    return False
+    old, tmp = path + ".old", path + ".tmp"
+    if not os.path.exists(path) and is_ours(old):
+        os.rename(old, path)
+    if is_ours(tmp):  # an unfinished write
+        shutil.rmtree(tmp)
+    elif os.path.isdir(tmp) and not os.listdir(tmp):
+        os.rmdir(tmp)  # killed before its marker: empty, nothing of anyone's is lost
+    if os.path.isdir(path) and is_ours(old):  # superseded by `path`
+        shutil.rmtree(old)
+    return os.path.isdir(path)
 
 
 def read_json(path, what: str = "JSON"):
@@ -414,27 +477,120 @@ def check_keys(expected: dict, found: dict, path, strict: bool = True):
     raise CheckpointError("\n".join(lines))
 
 
-def refuse_overwrite(path, force: bool) -> None:
-    """A single output file (not a folder, so it carries no marker) that exists is replaced only with --force=true:
-    nothing tells whether worldboot wrote it."""
+def refuse_overwrite(path, force: bool, suffixes: tuple = ()) -> None:
+    """Check a single output file up front (not a folder, so it carries no marker): one that exists is replaced only
+    with --force=true (nothing tells whether worldboot wrote it); its folder must exist; `suffixes` are the file
+    types the writer can make (e.g. a PNG grid)."""
+    path = os.fspath(path)
     if os.path.exists(path) and not force:
         raise UserError(f"{path} exists: not overwriting it (--force=true replaces it, or choose another --out)")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder: --out names a file")
+    if suffixes and not path.lower().endswith(tuple(suffixes)):
+        raise UserError(f"--out={path}: must end with {' or '.join(suffixes)} (the file type written)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"--out={path}: the folder {parent} does not exist")
 
 
-def claim_dir(path, who: str, ours: tuple = ()) -> None:
-    """Make `path` a folder that `who` may write into. A folder that exists and is not empty must carry our
-    `.worldboot` marker (or one of the files named in `ours`, which only worldboot writes: folders written before
-    the marker existed); otherwise UserError, and nothing is written or deleted."""
+def check_dir(path, ours: tuple = (), force: bool | None = None) -> None:
+    """What claim_dir refuses, checked without writing anything (a script calls it before its long work): a folder
+    that is not ours, a path that is not a folder, a folder another live run holds the lock of."""
     path = os.fspath(path)
-    marker = os.path.join(path, MARKER)
-    if os.path.isdir(path) and not os.path.exists(marker):
-        there = [e for e in os.listdir(path) if e != MARKER + ".tmp"]  # (a claim that was killed half-way)
+    if os.path.isdir(path) and not is_ours(path):
+        there = [e for e in os.listdir(path) if not (e.startswith(MARKER) and e.endswith(".tmp"))]  # (a claim
+        # killed half-way)
         foreign = there and not any(os.path.exists(os.path.join(path, p)) for p in ours)
-        if foreign:
+        if foreign and not force:
+            how = "--force=true writes into it anyway, or choose" if force is not None else "choose"
             raise UserError(f"{path} exists and was not written by worldboot (no {MARKER} marker): not writing into "
-                            "it or deleting anything there; choose another folder")
+                            f"it or deleting anything there ({how} another folder)")
     elif os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} exists and is not a folder")
+    pid, job, holder = _lock_pid(os.path.join(path, LOCK))
+    if pid is not None and pid != os.getpid() and _alive(pid) and not (job and job == _job()):
+        raise UserError(f"{path} is being written by another run (PID {pid}: {holder}): one writer per folder; wait "
+                        "for it, stop it, or choose another folder")
+
+
+def claim_dir(path, who: str, ours: tuple = (), force: bool | None = None) -> None:
+    """Make `path` a folder that `who` may write into, and take its lock (lock_dir). A folder that exists and is not
+    empty must carry our marker, written when worldboot created it; otherwise UserError, and nothing is written or
+    deleted, unless `force` (the script's --force=true; None: it has none) claims it anyway. `ours`: files that
+    only reproduce.py writes, for its caches made before the marker existed."""
+    check_dir(path, ours, force)
     os.makedirs(path, exist_ok=True)
-    if not os.path.exists(marker):
-        atomic_write(marker, f"written by worldboot ({who})\n")
+    if not is_ours(path):
+        atomic_write(os.path.join(path, MARKER), f"written by worldboot ({who}): {' '.join(sys.argv)}\n")
+    lock_dir(path, who)
+
+
+# One writer per folder: a lock file made with O_EXCL holds the writer's PID; a lock whose process is gone (killed)
+# is stale, named and taken over. Held until the process ends (or common.run's main returns).
+_HELD: dict = {}  # lock file -> our PID
+
+
+def lock_dir(path, who: str) -> None:
+    lock = os.path.join(os.path.abspath(os.fspath(path)), LOCK)
+    if _HELD.get(lock) == os.getpid() and _lock_pid(lock)[0] == os.getpid():
+        return  # this process holds it already (reproduce.py, then train.py, on the same folder)
+    for _ in range(3):  # a stale lock taken over, then retried
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            check_dir(path)  # a live holder: refused
+            pid = _lock_pid(lock)[0]
+            print(f"warning: {lock}: stale lock of PID {pid} (no longer running), taken over", file=sys.stderr)
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {_job()} {who}: {' '.join(sys.argv)}\n")
+        _HELD[lock] = os.getpid()
+        return
+    raise UserError(f"{lock}: cannot take the lock (another run keeps taking it)")
+
+
+def _lock_pid(lock) -> tuple:
+    """(PID, job, command) of a lock's holder; (None, 0, "") when there is none."""
+    try:
+        with open(lock) as f:
+            pid, job, holder = f.read().split(" ", 2)
+        return int(pid), int(job), holder.strip()
+    except (OSError, ValueError):  # gone, or half-written by a writer killed at that instant
+        return None, 0, ""
+
+
+def _job() -> int:
+    """The ranks of one torchrun job are one writer (rank 0 writes, the others read its folder): they share the
+    launching agent, their parent process. 0 outside torchrun."""
+    return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ else 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def release_locks() -> None:
+    """Remove the locks this process holds (a lock inherited through fork() is the parent's: left alone). Called when
+    common.run's main returns, at exit, and at the end of a multiprocessing worker (reproduce.py's pools), whose
+    exit skips atexit."""
+    for lock, pid in list(_HELD.items()):
+        if pid == os.getpid() and _lock_pid(lock)[0] == pid:
+            try:
+                os.remove(lock)
+            except OSError:
+                pass
+        _HELD.pop(lock, None)
+
+
+atexit.register(release_locks)
+multiprocessing.util.Finalize(None, release_locks, exitpriority=0)

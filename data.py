@@ -52,9 +52,19 @@ class BenchmarkError(UserError):
     pass
 
 
+MAX_DATA_BYTES = 2**30  # a data JSON larger than this is refused before it is read (not a device or a pipe either)
+MAX_ASPECT = 64  # images more elongated are refused: resizing the short side to 512 px would make the long side
+# (a 1 x 1,000,000 PNG: 512,000,000 pixels) exhaust memory
+
+
 def read_records(path) -> list:
     """A JSON list (or a single JSON object per line); errors name the file and line."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise BenchmarkError(f"{path}: not a regular file (a folder, device or pipe): expected a JSON data file")
+    if path.is_file() and path.stat().st_size > MAX_DATA_BYTES:
+        raise BenchmarkError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB, more than the "
+                             f"{MAX_DATA_BYTES / 2**30:.0f} GiB a data file may have")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -212,6 +222,8 @@ def open_image(path_or_pil) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
+            if max(im.size) > MAX_ASPECT * max(1, min(im.size)):  # from the header, before decoding
+                raise UserError(f"{path}: {im.size[0]} x {im.size[1]} pixels, more elongated than {MAX_ASPECT}:1")
             im.load()  # decode now, so a truncated/corrupt file fails here with its name
             return im.copy()  # detached from the file handle
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

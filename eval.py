@@ -26,7 +26,7 @@ import torch
 
 import world
 from checkpoint import inference_device, load_model
-from common import UserError, arg, atomic_write, claim_dir, run
+from common import UserError, arg, atomic_write, check_dir, claim_dir, run
 from data import load_items, preprocess_image, to_pil
 from draw import save_triplet_grid
 from metrics import aggregate, bleu, item_scores, judge_items, llm_judge, llm_judge_config, rouge_l, world_judgeable
@@ -168,6 +168,7 @@ class EvalConfig:
     max_batch: int = arg(0, ">=0")  # sequences sampled or scored at once (0 = as many as the device's free memory
     # holds, at most 64: checkpoint.auto_batch; the sampled draws depend on it, so fix it to compare machines)
     out: str = arg("out/eval", "required")  # where the grid PNG and results.json go
+    force: bool = False  # write into --out although worldboot did not create it (replacing its files of our names)
 
 
 def main(argv=None):
@@ -175,6 +176,7 @@ def main(argv=None):
     needed = {"dm": ["dm"], "wm": ["wm"] + (["dm"] if cfg.n > 1 else [])}[cfg.task]
     if missing := [k for k in needed if not getattr(cfg, k)]:
         raise UserError(f"--task={cfg.task}" + (f" --n={cfg.n}" if cfg.n > 1 else "") + f" needs --{missing[0]}")
+    check_dir(cfg.out, force=cfg.force)  # before the long work: a folder not ours, or another run's, is refused
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir, inference_device())
@@ -183,15 +185,14 @@ def main(argv=None):
         raise UserError(f"{cfg.data}: no item has an 'output' image, so there is nothing to predict an action for")
     paths = [p for it in items for p in (it.input_path, it.output_path) if p]
     codes = encode_images(image_tok, paths, cfg.image_size)
-    claim_dir(cfg.out, "eval.py", ours=("results.json",))
+    dm = load_model(cfg.dm, role="dm", image_size=cfg.image_size, tok=tok)[0] if "dm" in needed else None
+    wm = load_model(cfg.wm, role="wm", image_size=cfg.image_size, tok=tok)[0] if cfg.task == "wm" else None
+    claim_dir(cfg.out, "eval.py", force=cfg.force)  # the inputs are good: now --out is written
     if cfg.task == "dm":
-        dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
         results, records = eval_dm(dm, tok, items, codes, max_batch=cfg.max_batch)
         print(markdown_table({"dynamics model": results}, ["action_acc", "bleu", "rougeL", "n"]))
         write_jsonl(os.path.join(cfg.out, "items.jsonl"), records)
     else:
-        wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
-        dm = load_model(cfg.dm, role="dm", image_size=cfg.image_size)[0] if cfg.n > 1 else None
         llm = llm_judge_config() if cfg.llm_judge else None
         res, images, records = eval_wm(wm, tok, image_tok, items, codes, dm, cfg.n, cfg.seed, cfg.temperature,
                                        cfg.top_k or None, cfg.cfg_scale or None, llm, cfg.max_batch)

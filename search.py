@@ -79,10 +79,10 @@ def best_of_n(wm, dm, tok, src_codes: torch.Tensor, actions: list[str], n: int, 
 
 def main(argv=None):
     cfg = parse_config(SearchConfig, argv, description="Best-of-N world-model sampling verified by the dynamics model.")
-    refuse_overwrite(cfg.out, cfg.force)
+    refuse_overwrite(cfg.out, cfg.force, (".png", ".jpg", ".jpeg", ".webp"))  # before the sampling
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir, inference_device())
-    wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size)
-    dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size)
+    wm, _ = load_model(cfg.wm, role="wm", image_size=cfg.image_size, tok=tok)
+    dm, _ = load_model(cfg.dm, role="dm", image_size=cfg.image_size, tok=tok)
     src = encode_images(image_tok, [cfg.image], cfg.image_size)[cfg.image][0][None]  # (1, L)
     g = torch.Generator().manual_seed(cfg.seed)
     cands, scores = best_of_n(wm, dm, tok, src, [cfg.action], cfg.n, cfg.temperature, cfg.top_k or None,

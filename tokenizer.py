@@ -43,6 +43,7 @@ from common import (
     parse_config,
     read_json,
     read_tensors,
+    refuse_overwrite,
     run,
     safetensors_files,
 )
@@ -550,13 +551,13 @@ def convert_vqgan_ckpt(ckpt: str | os.PathLike | Mapping, out_path: str | os.Pat
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-            raise ValueError(
+            raise UserError(
                 f"convert_vqgan_ckpt: torch.load(weights_only=True) refused {source}: it holds non-tensor Python "
                 f"objects ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Only if you trust the "
                 f"file: obj = torch.load(path, weights_only=False) and call convert_vqgan_ckpt(obj, out)") from e
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping):
-        raise ValueError(f"convert_vqgan_ckpt: {source} holds no state_dict mapping")
+        raise UserError(f"convert_vqgan_ckpt: {source} holds no state_dict mapping")
     out, dropped = {}, []
     for k, v in sd.items():
         if torch.is_tensor(v) and k.startswith(VQGAN_PREFIXES):
@@ -564,8 +565,8 @@ def convert_vqgan_ckpt(ckpt: str | os.PathLike | Mapping, out_path: str | os.Pat
         else:
             dropped.append(k)
     if not any(k.startswith("encoder.") for k in out):
-        raise ValueError(f"convert_vqgan_ckpt: no encoder.* tensors in {source}: not a VQGAN checkpoint")
-    save_file(out, str(out_path))
+        raise UserError(f"convert_vqgan_ckpt: no encoder.* tensors in {source}: not a VQGAN checkpoint")
+    atomic_write(out_path, lambda tmp: save_file(out, tmp))  # a kill leaves the old file or the new
     return {"kept": sorted(out), "dropped": sorted(dropped)}
 
 
@@ -791,10 +792,12 @@ class TextTokenizer:
         self._setup(source="<in-memory tokenizer>")
 
     def _setup(self, source: str) -> None:
+        self.source = source  # named in errors (checkpoint.check_tokenizer)
+        self.tok.encode_special_tokens = True  # text spelling "<s>" or "IMGIMGAZ" is text, never a control id
         vocab = self.tok.get_vocab(with_added_tokens=True)  # name -> id
         missing = [n for n in (BOS, PAD, EOS, BOI, EOI) if n not in vocab]
         if missing:
-            raise ValueError(f"tokenizer {source} lacks the special tokens {missing}")
+            raise UserError(f"tokenizer {source} lacks the special tokens {missing}")
         self.bos_id, self.pad_id, self.eos_id = vocab[BOS], vocab[PAD], vocab[EOS]
         self.boi_id, self.eoi_id = vocab[BOI], vocab[EOI]
         img = {}
@@ -803,13 +806,13 @@ class TextTokenizer:
             if c is not None:
                 img[c] = i
         if not img:
-            raise ValueError(f"tokenizer {source} has no image tokens (IMGIMG...Z)")
+            raise UserError(f"tokenizer {source} has no image tokens (IMGIMG...Z)")
         codes = sorted(img)
         self.n_image_codes = len(codes)
         self.image_offset = img[0] if 0 in img else -1
         # Models index image logits as one contiguous block [offset, offset + n), so insist on that layout.
         if codes != list(range(len(codes))) or any(img[c] != self.image_offset + c for c in codes):
-            raise ValueError(f"tokenizer {source}: image tokens are not a contiguous block of ids in code order")
+            raise UserError(f"tokenizer {source}: image tokens are not a contiguous block of ids in code order")
         # added tokens flagged special (all of ours), plus the named ones in case a file lists them only in the vocab
         added = self.tok.get_added_tokens_decoder()  # id -> AddedToken
         self.special_ids = {i for i, t in added.items() if t.special} | {vocab[n] for n in (BOS, PAD, EOS, BOI, EOI)}
@@ -845,7 +848,7 @@ class TextTokenizer:
         try:
             tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"cannot parse tokenizer file {path}: {e}") from e
+            raise UserError(f"cannot parse tokenizer file {path}: {str(e).splitlines()[0][:200]}") from None
         obj = cls.__new__(cls)
         obj.tok = tok
         obj._setup(source=path)
@@ -856,7 +859,7 @@ class TextTokenizer:
         self.tok.save(str(path))
 
     def encode(self, text: str) -> list[int]:
-        """Text -> ids, without bos/eos. (Text that literally spells a special token, e.g. "<s>", maps to it.)"""
+        """Text -> ids, without bos/eos. Text that spells a special token ("<s>", an image token) is encoded as text."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def is_image_id(self, i: int) -> bool:
@@ -889,12 +892,14 @@ class TextTokenizer:
 class ConvertArgs:
     ckpt: str = arg("", "required")  # path of vqgan.ckpt (a torch pickle with tensors under state_dict)
     out: str = arg("", "required")  # output .safetensors path
+    force: bool = False  # replace --out if it exists (otherwise refused: the file may not be ours)
 
 
 def main(argv=None):
     """Command line: convert the original Meta/Anole vqgan.ckpt so worldboot can decode Anole's image tokens."""
     args = parse_config(ConvertArgs, argv, description="Convert the original vqgan.ckpt (Meta/Anole) to safetensors. "
                         "Put the output next to an HF Chameleon/Anole checkpoint as vqgan_decoder.safetensors.")
+    refuse_overwrite(args.out, args.force, (".safetensors",))
     res = convert_vqgan_ckpt(args.ckpt, args.out)
     print(f"kept {len(res['kept'])} tensors, dropped {len(res['dropped'])} (e.g. {res['dropped'][:3]}) -> {args.out}")
 

@@ -41,17 +41,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import fsdp_full_state, has_checkpoint, load_model, read_meta, restore_training, save_checkpoint
+from checkpoint import (
+    check_fits,
+    fsdp_full_state,
+    has_checkpoint,
+    load_model,
+    read_meta,
+    restore_training,
+    save_checkpoint,
+)
 from common import (
     DTYPES,
     UserError,
+    append_line,
     arg,
     atomic_write,
     autocast,
+    check_dir,
     claim_dir,
     compute_dtype,
     interruptible,
     parse_config,
+    recover_dir,
     run,
 )
 from data import load_captions, load_items, preprocess_image
@@ -110,7 +121,8 @@ class TrainConfig:
     grad_checkpoint: bool = False  # recompute layer activations in backward (needed for 7B full fine-tuning)
     fsdp: bool = False  # torchrun only: shard weights, gradients and AdamW state over the ranks (FSDP2) instead of DDP
     resume: bool = False  # continue from out_dir/ckpt exactly where it stopped (the settings must be the same)
-    force: bool = False  # resume although settings changed, or start over in an out_dir that holds a checkpoint
+    force: bool = False  # resume although settings changed, start over in an out_dir that holds a checkpoint, or
+    # write into an out_dir that worldboot did not create (docs/reliability.md)
     stop_at: int = arg(0, ">=0")  # end this invocation after this step, checkpointed (fits a job's time limit); 0 =
     # run to the end
     max_len: int = arg(0, ">=0")  # truncate/limit sequences (0 = the model's max_seq_len)
@@ -319,6 +331,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
         if cfg.n_embd:
             overrides["n_embd"] = cfg.n_embd
         mcfg = ChameleonConfig.preset(cfg.preset, **overrides)
+        check_fits(mcfg, f"--preset={cfg.preset} --n_layer={cfg.n_layer} --n_embd={cfg.n_embd}")
         torch.manual_seed(cfg.seed)
         model = Chameleon(mcfg)
     elif cfg.init.startswith("hf:"):
@@ -329,7 +342,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, tok) -> tuple[Chameleon, Cham
         model = Chameleon.from_pretrained(cfg.init[3:], dtype=dtype)
         mcfg = model.config
     else:
-        model, _ = load_model(cfg.init)
+        model, _ = load_model(cfg.init, tok=tok)
         mcfg = model.config
     if mcfg.vocab_size < vocab_size:
         raise ValueError(f"model vocab {mcfg.vocab_size} is smaller than the tokenizer's {vocab_size}")
@@ -358,7 +371,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
         raise UserError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
                         "torchrun: run it under torchrun --nproc_per_node=N, or drop --fsdp")
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    _check_out_dir(cfg, ckpt_dir)
+    check_dir(cfg.out_dir, force=cfg.force)  # a folder not ours, or one another run writes: refused up front
+    _check_out_dir(cfg, ckpt_dir, tok)
     if model is None:
         model, mcfg = build_model(cfg, tok.vocab_size, tok)
     else:
@@ -376,7 +390,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
     if rank == 0:  # the inputs are good: now the out_dir is written
-        claim_dir(cfg.out_dir, "train.py", ours=("ckpt", "metrics.jsonl"))
+        claim_dir(cfg.out_dir, "train.py", force=cfg.force)
+        recover_dir(ckpt_dir)  # the writer (never a reader) finishes or undoes a save that was killed
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.fsdp:  # shards in place, so before the optimizer sees the parameters (DDP wraps below instead)
         fsdp_shard(model, cfg)
@@ -407,7 +422,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"{cfg.task}",
                disable=cfg.quiet or rank != 0, dynamic_ncols=True)
     t0 = time.time()
-    with interruptible(world == 1) as interrupted:  # Ctrl-C: save at the end of the step, then stop
+    with interruptible(world == 1) as interrupted:  # Ctrl-C, SIGTERM, SIGHUP: save at the end of the step, stop
         for step in bar:
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -436,7 +451,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
                             rec.update(evaluate(raw, step + 1))
             except Exception:
                 if rank == 0 and not cfg.fsdp:  # the trained weights of this step are not lost with the evaluation
-                    save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec)
+                    save_checkpoint(ckpt_dir, raw, cfg, mcfg, optimizer, step + 1, sampler, rec, tok)
                 raise
             history.append(rec)
             stop = bool(interrupted)  # Ctrl-C during this step
@@ -444,11 +459,10 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
             # under FSDP every rank joins the gather; rank 0 then writes the same files as without it
             to_save = fsdp_full_state(raw, optimizer, cfg) if save and cfg.fsdp else (raw, optimizer)
             if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_line(metrics_path, json.dumps(rec))
                 bar.set_postfix(loss=f"{loss:.3f}", **({"val": f"{rec['val_loss']:.3f}"} if "val_loss" in rec else {}))
                 if save:
-                    save_checkpoint(ckpt_dir, to_save[0], cfg, mcfg, to_save[1], step + 1, sampler, rec)
+                    save_checkpoint(ckpt_dir, to_save[0], cfg, mcfg, to_save[1], step + 1, sampler, rec, tok)
             if stop:
                 raise KeyboardInterrupt(f"stopped after step {step + 1}, saved in {ckpt_dir} (--resume=true continues)")
             if step + 1 == cfg.stop_at:
@@ -463,11 +477,14 @@ RESUME_FREE = {"resume", "force", "stop_at", "quiet", "out_dir", "data", "val_da
                "eval_every", "eval_items", "save_every", "grid_items"}
 
 
-def _check_out_dir(cfg: TrainConfig, ckpt_dir: str):
-    """Refuse to replace a checkpoint without --force, and to resume with other settings than it was made with."""
+def _check_out_dir(cfg: TrainConfig, ckpt_dir: str, tok):
+    """Refuse to replace a checkpoint without --force, and to resume with other settings or another tokenizer than
+    it was made with."""
+    if cfg.resume and not cfg.quiet and not has_checkpoint(ckpt_dir):  # a job's first run, or a typo
+        print(f"note: --resume=true, but {ckpt_dir} holds no checkpoint: starting at step 0")
     if not has_checkpoint(ckpt_dir) or (cfg.force and not cfg.resume):  # nothing there, or start over
         return
-    meta = read_meta(ckpt_dir)
+    meta = read_meta(ckpt_dir, tok if cfg.resume else None)
     if not cfg.resume and not cfg.force:
         raise UserError(f"{ckpt_dir} holds a checkpoint (step {meta['step']}): --resume=true continues it, "
                         "--force=true starts over and replaces it")

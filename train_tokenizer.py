@@ -122,6 +122,8 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     cfg.dtype = compute_dtype(cfg.dtype, cfg.device)
     paths = world_paths(cfg.data)
+    if missing := [p for p in paths.values() if not os.path.isfile(p)]:  # before the VQGAN's minutes of training
+        raise UserError(f"--data={cfg.data}: {missing[0]} missing (a folder written by world.py is expected)")
     claim_dir(cfg.out, "train_tokenizer.py")
     vq, vq_res = train_vq(cfg, torch.device(cfg.device), seed=cfg.seed)
     vq_res.update(check_vq(vq, cfg, paths))

@@ -22,9 +22,12 @@ LONG = "move the red circle " + "very " * 300 + "far left"
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_tok):
     """A workspace: tokenizers, a tiny labelled data set, DM and WM checkpoints, and broken variants of each."""
+    from safetensors.torch import load_file, save_file
+
     from checkpoint import save_checkpoint
+    from common import MARKER
     from model import Chameleon, ChameleonConfig
-    from tokenizer import ImageTokenizer, VQConfig
+    from tokenizer import ImageTokenizer, TextTokenizer, VQConfig
     from train import TrainConfig
 
     w = tmp_path_factory.mktemp("ws")
@@ -57,9 +60,12 @@ def ws(tmp_path_factory, tiny_tok):
                                   n_inner=64, max_seq_len=256, image_token_start=tiny_tok.image_offset,
                                   image_token_end=tiny_tok.image_offset + 16)
     for role in ("dm", "wm"):
-        save_checkpoint(str(w / role / "ckpt"), Chameleon(mcfg), TrainConfig(task=role, data="-"), mcfg, step=1)
+        (w / role).mkdir()
+        (w / role / MARKER).write_text("written by worldboot (train_dynamics.py)\n")  # as a training run leaves it
+        save_checkpoint(str(w / role / "ckpt"), Chameleon(mcfg), TrainConfig(task=role, data="-"), mcfg, step=1,
+                        tok=tiny_tok)
     for name in ("nometa", "trunc"):
-        save_checkpoint(str(w / name), Chameleon(mcfg), TrainConfig(task="wm", data="-"), mcfg, step=1)
+        save_checkpoint(str(w / name), Chameleon(mcfg), TrainConfig(task="wm", data="-"), mcfg, step=1, tok=tiny_tok)
     meta = json.loads((w / "nometa" / "meta.json").read_text())
     del meta["model_config"]
     (w / "nometa" / "meta.json").write_text(json.dumps(meta))
@@ -72,7 +78,30 @@ def ws(tmp_path_factory, tiny_tok):
     (w / "hfbad").mkdir()
     (w / "hfbad" / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
     (w / "hfbad" / "config.json").write_text('{"vq_config": {"embed_dim": 256,}')
+    for name, change in (("heads0", dict(n_head=0)), ("heads7", dict(n_head=7)), ("strwidth", dict(n_embd="32"))):
+        save_checkpoint(str(w / name), Chameleon(mcfg), TrainConfig(task="wm", data="-"), mcfg, step=1, tok=tiny_tok)
+        meta = json.loads((w / name / "meta.json").read_text())
+        meta["model_config"].update(change)  # tampered by hand
+        (w / name / "meta.json").write_text(json.dumps(meta))
+    for name, bad in (("nanw", lambda t: torch.full_like(t, float("nan"))), ("int8w", lambda t: t.to(torch.int8))):
+        save_checkpoint(str(w / name), Chameleon(mcfg), TrainConfig(task="wm", data="-"), mcfg, step=1, tok=tiny_tok)
+        state = load_file(w / name / "model.safetensors")
+        state["lm_head.weight"] = bad(state["lm_head.weight"])
+        save_file(state, w / name / "model.safetensors", metadata={"step": "1"})
+    (w / "truncjson" / "vq").mkdir(parents=True)  # a tokenizer.json cut short
+    for f in ("vq/config.json", "vq/model.safetensors"):
+        (w / "truncjson" / f).write_bytes((tok / f).read_bytes())
+    (w / "truncjson" / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes()[:500])
+    (w / "othertok" / "vq").mkdir(parents=True)  # the same image tokenizer, another text tokenizer
+    for f in ("vq/config.json", "vq/model.safetensors"):
+        (w / "othertok" / f).write_bytes((tok / f).read_bytes())
+    TextTokenizer.train(["a quite different corpus of words"] * 4, vocab_size=300, n_image_codes=16).save(
+        w / "othertok" / "tokenizer.json")
+    Image.new("RGB", (1, 1_000_000)).save(w / "tall.png")  # 1 x 1,000,000 pixels: a resize to 32 px would make 1 G
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}}, w / "vqgan.ckpt")
     (w / "foreign").mkdir()
+    (w / "userout").mkdir()
+    (w / "userout" / "results.json").write_text('{"mine": 1}')
     (w / "foreign" / "notes.txt").write_text("mine")
     (w / "aurora" / "images").mkdir(parents=True)
     (w / "aurora" / "train.json").write_text("[]")
@@ -153,6 +182,23 @@ CASES = [  # (script, argv, text the message must contain)
     ("reproduce", ["--preset=smoke", "--out={ws}/foreign"], "not written by worldboot"),
     ("train_dynamics", [DATA, *TRAIN[:2], "--out_dir={ws}/foreign", "--batch_size=4"], "not written by worldboot"),
     ("train_dynamics", [DATA, *TRAIN[:2], "--out_dir={ws}/dm", "--batch_size=4"], "holds a checkpoint"),
+    ("eval", [*EVAL[:4], "--out={ws}/userout"], "not written by worldboot"),  # a folder holding results.json
+    ("tokenizer", ["--ckpt={ws}/vqgan.ckpt", "--out={ws}/data/train.json"], "train.json exists"),
+    # tampered checkpoints, tokenizers that do not match, values that used to load silently
+    ("search", ["--wm={ws}/heads0", *SEARCH[1:]], "n_head must be > 0"),
+    ("search", ["--wm={ws}/heads7", *SEARCH[1:]], "n_head 7"),
+    ("search", ["--wm={ws}/strwidth", *SEARCH[1:]], "n_embd must be int"),
+    ("search", ["--wm={ws}/nanw", *SEARCH[1:]], "lm_head.weight holds NaN"),
+    ("search", ["--wm={ws}/int8w", *SEARCH[1:]], "lm_head.weight holds torch.int8"),
+    ("search", [*SEARCH[:2], "--tokenizer_dir={ws}/truncjson", *SEARCH[3:]], "truncjson/tokenizer.json"),
+    ("search", [*SEARCH[:2], "--tokenizer_dir={ws}/othertok", *SEARCH[3:]], "trained with another tokenizer"),
+    ("eval", [*EVAL[:2], "--tokenizer_dir={ws}/othertok", *EVAL[3:]], "othertok/tokenizer.json"),
+    # sizes checked before anything is allocated, outputs before any long work
+    ("train_dynamics", ["--data=/dev/zero", *TRAIN], "/dev/zero: not a regular file"),
+    ("search", [*SEARCH[:3], "--image={ws}/tall.png", *SEARCH[4:]], "tall.png: 1 x 1000000 pixels"),
+    ("train_dynamics", [DATA, *TRAIN[:1], "--init=scratch", *TRAIN[2:], "--n_embd=100000"], "--n_embd=100000"),
+    ("search", [*SEARCH[:5], "--out={ws}/cwd/x.txt"], "x.txt: must end with .png"),
+    ("train_tokenizer", ["--data={ws}/cwd", "--out={ws}/cwd/tok"], "train.json missing"),
     # single output files that exist (a user's file must not be replaced without --force)
     ("bootstrap", ["--dm={ws}/dm/ckpt", "--out={ws}/data/train.json"], "train.json exists"),
     ("search", [*SEARCH[:5], "--out={ws}/data/train.json"], "train.json exists"),

@@ -126,3 +126,96 @@ def test_ctrl_c_saves_at_the_next_step_and_stops(tiny_tok, tmp_path):
     finally:
         signal.signal(signal.SIGINT, before)
     assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 1
+
+
+def fork(fn) -> int:
+    """Run fn() in a forked child (a signal that ends the process ends only the child); its PID. The child exits 0
+    when fn returns, 130 on KeyboardInterrupt, 2 on a UserError, 1 on another error."""
+    from common import UserError, release_locks
+
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn()
+            code = 0
+        except KeyboardInterrupt:
+            code = 130
+        except UserError:
+            code = 2
+        finally:
+            release_locks()  # what the end of a process does (os._exit skips it)
+            os._exit(code)
+    return pid
+
+
+def exit_code(pid: int) -> int:
+    """The exit code of a forked child; -N when signal N ended it."""
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_save_at_the_next_step_and_stop(tiny_tok, tmp_path, sig):
+    """What `kill`, `timeout`, `docker stop` and SLURM send: saved like Ctrl-C, not lost."""
+    tok, ex = tiny_tok, examples(tiny_tok)
+
+    def send(model, step):
+        os.kill(os.getpid(), getattr(signal, sig))
+        return {}
+
+    code = exit_code(fork(lambda: train(cfg(tmp_path, eval_every=1, save_every=0), ex, tok, val_examples=ex,
+                                        evaluate=send, model=tiny_model(tok))))
+    assert code == 130, code  # (before: killed by the signal, -15 / -1, nothing saved)
+    assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 1
+    model, _ = train(cfg(tmp_path, resume=True), ex, tok, model=tiny_model(tok, seed=99))
+    ref, _ = train(cfg(tmp_path / "ref"), ex, tok, model=tiny_model(tok))
+    assert torch.equal(model.lm_head.weight, ref.lm_head.weight)  # resumed = uninterrupted
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_two_writers_on_one_folder_one_is_refused_naming_the_other(tiny_tok, tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from common import UserError
+
+    tok, ex = tiny_tok, examples(tiny_tok)
+
+    def slow(model, step):
+        time.sleep(0.3)  # both runs are in their loops at the same time
+        return {}
+
+    errors = tmp_path.parent / f"{tmp_path.name}.err"  # what the refused run said (outside the folder compared)
+
+    def race():
+        try:
+            train(cfg(tmp_path, eval_every=1), ex, tok, val_examples=ex, evaluate=slow, model=tiny_model(tok))
+        except UserError as e:
+            errors.write_text(str(e))
+            raise
+
+    pids = [fork(race) for _ in range(2)]
+    codes = sorted(exit_code(p) for p in pids)
+    assert "being written by another run (PID" in errors.read_text()
+    assert codes == [0, 2], codes  # one ran, the other was refused naming the holder's PID
+    assert [json.loads(r)["step"] for r in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]  # not interleaved
+    assert not os.path.exists(tmp_path / ".worldboot.lock")  # released when the run ended
+
+    # a holder that stays: refused up front, naming it; once it is killed, its lock is stale and taken over
+    out = tmp_path / "held"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {root!r}); import common; "
+                               f"common.claim_dir({str(out)!r}, 'holder'); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"PID {holder.pid}"):
+            train(cfg(out), ex, tok, model=tiny_model(tok))
+    finally:
+        holder.kill()
+        holder.wait()
+    train(cfg(out), ex, tok, model=tiny_model(tok))
+    assert f"stale lock of PID {holder.pid}" in capsys.readouterr().err
