@@ -455,3 +455,73 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
          "eq2_by_motion": motion_rows, "eq2_selection": selection,
          "replicates": reps}, indent=1))
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The premise sections (docs/premise.md): power per contrast, the foundation report card, the label arms. They are
+# placed before the Setup section by reproduce.py, so they do not enter the tables hash.
+
+Z95, POWER80 = 1.959964, 2.8  # a 95% interval's half-width in standard errors; 1.96 + 0.84 (80% power, 5% level)
+# The paper's effect sizes (0-10 GPT-4o score; PAPER.md), by the start of the report's contrast and its metric:
+# (what starts with, metric, effect, where it comes from)
+PAPER_EFFECTS = (
+    ("synthetic data (CE loss)", "score", 0.09, "ablation: - synthetic data"),
+    ("bootstrapping with DM-labelled video", "score", 0.09, "ablation: - synthetic data"),
+    ("the recognition-weighted loss", "score", 0.15, "ablation: - weighting"),
+    ("the recognition-weighted loss", "success", 0.34, "weighted 3.71 vs standard 3.37 success"),
+    ("the full method", "score", 0.41, "C-FDM 3.67 vs C-FT 3.26"),
+    ("DM-verified best-of-", "score", 0.17, "best-of-3: +0.17 (C-FDM) to +0.22 (C-FT)"),
+)
+
+
+def power_rows(found: list[dict], replicates: int) -> list[dict]:
+    """Per contrast (report.contrasts): the standard error of its mean difference read off the 95% paired-bootstrap
+    interval ((hi - lo) / 3.92), the minimum detectable effect at 80% power and a two-sided 5% level (2.8 x SE), the
+    paper's effect where it gives one, the replicates it would take to resolve that effect (SE shrinks as
+    1 / sqrt(replicates): each brings its own world and items), and whether a "not shown" could not have shown it."""
+    rows = []
+    for c in found:
+        se = (c["hi"] - c["lo"]) / (2 * Z95)
+        paper = next(((e, src) for start, m, e, src in PAPER_EFFECTS
+                      if c["what"].startswith(start) and c["metric"] == m), (None, ""))
+        need = math.ceil(replicates * (POWER80 * se / paper[0]) ** 2) if paper[0] else None
+        rows.append({"what": c["what"], "metric": c["metric"], "diff": c["diff"], "se": se, "mde": POWER80 * se,
+                     "paper": paper[0], "paper_source": paper[1], "replicates_needed": need,
+                     "could_not_show": bool(paper[0]) and verdict(c) == "not shown" and POWER80 * se > paper[0]})
+    return rows
+
+
+def power_section(S: list[dict], ns: list[int]) -> list[str]:
+    """The report's power lines: power_rows of every contrast of the Findings table."""
+    rows = power_rows(contrasts(S, ns), len(S))
+    L = ["## Power: what this run could have shown", "",
+         f"Per finding: the minimum detectable effect (MDE) at this run's {len(S)} replicate(s), 2.8 x the standard "
+         "error of the paired bootstrap (80% power, two-sided 5%); the paper's effect where it gives one (GPT-4o "
+         "0-10 score, carried over as is; the paper's best-of-N is N=3, ours the largest N); the replicates that "
+         "would resolve it. A \"not shown\" whose MDE exceeds the paper's effect is one this run could not have shown.",
+         "", "| finding | metric | A − B | MDE | paper's effect | replicates to resolve it | |",
+         "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = f"{r['paper']:+.2f} ({r['paper_source']})" if r["paper"] else "-"
+        L.append(f"| {r['what']} | {r['metric']} | {r['diff']:+.2f} | {r['mde']:.2f} | {paper} | "
+                 f"{r['replicates_needed'] if r['replicates_needed'] else '-'} | "
+                 f"{'could not have shown the paper effect' if r['could_not_show'] else ''} |")
+    return L + [""]
+
+
+def card_section(cards: list[dict]) -> list[str]:
+    """The foundation report card (foundation.report_card), one column per replicate and the mean."""
+    keys = (("caption_exact", "zero-shot captioning, exact scene (validation)"),
+            ("draw_exact", "zero-shot drawing, exact scene (validation)"),
+            ("gen_share", "generation share of pre-training loss tokens"),
+            ("target_types", "train-instruction token types that were pre-training targets"),
+            ("target_tokens", "train-instruction tokens (occurrences) that were pre-training targets"),
+            ("image_head_tokens", "loss tokens of the image-head stage"), ("loss_tokens", "pre-training loss tokens"))
+    L = ["## Foundation report card (the pre-trained model, before any fine-tuning)", "",
+         "The criteria a faithful foundation meets are in docs/experiments/premise_criteria.md.", "",
+         "| | " + " | ".join(f"rep{r}" for r in range(len(cards))) + " | mean |", "|---|" + "---|" * (len(cards) + 1)]
+    for k, label in keys:
+        vals = [c.get(k) for c in cards]
+        if any(v is not None for v in vals):
+            L.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in vals) + f" | {fmt(vals)} |")
+    return L + [""]

@@ -1,0 +1,120 @@
+"""Tests of the premise machinery: the pre-training's generation share and text corpus, the image-head stage, the
+foundation report card's measurements, the label arms' writers and the power lines (docs/premise.md)."""
+
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ACTIONS, tiny_model
+
+import arms
+import foundation
+import world
+from report import power_rows
+from train import TrainConfig, pretrain_examples, train
+
+
+def caption_items(n, length=16):
+    """n fake (image, caption) items and their VQ codes (length image tokens each, codes in [0, 16))."""
+    g = torch.Generator().manual_seed(0)
+    items = [SimpleNamespace(id=f"c{i}", input_path=f"img{i}.png", instruction=ACTIONS[i % len(ACTIONS)])
+             for i in range(n)]
+    return items, {f"img{i}.png": (torch.randint(0, 16, (length,), generator=g), None) for i in range(n)}
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.25, 0.5, 0.9])
+def test_generation_share_is_what_was_asked_in_loss_tokens(tiny_tok, share):
+    items, codes = caption_items(60)
+    ex = pretrain_examples(items, codes, tiny_tok, share, texts=["the red circle made a move up"] * 7)
+    assert abs(foundation.generation_share(ex, tiny_tok) - share) <= 0.02
+
+
+def test_default_pretraining_is_both_directions_per_caption(tiny_tok):
+    """gen_share -1 (the default) builds exactly the examples it always did: caption, then drawing, per item."""
+    items, codes = caption_items(5)
+    ex = pretrain_examples(items, codes, tiny_tok)
+    assert len(ex) == 10 and all(not any(tiny_tok.is_image_id(i) for i, w in zip(*ex[k]) if w)
+                                 for k in range(0, 10, 2))
+    assert all(all(tiny_tok.is_image_id(i) for i, w in zip(*ex[k]) if w) for k in range(1, 10, 2))
+    texts = pretrain_examples(items, codes, tiny_tok, texts=["one more sentence"])[-1]
+    assert sum(texts[1]) == len(tiny_tok.encode(" one more sentence")) + 1  # every token and <eos>
+
+
+def test_target_coverage_counts_instruction_tokens(tiny_tok):
+    items, codes = caption_items(6)
+    ex = pretrain_examples(items[:1], codes, tiny_tok, 0.0)  # one caption: ACTIONS[0] only
+    cov = foundation.target_coverage(ex, [ACTIONS[0]], tiny_tok)
+    assert cov == {"target_types": 1.0, "target_tokens": 1.0}
+    cov = foundation.target_coverage(ex, [ACTIONS[0], ACTIONS[1]], tiny_tok)
+    assert 0 < cov["target_types"] < 1 and 0 < cov["target_tokens"] < 1
+
+
+def test_image_head_trains_only_the_image_rows_of_lm_head(tiny_tok, tmp_path):
+    items, codes = caption_items(8, length=4)
+    model = tiny_model(tiny_tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(task="image_head", out_dir=str(tmp_path), steps=4, batch_size=4, lr=1e-2, warmup=1,
+                      eval_every=0, save_every=0, quiet=True)
+    model, _ = train(cfg, pretrain_examples(items, codes, tiny_tok, 1.0), tiny_tok, model=model)
+    after = model.state_dict()
+    lo, hi = model.config.image_token_start, model.config.image_token_end
+    for k, v in before.items():
+        if k != "lm_head.weight":
+            assert torch.equal(after[k], v), k  # bit-identical
+    head = after["lm_head.weight"]
+    assert torch.equal(head[:lo], before["lm_head.weight"][:lo]) and torch.equal(head[hi:],
+                                                                                 before["lm_head.weight"][hi:])
+    assert not torch.equal(head[lo:hi], before["lm_head.weight"][lo:hi])
+
+
+def synthetic_from_world(tmp_path):
+    """A small world and a synthetic.json of every changed video pair with made-up labels, as bootstrap writes."""
+    paths = world.build(tmp_path / "data", world.WorldConfig(n_train=7, n_val=7, n_test=7, n_comp=7, n_videos=4,
+                                                             n_captions=2))
+    hidden = json.loads(open(paths["videos_hidden"]).read())
+    items = []
+    for vid, h in sorted(hidden.items()):
+        for st in h["steps"]:
+            if not st["hold"]:
+                items.append({"id": f"syn{len(items):06d}", "input": f"data/videos/{vid}/{st['t'] - 1:03d}.png",
+                              "output": f"data/videos/{vid}/{st['t']:03d}.png", "task": "synthetic",
+                              "instruction": random.Random(len(items)).choice(ACTIONS), "verb": "x", "score": 0.0,
+                              "source": vid})
+    syn = tmp_path / "synthetic.json"
+    syn.write_text(json.dumps(items))
+    return paths, hidden, str(syn), items
+
+
+def test_oracle_labels_are_the_hidden_actions_and_shuffled_a_permutation(tmp_path):
+    paths, hidden, syn, items = synthetic_from_world(tmp_path)
+    res = arms.write_oracle(syn, paths["videos_hidden"], str(tmp_path / "arms" / "oracle.json"))
+    oracle = json.loads(open(res["path"]).read())
+    assert res["holds"] == 0 and len(oracle) == len(items) > 5
+    for o, it in zip(oracle, items):
+        vid, t = it["source"], int(it["output"][-7:-4])
+        assert o["instruction"] == hidden[vid]["steps"][t - 1]["instruction"]
+        scenes = [world.Scene.from_json(s) for s in hidden[vid]["scenes"][t - 1 : t + 1]]
+        assert world.consistent(scenes[0], world.parse_action(o["instruction"]), scenes[1])
+        assert os.path.exists(tmp_path / "arms" / o["input"])  # image paths relative to the new file
+    res = arms.write_shuffled(syn, str(tmp_path / "arms" / "shuffled.json"), seed=1)
+    shuffled = json.loads(open(res["path"]).read())
+    assert sorted(s["instruction"] for s in shuffled) == sorted(it["instruction"] for it in items)
+    assert [s["instruction"] for s in shuffled] != [it["instruction"] for it in items]
+    assert [s["output"] for s in shuffled] == [o["output"] for o in oracle]  # the same pairs
+    again = arms.write_shuffled(syn, str(tmp_path / "arms" / "again.json"), seed=1)
+    assert json.loads(open(again["path"]).read()) == shuffled
+
+
+def test_power_rows_minimum_detectable_effect_and_replicates_needed():
+    c = {"what": "synthetic data (CE loss) improves the WM", "metric": "score", "diff": 0.05, "lo": -0.25,
+         "hi": 0.35, "per_replicate": [0.05, 0.1, 0.0]}
+    (row,) = power_rows([c], replicates=3)
+    se = 0.6 / (2 * 1.959964)
+    assert row["mde"] == pytest.approx(2.8 * se) and row["paper"] == 0.09
+    assert row["replicates_needed"] == int(-(-3 * (2.8 * se / 0.09) ** 2 // 1))
+    assert row["could_not_show"]  # not shown, and the paper's effect is below what the run could detect
+    (row,) = power_rows([{**c, "what": "the DM solves more items than the WM (C-FT) learns to"}], 3)
+    assert row["paper"] is None and row["replicates_needed"] is None
