@@ -100,6 +100,16 @@ def zero_shot_drawings(model, tok, image_tok, items, codes: dict, seed: int = 0,
     return [{"id": it.id, "exact": e} for it, e in zip(items, exact)]
 
 
+def trained_fraction(model, task: str) -> float:
+    """The share of the model's weights that trained: LoRA adapters over the frozen model (the adapters not counted
+    in the total), or lm_head's image rows for the image-head stage."""
+    total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    if task == "image_head":
+        c = model.config
+        return (c.image_token_end - c.image_token_start) * c.n_embd / total
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) / total
+
+
 def report_card(model, tok, image_tok, items, codes: dict, examples, instructions: list[str], seed: int = 0,
                 temperature: float = 1.0) -> dict:
     """The card of one pre-trained model (module docstring): `items` the validation items (with source scenes),

@@ -484,7 +484,7 @@ def power_rows(found: list[dict], replicates: int) -> list[dict]:
         se = (c["hi"] - c["lo"]) / (2 * Z95)
         paper = next(((e, src) for start, m, e, src in PAPER_EFFECTS
                       if c["what"].startswith(start) and c["metric"] == m), (None, ""))
-        need = math.ceil(replicates * (POWER80 * se / paper[0]) ** 2) if paper[0] else None
+        need = max(1, math.ceil(replicates * (POWER80 * se / paper[0]) ** 2)) if paper[0] else None
         rows.append({"what": c["what"], "metric": c["metric"], "diff": c["diff"], "se": se, "mde": POWER80 * se,
                      "paper": paper[0], "paper_source": paper[1], "replicates_needed": need,
                      "could_not_show": bool(paper[0]) and verdict(c) == "not shown" and POWER80 * se > paper[0]})
@@ -521,7 +521,39 @@ def card_section(cards: list[dict]) -> list[str]:
          "The criteria a faithful foundation meets are in docs/experiments/premise_criteria.md.", "",
          "| | " + " | ".join(f"rep{r}" for r in range(len(cards))) + " | mean |", "|---|" + "---|" * (len(cards) + 1)]
     for k, label in keys:
-        vals = [c.get(k) for c in cards]
+        vals, digits = [c.get(k) for c in cards], 0 if k.endswith("tokens") and "target" not in k else 3
         if any(v is not None for v in vals):
-            L.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.3g}" for v in vals) + f" | {fmt(vals)} |")
+            L.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.{digits}f}" for v in vals)
+                     + f" | {fmt(vals, digits)} |")
     return L + [""]
+
+
+def arms_section(S: list[dict]) -> list[str]:
+    """The label arms (reproduce.py --label_arms): WMs on the same kept video pairs with the DM's, the world's true
+    (oracle) and shuffled labels, beside the labelled-only WM, as paired contrasts of the test score."""
+    def arm(name):  # [replicate][item] scores in the test order
+        return [[rec.get("score", float("nan")) for rec in (r["arms"][name[1:]]["items"] if name[0] == "@"
+                                                            else r["items"]["wm"][name])] for r in S]
+
+    rows = (("the most the videos can give", "oracle labels", "labelled only", "@oracle", "C-FT"),
+            ("the cost of label noise", "DM labels", "oracle labels", "labelled + synthetic", "@oracle"),
+            ("the DM's labels carry information", "DM labels", "shuffled labels", "labelled + synthetic", "@shuffled"),
+            ("volume without information", "shuffled labels", "labelled only", "@shuffled", "C-FT"))
+    L = ["## Synthetic data in parts: the same kept video pairs with other labels", "",
+         "Each WM trains on the labelled triplets plus the DM's kept video pairs (plain CE), labelled by the DM, by "
+         "the world's hidden true actions (oracle) or by the DM's labels permuted over the pairs (shuffled); "
+         "labelled only is C-FT. Test score, paired over items and replicates.", "",
+         "| contrast | A | B | mean A | mean B | A − B | 95% interval | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for what, la, lb, a, b in rows:
+        iv = paired_interval(arm(a), arm(b))
+        L.append(f"| {what} | {la} | {lb} | {iv['mean_a']:.2f} | {iv['mean_b']:.2f} | {iv['diff']:+.2f} | "
+                 f"[{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {verdict(iv)} |")
+    return L + [""]
+
+
+def premise_sections(reps: list[dict], ns: list[int]) -> list[str]:
+    """The premise's report sections for reproduce.py: the foundation card, the power lines and, when run, the label
+    arms."""
+    S = [rep["R"] for rep in reps]
+    return (card_section([rep["card"] for rep in reps]) + power_section(S, ns)
+            + (arms_section(S) if all("arms" in r for r in S) else []))

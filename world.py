@@ -802,6 +802,16 @@ def withhold(items: list, idents=(), verbs=()) -> list:
     return [it for it in items if not shows(act(it))]
 
 
+def withheld_idents(text: str, check: bool = False):
+    """--withhold "green circle,red square" -> [("green", "circle"), ("red", "square")]; with check=True what is
+    wrong with the text (a flag's rule), or None."""
+    idents = [tuple(p.split()) for p in text.split(",") if p.strip()]
+    bad = next((" ".join(i) for i in idents if i not in IDENTS), None)
+    if check:
+        return None if bad is None else f"comma-separated object types such as 'green circle' (not {bad!r})"
+    return idents
+
+
 def split_leaks(data: dict, cfg) -> dict:
     """What the splits of `generate`'s output show that they should hold out (every count is 0 for `generate`;
     tests/test_world.py asserts it):

@@ -118,3 +118,37 @@ def test_power_rows_minimum_detectable_effect_and_replicates_needed():
     assert row["could_not_show"]  # not shown, and the paper's effect is below what the run could detect
     (row,) = power_rows([{**c, "what": "the DM solves more items than the WM (C-FT) learns to"}], 3)
     assert row["paper"] is None and row["replicates_needed"] is None
+
+
+def test_premise_flags_change_only_the_hashes_they_should(tmp_path):
+    """At their defaults the premise's flags leave every stage hash as before they existed (old caches stay valid;
+    the hashes below were computed before the flags existed); the foundation's flags retrain the pre-training and
+    all after it, not the tokenizers; the adaptation's flags retrain the fine-tuning only."""
+    import dataclasses
+
+    from reproduce import ReproConfig, Stages
+
+    base = Stages(tmp_path, ReproConfig())
+    before = {"vq": "a011ed0d7798", "bpe": "cfc968f60d92", "pretrain": "56fcfb773b82", "dm": "eba5f59e2e9a",
+              "wm_ce": "eba5f59e2e9a", "finetune": "352fa0d5c1d6"}
+    assert {n: base.hash(n) for n in before} == before
+    for kw in (dict(gen_share=0.1), dict(narrations=100), dict(image_head_steps=10)):
+        s = Stages(tmp_path, dataclasses.replace(ReproConfig(), **kw))
+        assert all(s.hash(n) != base.hash(n) for n in ("pretrain", "dm", "wm_ce", "finetune", "card"))
+        assert all(s.hash(n) == base.hash(n) for n in ("vq", "bpe")), kw
+    for kw in (dict(lora_r=1), dict(wm_steps_ratio=4), dict(withhold="green circle")):
+        s = Stages(tmp_path, dataclasses.replace(ReproConfig(), **kw))
+        assert all(s.hash(n) != base.hash(n) for n in ("dm", "wm_ce", "finetune")), kw
+        assert all(s.hash(n) == base.hash(n) for n in ("vq", "bpe", "pretrain", "card")), kw
+
+
+def test_lora_and_step_ratio_reach_the_fine_tuning_configs():
+    import dataclasses
+
+    from reproduce import ReproConfig, train_cfg
+
+    cfg = dataclasses.replace(ReproConfig(), lora_r=1, lora_alpha=2.0, lora_lr=1e-2)
+    dm, pre = train_cfg(cfg, "dm", "dm", 100, 0), train_cfg(cfg, "pretrain", "pretrain", 100, 0)
+    assert (dm.lora_r, dm.lora_alpha, dm.lr) == (1, 2.0, 1e-2) and (pre.lora_r, pre.lr) == (0, cfg.lr)
+    plain = train_cfg(ReproConfig(), "dm", "dm", 100, 0)  # the default: the checkpoints' recorded config as before
+    assert (plain.lora_r, plain.lora_alpha, plain.lr) == (0, TrainConfig.lora_alpha, ReproConfig.lr)
