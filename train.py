@@ -570,6 +570,7 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).")
     if cfg.task not in ("pretrain", "image_head"):
         raise UserError("train.py trains --task=pretrain or image_head; use train_dynamics.py / train_world.py")
+    texts = read_json(cfg.texts, "--texts") if cfg.texts else []  # (read before the long encoding)
     if cfg.threads:  # before the encoding, whose codes depend on it too
         torch.set_num_threads(cfg.threads)
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
@@ -577,7 +578,6 @@ def main(argv=None):
     val = load_captions(cfg.val_data) if cfg.val_data else []
     codes = encode_images(image_tok, [it.input_path for it in items + val], cfg.image_size)
     share = 1.0 if cfg.task == "image_head" else cfg.gen_share
-    texts = read_json(cfg.texts, "--texts") if cfg.texts else []
     train(cfg, pretrain_examples(items, codes, tok, share, texts), tok,
           pretrain_examples(val, codes, tok, share) if val else None,
           names=[it.id for it in items for _ in range(2)] if share == -1 and not texts else None)

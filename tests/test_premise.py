@@ -152,3 +152,26 @@ def test_lora_and_step_ratio_reach_the_fine_tuning_configs():
     assert (dm.lora_r, dm.lora_alpha, dm.lr) == (1, 2.0, 1e-2) and (pre.lora_r, pre.lr) == (0, cfg.lr)
     plain = train_cfg(ReproConfig(), "dm", "dm", 100, 0)  # the default: the checkpoints' recorded config as before
     assert (plain.lora_r, plain.lora_alpha, plain.lr) == (0, TrainConfig.lora_alpha, ReproConfig.lr)
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_with_every_premise_flag(tmp_path):
+    """The premise's regime end to end at the smoke preset: the card measures what was asked (generation share,
+    every instruction token a target), the image-head and LoRA runs record their trained share, the DM trains a
+    quarter of the WM's steps on the labelled set minus what it withholds, and the report has its sections."""
+    import reproduce
+
+    out = tmp_path / "out"
+    reproduce.main(["--preset=smoke", f"--out={out}", "--gen_share=0.1", "--narrations=200", "--image_head_steps=10",
+                    "--image_head_items=50", "--lora_r=1", "--wm_steps_ratio=4", "--withhold=green circle,red square",
+                    "--label_arms"])
+    stage = lambda name: json.loads((out / "rep0" / "stages" / f"{name}.json").read_text())["result"]
+    card = stage("card")
+    assert abs(card["gen_share"] - 0.1) <= 0.02 and card["target_types"] == 1.0 and card["image_head_tokens"] > 0
+    assert 0 < stage("image_head")["trained_fraction"] < 0.1 and 0 < stage("dm")["trained_fraction"] < 0.03
+    rows = lambda run: (out / "rep0" / run / "metrics.jsonl").read_text().splitlines()
+    assert len(rows("dm")) * 4 == len(rows("wm_ce")) == 20
+    assert stage("dm")["examples"] < 56  # the smoke preset's 56 labelled triplets minus the withheld ones
+    report = (out / "report.md").read_text()
+    for heading in ("Foundation report card", "Power: what this run could have shown", "Synthetic data in parts"):
+        assert heading in report
