@@ -557,3 +557,24 @@ def premise_sections(reps: list[dict], ns: list[int]) -> list[str]:
     S = [rep["R"] for rep in reps]
     return (card_section([rep["card"] for rep in reps]) + power_section(S, ns)
             + (arms_section(S) if all("arms" in r for r in S) else []))
+
+
+def dose_response(outs: list[str], png: str) -> list[str]:
+    """Finding 1 as a dose-response (docs/experiments/premise_criteria.md): one reproduce.py output folder per cell
+    (a generation share x an adaptation), read from its results.json; returns a Markdown table of the DM - WM gap in
+    solved test items per cell (paired interval, verdict, the measured generation share from the foundation cards)
+    and draws the gap against the measured share, one line per adaptation, to `png` (bands: +- one standard error)."""
+    rows, series = [], {}
+    for out in outs:
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+        cfg, (c,) = res["config"], [c for c in res["findings"] if c["metric"] == "solved"][:1]
+        share = statistics.fmean(rep["card"]["gen_share"] for rep in res["replicates"])
+        adapt = f"LoRA r={cfg['lora_r']}" if cfg.get("lora_r") else "full fine-tuning"
+        rows.append(f"| {out} | {share:.2f} | {adapt} | {len(res['replicates'])} | {c['mean_a']:.2f} | "
+                    f"{c['mean_b']:.2f} | {c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | {verdict(c)} |")
+        series.setdefault(adapt, []).append((round(100 * share), c["diff"], (c["hi"] - c["lo"]) / (2 * Z95)))
+    curve_png({k: sorted(v) for k, v in series.items()}, png, "DM - WM solved", xlog=False,
+              title="finding 1: DM - WM solved (test) vs generation share of pre-training (%)")
+    return ["| cell | generation share | adaptation | replicates | DM solved | WM solved | DM − WM | 95% interval "
+            "| verdict |", "|---|---|---|---|---|---|---|---|---|", *rows, "", f"![dose-response]({png})", ""]

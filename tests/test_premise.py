@@ -175,3 +175,22 @@ def test_reproduce_smoke_with_every_premise_flag(tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("Foundation report card", "Power: what this run could have shown", "Synthetic data in parts"):
         assert heading in report
+
+
+def test_dose_response_reads_cells_and_draws(tmp_path):
+    from report import dose_response
+
+    outs = []
+    for k, (share, lora) in enumerate([(0.69, 0), (0.1, 0), (0.69, 1), (0.1, 1)]):
+        out = tmp_path / f"cell{k}"
+        out.mkdir()
+        gap = 0.1 * k - 0.1
+        (out / "results.json").write_text(json.dumps({
+            "config": {"lora_r": lora}, "replicates": [{"card": {"gen_share": share}}] * 3,
+            "findings": [{"what": "the DM solves ...", "metric": "solved", "diff": gap, "lo": gap - 0.1,
+                          "hi": gap + 0.1, "per_replicate": [gap] * 3, "mean_a": 0.5 + gap, "mean_b": 0.5}]}))
+        outs.append(str(out))
+    lines = dose_response(outs, str(tmp_path / "dose.png"))
+    assert len([row for row in lines if row.startswith(f"| {tmp_path}")]) == 4
+    assert "| 0.10 | LoRA r=1 | 3 |" in lines[5] and lines[5].endswith("| shown |")
+    assert os.path.getsize(tmp_path / "dose.png") > 0
