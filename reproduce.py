@@ -70,7 +70,7 @@ from train import (
 from train_dynamics import dm_examples
 from train_tokenizer import check_vq, train_bpe, train_vq
 from train_world import generate_targets, recognition_weights, wm_examples
-from world import withheld_idents
+from world import parse_withhold
 
 
 @dataclass
@@ -167,7 +167,8 @@ class ReproConfig:
     wm_steps_ratio: int = 1  # the WM's steps over the DM's (paper: 4, 40 epochs against 10): every WM trains
     # ft_steps, the DM ft_steps / this
     withhold: str = ""  # coverage option: object types ("green circle,red square") that no labelled triplet changes
-    # or names, though the test asks about them and the videos show them (world.withhold); "" = off
+    # or names, and verbs ("swap": every verb of its change class) none shows, though the test asks about them and
+    # the videos show them (world.withhold); "" = off
     label_arms: bool = False  # also WMs on the labelled triplets plus the DM's kept video pairs labelled by the
     # world's hidden actions (oracle) and by a seeded permutation of the DM's labels (shuffled), scored on test
 
@@ -183,7 +184,7 @@ class ReproConfig:
         search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1", weight_norm=("image", "batch"),
         nuisance="0..1", gen_share=lambda v: None if v == -1 or 0 <= v < 1 else "-1 or in [0, 1)",
         narrations=">=0", image_head_steps=">=0", image_head_items=">=1", lora_r=">=0", lora_alpha=">0",
-        lora_lr=">=0", wm_steps_ratio=">=1", withhold=lambda v: withheld_idents(v, check=True))
+        lora_lr=">=0", wm_steps_ratio=">=1", withhold=lambda v: parse_withhold(v, check=True))
 
     @property
     def own_foundation_dtype(self) -> str | None:
@@ -264,7 +265,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
                 done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
     if cfg.withhold:  # the coverage option: the labelled triplets lose what the videos still show
-        data = {**data, "train": world.withhold(data["train"], withheld_idents(cfg.withhold))}
+        data = {**data, "train": world.withhold(data["train"], *parse_withhold(cfg.withhold))}
     jobs.tok = tok
     # The next replicate's stages 1-4 run in one background process while this one fine-tunes. Until then they
     # would have only one core (one thread per process); from here on they take a share of two. Their results are

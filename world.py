@@ -802,14 +802,16 @@ def withhold(items: list, idents=(), verbs=()) -> list:
     return [it for it in items if not shows(act(it))]
 
 
-def withheld_idents(text: str, check: bool = False):
-    """--withhold "green circle,red square" -> [("green", "circle"), ("red", "square")]; with check=True what is
-    wrong with the text (a flag's rule), or None."""
-    idents = [tuple(p.split()) for p in text.split(",") if p.strip()]
-    bad = next((" ".join(i) for i in idents if i not in IDENTS), None)
+def parse_withhold(text: str, check: bool = False):
+    """--withhold "green circle,red square,swap" -> ([("green", "circle"), ("red", "square")], ["swap"]): the object
+    types and verbs `withhold` takes; with check=True what is wrong with the text (a flag's rule), or None."""
+    parts = [tuple(p.split()) for p in text.split(",") if p.strip()]
+    verbs = [p[0] for p in parts if len(p) == 1 and p[0] in VERBS]
+    idents = [p for p in parts if p in IDENTS]
+    bad = next((" ".join(p) for p in parts if p not in IDENTS and not (len(p) == 1 and p[0] in VERBS)), None)
     if check:
-        return None if bad is None else f"comma-separated object types such as 'green circle' (not {bad!r})"
-    return idents
+        return None if bad is None else f"comma-separated object types ('green circle') or verbs ('swap'), not {bad!r}"
+    return idents, verbs
 
 
 def split_leaks(data: dict, cfg) -> dict:

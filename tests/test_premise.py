@@ -194,3 +194,14 @@ def test_dose_response_reads_cells_and_draws(tmp_path):
     assert len([row for row in lines if row.startswith(f"| {tmp_path}")]) == 4
     assert "| 0.10 | LoRA r=1 | 3 |" in lines[5] and lines[5].endswith("| shown |")
     assert os.path.getsize(tmp_path / "dose.png") > 0
+
+
+def test_withhold_flag_takes_object_types_and_verbs():
+    assert world.parse_withhold("green circle, red square,swap") == ([("green", "circle"), ("red", "square")],
+                                                                     ["swap"])
+    assert world.parse_withhold("green circle,swap", check=True) is None
+    assert "blue blob" in world.parse_withhold("blue blob", check=True)
+    with pytest.raises(SystemExit):
+        import reproduce
+
+        reproduce.parse_config(reproduce.ReproConfig, ["--withhold=jump"], presets=reproduce.PRESETS)
