@@ -551,12 +551,35 @@ def arms_section(S: list[dict]) -> list[str]:
     return L + [""]
 
 
-def premise_sections(reps: list[dict], ns: list[int]) -> list[str]:
-    """The premise's report sections for reproduce.py: the foundation card, the power lines and, when run, the label
-    arms."""
+def criteria_rows(cfg, reps: list[dict]) -> list[tuple[str, str, str, bool]]:
+    """The fidelity criteria of docs/experiments/premise_criteria.md (C1-C7), read off the foundation cards (mean
+    over the replicates), the DM's trained share of the weights and the step ratio: (criterion, value, threshold,
+    met)."""
+    mean = lambda k: statistics.fmean(rep["card"].get(k, float("nan")) for rep in reps)
+    cap, draw, head = mean("caption_exact"), mean("draw_exact"), mean("image_head_tokens")
+    lora = statistics.fmean(rep["runs"].get("dm", {}).get("trained_fraction", 1.0) for rep in reps)
+    return [("C1 captioning well above drawing", f"{cap:.2f} vs {draw:.2f}", ">= 2x and >= +0.10",
+             cap >= 2 * draw and cap - draw >= 0.10),
+            ("C2 image output works", f"{draw:.2f}", ">= 0.05", draw >= 0.05),
+            ("C3 instruction token types that were targets", f"{mean('target_types'):.3f}", "1.0",
+             mean("target_types") == 1.0),
+            ("C4 generation share of pre-training", f"{mean('gen_share'):.2f}", "<= 0.25", mean("gen_share") <= 0.25),
+            ("C5 image-head stage small", "no stage" if math.isnan(head) else f"{head / mean('loss_tokens'):.2f}",
+             "<= 0.10 of pre-training's loss tokens", not math.isnan(head) and head <= 0.10 * mean("loss_tokens")),
+            ("C6 trained share of the DM's weights", f"{100 * lora:.2f}%", "0.28% .. 1.14%", 0.0028 <= lora <= 0.0114),
+            ("C7 WM steps over DM steps", str(cfg.wm_steps_ratio), "4", cfg.wm_steps_ratio == 4)]
+
+
+def premise_sections(cfg, reps: list[dict], ns: list[int]) -> list[str]:
+    """The premise's report sections for reproduce.py: the foundation card with the fidelity criteria, the power
+    lines and, when run, the label arms."""
     S = [rep["R"] for rep in reps]
-    return (card_section([rep["card"] for rep in reps]) + power_section(S, ns)
-            + (arms_section(S) if all("arms" in r for r in S) else []))
+    crit = criteria_rows(cfg, reps)
+    L = card_section([rep["card"] for rep in reps])
+    L += [f"Fidelity to the paper's setting ({sum(c[3] for c in crit)} of {len(crit)} criteria met):", "",
+          "| criterion | this run | threshold | met |", "|---|---|---|---|",
+          *[f"| {c} | {v} | {t} | {'yes' if m else 'no'} |" for c, v, t, m in crit], ""]
+    return L + power_section(S, ns) + (arms_section(S) if all("arms" in r for r in S) else [])
 
 
 def dose_response(outs: list[str], png: str) -> list[str]:

@@ -247,7 +247,7 @@ def main(argv=None):
     ns = [int(n) for n in cfg.search_n.split(",")]
     report = write_report(cfg, ns, reps, time.time() - t_start,
                           {**provenance(cfg, device, runs), "command": command}, selection,
-                          time_table(cfg, reps, clock, device) + premise_sections(reps, ns))
+                          time_table(cfg, reps, clock, device) + premise_sections(cfg, reps, ns))
     clock.bar.close()
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 

@@ -13,7 +13,7 @@ from conftest import ACTIONS, tiny_model
 import arms
 import foundation
 import world
-from report import power_rows
+from report import criteria_rows, power_rows
 from train import TrainConfig, pretrain_examples, train
 
 
@@ -205,3 +205,17 @@ def test_withhold_flag_takes_object_types_and_verbs():
         import reproduce
 
         reproduce.parse_config(reproduce.ReproConfig, ["--withhold=jump"], presets=reproduce.PRESETS)
+
+
+def test_criteria_rows_on_a_faithful_and_on_todays_regime():
+    from reproduce import ReproConfig
+
+    card = dict(caption_exact=0.6, draw_exact=0.2, target_types=1.0, gen_share=0.1, loss_tokens=1000.0,
+                image_head_tokens=50.0)
+    rep = {"card": card, "runs": {"dm": {"trained_fraction": 0.0092}}}
+    faithful = ReproConfig(wm_steps_ratio=4)
+    assert all(met for *_, met in criteria_rows(faithful, [rep, rep]))
+    today = {"card": dict(card, caption_exact=0.3, gen_share=0.69, target_types=0.6, image_head_tokens=float("nan")),
+             "runs": {"dm": {}}}
+    assert [met for *_, met in criteria_rows(ReproConfig(), [today])] == [False, True, False, False, False, False,
+                                                                           False]
