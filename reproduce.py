@@ -164,6 +164,8 @@ class ReproConfig:
     # weights is logged and stored with each run)
     lora_alpha: float = 2.0  # LoRA scale numerator (the paper's alpha / r = 2 at r = 1)
     lora_lr: float = 0.0  # peak learning rate of LoRA fine-tuning (0 = --lr)
+    lora_lr_wm: float = 0.0  # the WMs' own LoRA learning rate (0 = --lora_lr): each model's is chosen on its own
+    # validation loss
     wm_steps_ratio: int = 1  # the WM's steps over the DM's (paper: 4, 40 epochs against 10): every WM trains
     # ft_steps, the DM ft_steps / this
     withhold: str = ""  # coverage option: object types ("green circle,red square") that no labelled triplet changes
@@ -184,7 +186,7 @@ class ReproConfig:
         search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1", weight_norm=("image", "batch"),
         nuisance="0..1", gen_share=lambda v: None if v == -1 or 0 <= v < 1 else "-1 or in [0, 1)",
         narrations=">=0", image_head_steps=">=0", image_head_items=">=1", lora_r=">=0", lora_alpha=">0",
-        lora_lr=">=0", wm_steps_ratio=">=1", withhold=lambda v: parse_withhold(v, check=True))
+        lora_lr=">=0", lora_lr_wm=">=0", wm_steps_ratio=">=1", withhold=lambda v: parse_withhold(v, check=True))
 
     @property
     def own_foundation_dtype(self) -> str | None:
@@ -757,7 +759,8 @@ SHARED_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "n_train", "n
                "n_comp", "n_captions", "vq_downsample", "vq_codes", "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr",
                "gen_share", "narrations", "image_head_steps", "image_head_items")  # (the last: the foundation)
-ADAPT_KEYS = ("lora_r", "lora_alpha", "lora_lr", "wm_steps_ratio", "withhold")  # how DM and WMs are fine-tuned
+# how DM and WMs are fine-tuned
+ADAPT_KEYS = ("lora_r", "lora_alpha", "lora_lr", "lora_lr_wm", "wm_steps_ratio", "withhold")
 # The premise's settings enter a hash only away from their defaults, so the caches made before they existed stay valid
 PREMISE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReproConfig) if f.name in SHARED_KEYS[-4:]
                     + ADAPT_KEYS}
@@ -840,8 +843,9 @@ def foundation(cfg: ReproConfig) -> ReproConfig:
 
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, quiet: bool = False, **kw) -> TrainConfig:
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha) if cfg.lora_r and task in ("dm", "wm") else {}
+    lora_lr = (cfg.lora_lr_wm if task == "wm" else 0.0) or cfg.lora_lr or cfg.lr
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
-                       lr=cfg.lora_lr or cfg.lr if lora else cfg.lr, warmup=max(1, steps // 10), **lora, seed=seed,
+                       lr=lora_lr if lora else cfg.lr, warmup=max(1, steps // 10), **lora, seed=seed,
                        eval_every=0, save_every=max(50, steps // 4), resume=True, quiet=quiet, n_layer=cfg.n_layer,
                        n_embd=cfg.n_embd, dtype=cfg.dtype, threads=cfg.threads, **kw)
 

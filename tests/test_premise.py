@@ -150,6 +150,8 @@ def test_lora_and_step_ratio_reach_the_fine_tuning_configs():
     cfg = dataclasses.replace(ReproConfig(), lora_r=1, lora_alpha=2.0, lora_lr=1e-2)
     dm, pre = train_cfg(cfg, "dm", "dm", 100, 0), train_cfg(cfg, "pretrain", "pretrain", 100, 0)
     assert (dm.lora_r, dm.lora_alpha, dm.lr) == (1, 2.0, 1e-2) and (pre.lora_r, pre.lr) == (0, cfg.lr)
+    assert train_cfg(cfg, "wm_ce", "wm", 100, 0).lr == 1e-2
+    assert train_cfg(dataclasses.replace(cfg, lora_lr_wm=3e-2), "wm_ce", "wm", 100, 0).lr == 3e-2
     plain = train_cfg(ReproConfig(), "dm", "dm", 100, 0)  # the default: the checkpoints' recorded config as before
     assert (plain.lora_r, plain.lora_alpha, plain.lr) == (0, TrainConfig.lora_alpha, ReproConfig.lr)
 
