@@ -481,6 +481,152 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The premise sections (docs/premise.md): power per contrast, the foundation report card, the label arms. They are
+# placed before the Setup section by reproduce.py, so they do not enter the tables hash.
+
+Z95, POWER80 = 1.959964, 2.8  # a 95% interval's half-width in standard errors; 1.96 + 0.84 (80% power, 5% level)
+# The paper's effect sizes (0-10 GPT-4o score; PAPER.md), by the start of the report's contrast and its metric:
+# (what starts with, metric, effect, where it comes from)
+PAPER_EFFECTS = (
+    ("synthetic data (CE loss)", "score", 0.09, "ablation: - synthetic data"),
+    ("bootstrapping with DM-labelled video", "score", 0.09, "ablation: - synthetic data"),
+    ("the recognition-weighted loss", "score", 0.15, "ablation: - weighting"),
+    ("the recognition-weighted loss", "success", 0.34, "weighted 3.71 vs standard 3.37 success"),
+    ("the full method", "score", 0.41, "C-FDM 3.67 vs C-FT 3.26"),
+    ("DM-verified best-of-", "score", 0.17, "best-of-3: +0.17 (C-FDM) to +0.22 (C-FT)"),
+)
+
+
+def power_rows(found: list[dict], replicates: int) -> list[dict]:
+    """Per contrast (report.contrasts): the standard error of its mean difference read off the 95% paired-bootstrap
+    interval ((hi - lo) / 3.92), the minimum detectable effect at 80% power and a two-sided 5% level (2.8 x SE), the
+    paper's effect where it gives one, the replicates it would take to resolve that effect (SE shrinks as
+    1 / sqrt(replicates): each brings its own world and items), and whether a "not shown" could not have shown it."""
+    rows = []
+    for c in found:
+        se = (c["hi"] - c["lo"]) / (2 * Z95)
+        paper = next(((e, src) for start, m, e, src in PAPER_EFFECTS
+                      if c["what"].startswith(start) and c["metric"] == m), (None, ""))
+        need = max(1, math.ceil(replicates * (POWER80 * se / paper[0]) ** 2)) if paper[0] else None
+        rows.append({"what": c["what"], "metric": c["metric"], "diff": c["diff"], "se": se, "mde": POWER80 * se,
+                     "paper": paper[0], "paper_source": paper[1], "replicates_needed": need,
+                     "could_not_show": bool(paper[0]) and verdict(c) == "not shown" and POWER80 * se > paper[0]})
+    return rows
+
+
+def power_section(S: list[dict], ns: list[int]) -> list[str]:
+    """The report's power lines: power_rows of every contrast of the Findings table."""
+    rows = power_rows(contrasts(S, ns), len(S))
+    L = ["## Power: what this run could have shown", "",
+         f"Per finding: the minimum detectable effect (MDE) at this run's {len(S)} replicate(s), 2.8 x the standard "
+         "error of the paired bootstrap (80% power, two-sided 5%); the paper's effect where it gives one (GPT-4o "
+         "0-10 score, carried over as is; the paper's best-of-N is N=3, ours the largest N); the replicates that "
+         "would resolve it. A \"not shown\" whose MDE exceeds the paper's effect is one this run could not have shown.",
+         "", "| finding | metric | A − B | MDE | paper's effect | replicates to resolve it | |",
+         "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = f"{r['paper']:+.2f} ({r['paper_source']})" if r["paper"] else "-"
+        L.append(f"| {r['what']} | {r['metric']} | {r['diff']:+.2f} | {r['mde']:.2f} | {paper} | "
+                 f"{r['replicates_needed'] if r['replicates_needed'] else '-'} | "
+                 f"{'could not have shown the paper effect' if r['could_not_show'] else ''} |")
+    return L + [""]
+
+
+def card_section(cards: list[dict]) -> list[str]:
+    """The foundation report card (foundation.report_card), one column per replicate and the mean."""
+    keys = (("caption_exact", "zero-shot captioning, exact scene (validation)"),
+            ("draw_exact", "zero-shot drawing, exact scene (validation)"),
+            ("gen_share", "generation share of pre-training loss tokens"),
+            ("target_types", "train-instruction token types that were pre-training targets"),
+            ("target_tokens", "train-instruction tokens (occurrences) that were pre-training targets"),
+            ("image_head_tokens", "loss tokens of the image-head stage"), ("loss_tokens", "pre-training loss tokens"))
+    L = ["## Foundation report card (the pre-trained model, before any fine-tuning)", "",
+         "The criteria a faithful foundation meets are in docs/experiments/premise_criteria.md.", "",
+         "| | " + " | ".join(f"rep{r}" for r in range(len(cards))) + " | mean |", "|---|" + "---|" * (len(cards) + 1)]
+    for k, label in keys:
+        vals, digits = [c.get(k) for c in cards], 0 if k.endswith("tokens") and "target" not in k else 3
+        if any(v is not None for v in vals):
+            L.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.{digits}f}" for v in vals)
+                     + f" | {fmt(vals, digits)} |")
+    return L + [""]
+
+
+def arms_section(S: list[dict]) -> list[str]:
+    """The label arms (reproduce.py --label_arms): WMs on the same kept video pairs with the DM's, the world's true
+    (oracle) and shuffled labels, beside the labelled-only WM, as paired contrasts of the test score."""
+    def arm(name):  # [replicate][item] scores in the test order
+        return [[rec.get("score", float("nan")) for rec in (r["arms"][name[1:]]["items"] if name[0] == "@"
+                                                            else r["items"]["wm"][name])] for r in S]
+
+    rows = (("the most the videos can give", "oracle labels", "labelled only", "@oracle", "C-FT"),
+            ("the cost of label noise", "DM labels", "oracle labels", "labelled + synthetic", "@oracle"),
+            ("the DM's labels carry information", "DM labels", "shuffled labels", "labelled + synthetic", "@shuffled"),
+            ("volume without information", "shuffled labels", "labelled only", "@shuffled", "C-FT"))
+    L = ["## Synthetic data in parts: the same kept video pairs with other labels", "",
+         "Each WM trains on the labelled triplets plus the DM's kept video pairs (plain CE), labelled by the DM, by "
+         "the world's hidden true actions (oracle) or by the DM's labels permuted over the pairs (shuffled); "
+         "labelled only is C-FT. Test score, paired over items and replicates.", "",
+         "| contrast | A | B | mean A | mean B | A − B | 95% interval | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for what, la, lb, a, b in rows:
+        iv = paired_interval(arm(a), arm(b))
+        L.append(f"| {what} | {la} | {lb} | {iv['mean_a']:.2f} | {iv['mean_b']:.2f} | {iv['diff']:+.2f} | "
+                 f"[{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {verdict(iv)} |")
+    return L + [""]
+
+
+def criteria_rows(cfg, reps: list[dict]) -> list[tuple[str, str, str, bool]]:
+    """The fidelity criteria of docs/experiments/premise_criteria.md (C1-C7), read off the foundation cards (mean
+    over the replicates), the DM's trained share of the weights and the step ratio: (criterion, value, threshold,
+    met)."""
+    mean = lambda k: statistics.fmean(rep["card"].get(k, float("nan")) for rep in reps)
+    cap, draw, head = mean("caption_exact"), mean("draw_exact"), mean("image_head_tokens")
+    lora = statistics.fmean(rep["runs"].get("dm", {}).get("trained_fraction", 1.0) for rep in reps)
+    return [("C1 captioning well above drawing", f"{cap:.2f} vs {draw:.2f}", ">= 2x and >= +0.10",
+             cap >= 2 * draw and cap - draw >= 0.10),
+            ("C2 image output works", f"{draw:.2f}", ">= 0.05", draw >= 0.05),
+            ("C3 instruction token types that were targets", f"{mean('target_types'):.3f}", "1.0",
+             mean("target_types") == 1.0),
+            ("C4 generation share of pre-training", f"{mean('gen_share'):.2f}", "<= 0.25", mean("gen_share") <= 0.25),
+            ("C5 image-head stage small", "no stage" if math.isnan(head) else f"{head / mean('loss_tokens'):.2f}",
+             "<= 0.10 of pre-training's loss tokens", not math.isnan(head) and head <= 0.10 * mean("loss_tokens")),
+            ("C6 trained share of the DM's weights", f"{100 * lora:.2f}%", "0.28% .. 1.14%", 0.0028 <= lora <= 0.0114),
+            ("C7 WM steps over DM steps", str(cfg.wm_steps_ratio), "4", cfg.wm_steps_ratio == 4)]
+
+
+def premise_sections(cfg, reps: list[dict], ns: list[int]) -> list[str]:
+    """The premise's report sections for reproduce.py: the foundation card with the fidelity criteria, the power
+    lines and, when run, the label arms."""
+    S = [rep["R"] for rep in reps]
+    crit = criteria_rows(cfg, reps)
+    L = card_section([rep["card"] for rep in reps])
+    L += [f"Fidelity to the paper's setting ({sum(c[3] for c in crit)} of {len(crit)} criteria met):", "",
+          "| criterion | this run | threshold | met |", "|---|---|---|---|",
+          *[f"| {c} | {v} | {t} | {'yes' if m else 'no'} |" for c, v, t, m in crit], ""]
+    return L + power_section(S, ns) + (arms_section(S) if all("arms" in r for r in S) else [])
+
+
+def dose_response(outs: list[str], png: str) -> list[str]:
+    """Finding 1 as a dose-response (docs/experiments/premise_criteria.md): one reproduce.py output folder per cell
+    (a generation share x an adaptation), read from its results.json; returns a Markdown table of the DM - WM gap in
+    solved test items per cell (paired interval, verdict, the measured generation share from the foundation cards)
+    and draws the gap against the measured share, one line per adaptation, to `png` (bands: +- one standard error)."""
+    rows, series = [], {}
+    for out in outs:
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+        cfg, (c,) = res["config"], [c for c in res["findings"] if c["metric"] == "solved"][:1]
+        share = statistics.fmean(rep["card"]["gen_share"] for rep in res["replicates"])
+        adapt = f"LoRA r={cfg['lora_r']}" if cfg.get("lora_r") else "full fine-tuning"
+        rows.append(f"| {out} | {share:.2f} | {adapt} | {len(res['replicates'])} | {c['mean_a']:.2f} | "
+                    f"{c['mean_b']:.2f} | {c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | {verdict(c)} |")
+        series.setdefault(adapt, []).append((round(100 * share), c["diff"], (c["hi"] - c["lo"]) / (2 * Z95)))
+    curve_png({k: sorted(v) for k, v in series.items()}, png, "DM - WM solved", xlog=False,
+              title="finding 1: DM - WM solved (test) vs generation share of pre-training (%)")
+    return ["| cell | generation share | adaptation | replicates | DM solved | WM solved | DM − WM | 95% interval "
+            "| verdict |", "|---|---|---|---|---|---|---|---|---|", *rows, "", f"![dose-response]({png})", ""]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Your run against the reference run of its arithmetic (committed under docs/reference/)
 
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "reference")

@@ -48,6 +48,7 @@ from typing import ClassVar
 import torch
 from tqdm import tqdm
 
+import arms
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import has_checkpoint, load_model
@@ -55,7 +56,8 @@ from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_
 from data import load_captions, load_items, open_image, preprocess_image
 from draw import save_grid
 from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
-from report import provenance, time_table, write_items, write_report
+from foundation import loss_targets, report_card, trained_fraction
+from report import premise_sections, provenance, time_table, write_items, write_report
 from search import MAX_N, best_of_n
 from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
 from train import (
@@ -68,6 +70,7 @@ from train import (
 from train_dynamics import dm_examples
 from train_tokenizer import check_vq, train_bpe, train_vq
 from train_world import generate_targets, recognition_weights, wm_examples
+from world import parse_withhold
 
 
 @dataclass
@@ -150,6 +153,28 @@ class ReproConfig:
     nuisance: float = 0.0  # video-like frames (world.WorldConfig.nuisance, 0 = pixel-exact, 1 = the levels of
     # docs/log.md's Eq. 2 entry): every image of the world, the VQGAN's training images included, gets sensor
     # noise, a brightness/contrast change and a sub-pixel camera shift of its own
+    # --- the premise (docs/premise.md; criteria in docs/experiments/premise_criteria.md). Every default leaves the
+    # regime, its stage hashes and its numbers as they were
+    gen_share: float = -1.0  # pre-training's share of loss tokens on caption -> image (train.py --gen_share); -1 =
+    # both directions for every caption (~0.69 on the laptop preset)
+    narrations: int = 0  # text-only narrations of scene changes added to pre-training (world.narrations: every word
+    # of the instructions in other sentences, no images); 0 = none
+    image_head_steps: int = 0  # steps of the image-head stage after pre-training (as Anole: only lm_head's image
+    # rows train, on caption -> image; everything else frozen); 0 = none
+    image_head_items: int = 1000  # the captions the image-head stage draws (the first ones: a small set)
+    lora_r: int = 0  # LoRA rank of every DM and WM fine-tuning (0 = full fine-tuning; the trained share of the
+    # weights is logged and stored with each run)
+    lora_alpha: float = 2.0  # LoRA scale numerator (the paper's alpha / r = 2 at r = 1)
+    lora_lr: float = 0.0  # peak learning rate of LoRA fine-tuning (0 = --lr)
+    lora_lr_wm: float = 0.0  # the WMs' own LoRA learning rate (0 = --lora_lr): each model's is chosen on its own
+    # validation loss
+    wm_steps_ratio: int = 1  # the WM's steps over the DM's (paper: 4, 40 epochs against 10): every WM trains
+    # ft_steps, the DM ft_steps / this
+    withhold: str = ""  # coverage option: object types ("green circle,red square") that no labelled triplet changes
+    # or names, and verbs ("swap": every verb of its change class) none shows, though the test asks about them and
+    # the videos show them (world.withhold); "" = off
+    label_arms: bool = False  # also WMs on the labelled triplets plus the DM's kept video pairs labelled by the
+    # world's hidden actions (oracle) and by a seeded permutation of the DM's labels (shuffled), scored on test
 
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
@@ -161,7 +186,9 @@ class ReproConfig:
                                                  ">=1"),
         vq_downsample=(2, 4, 8, 16), vq_codes=">=2", vq_warmup=">=0", lr=">0", boot_samples=">=0",
         search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1", weight_norm=("image", "batch"),
-        nuisance="0..1")
+        nuisance="0..1", gen_share=lambda v: None if v == -1 or 0 <= v < 1 else "-1 or in [0, 1)",
+        narrations=">=0", image_head_steps=">=0", image_head_items=">=1", lora_r=">=0", lora_alpha=">0",
+        lora_lr=">=0", lora_lr_wm=">=0", wm_steps_ratio=">=1", withhold=lambda v: parse_withhold(v, check=True))
 
     @property
     def own_foundation_dtype(self) -> str | None:
@@ -221,9 +248,10 @@ def main(argv=None):
         if sel is not None:  # the reading of Eq. 2 chosen on replicate 0's validation split holds for all
             cfg, selection = dataclasses.replace(cfg, weight_norm=sel["norm"], weight_mix=sel["mix"]), sel["evidence"]
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
-    report = write_report(cfg, [int(n) for n in cfg.search_n.split(",")], reps, time.time() - t_start,
+    ns = [int(n) for n in cfg.search_n.split(",")]
+    report = write_report(cfg, ns, reps, time.time() - t_start,
                           {**provenance(cfg, device, runs), "command": command}, selection,
-                          time_table(cfg, reps, clock, device))
+                          time_table(cfg, reps, clock, device) + premise_sections(cfg, reps, ns))
     clock.bar.close()
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
@@ -236,10 +264,12 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
     amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
-    jobs = Jobs(rcfg, stages, None, device, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
+    jobs = Jobs(rcfg, stages, None, device, init=os.path.join(rcfg.out, foundation_folder(cfg), "ckpt"))
     P = prepare(rcfg, r, device, jobs, ahead.result() if ahead is not None else None,
                 done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
+    if cfg.withhold:  # the coverage option: the labelled triplets lose what the videos still show
+        data = {**data, "train": world.withhold(data["train"], *parse_withhold(cfg.withhold))}
     jobs.tok = tok
     # The next replicate's stages 1-4 run in one background process while this one fine-tunes. Until then they
     # would have only one core (one thread per process); from here on they take a share of two. Their results are
@@ -263,9 +293,12 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead |
         write_items(rcfg.out, R["items"], R["controls"])
     else:
         clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
+    if cfg.label_arms:
+        R = {**R, "arms": stages.get("arms") or stages.put("arms", label_arms(rcfg, r, jobs, P["paths"], data,
+                                                                             image_tok, tok, P["wcfg"]))}
     jobs.close()
     runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
-    return {"tok": P["tok_res"], "zs": P["zs"], "base": P["base"], "R": R, "runs": runs}, chosen, nxt
+    return {"tok": P["tok_res"], "zs": P["zs"], "base": P["base"], "R": R, "runs": runs, "card": P["card"]}, chosen, nxt
 
 
 def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs | None = None, encoded: dict | None = None,
@@ -287,16 +320,19 @@ def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs | None = None, encoded:
     done("data, tokenizers (VQGAN; world and BPE beside it), encoding", 2)
     pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch",
                         quiet=quiet)  # 3.
-    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg,
-                                 pretrain_examples(data["captions"], data["cache"], tok), tok, device)
+    texts = world.narrations(wcfg, cfg.narrations) if cfg.narrations else []
+    examples = pretrain_examples(data["captions"], data["cache"], tok, cfg.gen_share, texts)
+    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, examples, tok, device)
+    pretrained, head_tokens = image_head(cfg, stages, pretrained, data, tok, device, r, quiet)
     done("pre-training")
     with autocast(cfg.dtype, device.type):
         zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
+        card = foundation_card(cfg, stages, pretrained, tok, image_tok, data, examples, head_tokens)
     base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
                                                                         wcfg.image_size))
     done("zero-shot evaluation, baselines")
     return {"paths": paths, "wcfg": wcfg, "image_tok": image_tok, "tok": tok, "tok_res": tok_res, "data": data,
-            "zs": zs, "base": base}
+            "zs": zs, "base": base, "card": card}
 
 
 class Ahead:
@@ -421,6 +457,62 @@ def zero_shot(stages: Stages, pretrained, tok, image_tok, data: dict, temperatur
     return zs
 
 
+def foundation_folder(cfg: ReproConfig) -> str:
+    """The model every DM and WM starts from: the pre-trained one, or after it the image-head stage's."""
+    return "image_head" if cfg.image_head_steps else "pretrain"
+
+
+def image_head(cfg: ReproConfig, stages: Stages, pretrained, data: dict, tok, device, r: int, quiet: bool = False):
+    """3b. --image_head_steps: Anole's repair of image output: only lm_head's image rows train (train.py
+    --task=image_head), on the first --image_head_items captions drawn (caption -> image), everything else frozen.
+    Returns (the model to fine-tune from, the stage's loss tokens or None)."""
+    if not cfg.image_head_steps:
+        return pretrained, None
+    ex = pretrain_examples(data["captions"][: cfg.image_head_items], data["cache"], tok, 1.0)
+    hcfg = train_cfg(foundation(cfg), "image_head", "image_head", cfg.image_head_steps, seed=2000 + r, quiet=quiet)
+    model, _ = run_training(cfg, stages, "image_head", hcfg, ex, tok, device,
+                            init=os.path.join(cfg.out, "pretrain", "ckpt"))
+    return model, sum(w for _, w in loss_targets(ex))
+
+
+def foundation_card(cfg: ReproConfig, stages: Stages, model, tok, image_tok, data: dict, examples,
+                    head_tokens) -> dict:
+    """The foundation report card (foundation.report_card) of the model fine-tuning starts from, on the validation
+    items, before any fine-tuning: zero-shot captioning and drawing, pre-training's generation share and how much
+    of the train instructions' text it had as targets. Cached like every stage."""
+    card = stages.get("card")
+    if card is None:
+        model.config.mask_image_logits = False  # it draws as well as writes (captions are restricted to text ids)
+        card = report_card(model, tok, image_tok, data["val"], data["cache"], examples,
+                           [it.instruction for it in data["train"]], seed=0, temperature=cfg.temperature)
+        card = stages.put("card", {**card, **({"image_head_tokens": head_tokens} if head_tokens else {})})
+    return card
+
+
+def label_arms(cfg: ReproConfig, r: int, jobs: Jobs, paths: dict, data: dict, image_tok, tok, wcfg) -> dict:
+    """--label_arms: WMs trained like "labelled + synthetic" (plain CE) on the labelled triplets plus the same kept
+    video pairs relabelled by the world's hidden actions (oracle) and by a seeded permutation of the DM's labels
+    (shuffled) (arms.py), each scored on test like the other WMs. Returns {arm: {wm, items, written}}."""
+    syn, cache, test = os.path.join(cfg.out, "synthetic.json"), data["cache"], data["test"]
+    written = {"oracle": arms.write_oracle(syn, paths["videos_hidden"], os.path.join(cfg.out, "arms", "oracle.json")),
+               "shuffled": arms.write_shuffled(syn, os.path.join(cfg.out, "arms", "shuffled.json"), seed=r)}
+    started = {}
+    for arm, w in written.items():
+        items = load_items(w["path"])
+        encode_images(image_tok, [p for it in items for p in (it.input_path, it.output_path)], wcfg.image_size,
+                      cache=cache)
+        started[arm] = jobs.start(f"wm_{arm}", train_cfg(cfg, f"wm_{arm}", "wm", cfg.ft_steps, r),
+                                  wm_examples(data["train"] + items, cache, tok, seed=r))
+    test_codes = {p: cache[p] for it in test for p in (str(it.input_path), str(it.output_path))}
+    out = {}
+    for arm, job in started.items():
+        jobs.finish(job)
+        metrics, records, _ = eval_job(cfg, f"wm_{arm}", tok, jobs.device, test, test_codes, r, 0)
+        out[arm] = {"wm": metrics, "items": records, "written": written[arm]}
+        log(f"rep{r}: WM with {arm} labels: score {metrics['all'].get('score', float('nan')):.2f}")
+    return out
+
+
 def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: dict, image_tok, tok,
              grids: bool, amp, done) -> dict:
     """A replicate's fine-tuning and search: the DM and the WMs fine-tuned from the pre-trained model (Sec. 3.1), the
@@ -451,7 +543,8 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
                                  test, test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0)
 
     R = {}
-    dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps, seed), dm_examples(data["train"], cache, tok),
+    dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps // cfg.wm_steps_ratio, seed),
+                        dm_examples(data["train"], cache, tok),
                         {**curve, "kind": "dm"} if curve else None)
     # The DM is on the critical path (its labels feed the synthetic-data WMs): with one worker more than cores, the
     # labelled + weighted WM waits for it rather than sharing its core
@@ -666,13 +759,20 @@ def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
 # The stage settings that change results; a cached stage is reused only when these match.
 SHARED_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "n_train", "n_videos", "n_val", "n_test",
                "n_comp", "n_captions", "vq_downsample", "vq_codes", "vq_warmup", "vq_images", "vq_batch",
-               "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr")
+               "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr",
+               "gen_share", "narrations", "image_head_steps", "image_head_items")  # (the last: the foundation)
+# how DM and WMs are fine-tuned
+ADAPT_KEYS = ("lora_r", "lora_alpha", "lora_lr", "lora_lr_wm", "wm_steps_ratio", "withhold")
+# The premise's settings enter a hash only away from their defaults, so the caches made before they existed stay valid
+PREMISE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReproConfig) if f.name in SHARED_KEYS[-4:]
+                    + ADAPT_KEYS}
 
 
 def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
     # the world's generation version and the replicate too: a stage trained on another world is not reused
     # (--foundation_dtype enters only when it differs from --dtype, so caches made before it existed stay valid)
-    keys = [k for k in keys if k != "foundation_dtype" or cfg.own_foundation_dtype]
+    keys = [k for k in keys if (k != "foundation_dtype" or cfg.own_foundation_dtype)
+            and not (k in PREMISE_DEFAULTS and getattr(cfg, k) == PREMISE_DEFAULTS[k])]
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "data_version": world.DATA_VERSION,
                        "replicate": replicate}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -684,7 +784,7 @@ def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
 # DM and the plain-CE WMs. (The temperature: the DM's and C-FT's learning curves sample at it.) A candidate of
 # --eq2_select carries its reading in its stage name (eq2_select_<norm>_<mix>), so another candidate list never
 # reuses a model trained with another one.
-FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature")
+FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature") + ADAPT_KEYS
 EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
 STAGE_KEYS = {
     # checked on val, whose scenes avoid test's: all 3 sizes shape it
@@ -692,7 +792,8 @@ STAGE_KEYS = {
            "vq_batch", "vq_images", "n_val", "n_test", "n_comp"),
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
-    "pretrain": SHARED_KEYS,
+    "pretrain": SHARED_KEYS, "image_head": SHARED_KEYS, "card": SHARED_KEYS + ("temperature",),
+    **dict.fromkeys(("arms", "wm_oracle", "wm_shuffled"), FT_KEYS + BOOT_KEYS),
     "eq2_select": FT_KEYS + ("eq2_select",),
     "dm": FT_KEYS,
     **{folder: FT_KEYS + (BOOT_KEYS if syn else ()) + (EQ2_KEYS if loss == "recognition" else ())
@@ -743,10 +844,12 @@ def foundation(cfg: ReproConfig) -> ReproConfig:
 
 
 def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, quiet: bool = False, **kw) -> TrainConfig:
+    lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha) if cfg.lora_r and task in ("dm", "wm") else {}
+    lora_lr = (cfg.lora_lr_wm if task == "wm" else 0.0) or cfg.lora_lr or cfg.lr
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
-                       lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
-                       resume=True, quiet=quiet, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype,
-                       threads=cfg.threads, **kw)
+                       lr=lora_lr if lora else cfg.lr, warmup=max(1, steps // 10), **lora, seed=seed,
+                       eval_every=0, save_every=max(50, steps // 4), resume=True, quiet=quiet, n_layer=cfg.n_layer,
+                       n_embd=cfg.n_embd, dtype=cfg.dtype, threads=cfg.threads, **kw)
 
 
 def train_stage(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init,
@@ -830,7 +933,9 @@ def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig,
               "examples": len(examples), "dtype": tcfg.dtype,
               "tokens_per_s": round(len(hist) * tcfg.batch_size * T / max(1e-9, time.time() - t0), 1),
               # training FLOPs per token: 6 x the matrix parameters + attention scores (as bench.py's MFU)
-              "flops_per_token": 6 * params + 12 * c.n_layer * T * c.n_embd}
+              "flops_per_token": 6 * params + 12 * c.n_layer * T * c.n_embd,
+              **({"trained_fraction": trained_fraction(model, tcfg.task)}
+                 if tcfg.lora_r or tcfg.task == "image_head" else {})}
     log(f"{name}: {result}")
     return model.to(device), stages.put(name, result)
 

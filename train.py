@@ -62,6 +62,7 @@ from common import (
     compute_dtype,
     interruptible,
     parse_config,
+    read_json,
     recover_dir,
     run,
 )
@@ -75,8 +76,8 @@ from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
 
 @dataclass
 class TrainConfig:
-    task: str = arg("wm", ("pretrain", "dm", "wm"))  # "pretrain" (caption<->image), "dm" (image, image -> action),
-    # "wm" (image, action -> image)
+    task: str = arg("wm", ("pretrain", "image_head", "dm", "wm"))  # "pretrain" (caption<->image), "image_head"
+    # (Anole's repair: only lm_head's image rows train, on caption -> image), "dm" (image, image -> action), "wm"
     data: str = arg("", "required")  # training data: Aurora-Bench-style JSON file(s), comma-separated (Eq. 1:
     # labelled + synthetic)
     val_data: str = ""  # validation JSON (optional): validation loss and task metrics every eval_every steps
@@ -126,10 +127,15 @@ class TrainConfig:
     stop_at: int = arg(0, ">=0")  # end this invocation after this step, checkpointed (fits a job's time limit); 0 =
     # run to the end
     max_len: int = arg(0, ">=0")  # truncate/limit sequences (0 = the model's max_seq_len)
+    gen_share: float = arg(-1.0, lambda v: None if v == -1 or 0 <= v < 1 else "-1 or in [0, 1)")  # pretrain: the
+    # share of the loss tokens on caption -> image (the rest: image -> caption and --texts); -1 = both directions for
+    # every caption (about 0.69 of the loss tokens on the laptop preset)
+    texts: str = ""  # pretrain: a text-only corpus, a JSON list of sentences (e.g. world.narrations), loss on all
     quiet: bool = False  # no tqdm bar (tests, reproduce.py's nested runs)
 
 
 WM_ONLY = ("weighting", "weight_mix", "weight_norm")  # flags that only train_world.py reads (others reject them)
+PRETRAIN_ONLY = ("gen_share", "texts")  # flags that only train.py reads
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -381,6 +387,11 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     # predict image tokens, so the mask must be off for them.
     mcfg.mask_image_logits = cfg.task == "dm"
     mcfg.gradient_checkpointing = cfg.grad_checkpoint
+    if cfg.task == "image_head":  # a gradient mask keeps the other rows, no weight decay (AdamW: zero grad, no step)
+        model.requires_grad_(False).lm_head.weight.requires_grad_(True)
+        rows = torch.zeros(mcfg.vocab_size, 1)  # (V, 1): 1 on the image ids
+        rows[mcfg.image_token_start:mcfg.image_token_end] = 1
+        model.lm_head.weight.register_hook(lambda g: g * rows.to(g))
     if cfg.lora_r > 0:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     model.to(device)
@@ -398,7 +409,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay * (cfg.task != "image_head")},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.lr, betas=(0.9, cfg.beta2), fused=device.type == "cuda")
     start = 0
@@ -546,16 +557,23 @@ def image_segment(tok, codes) -> list[int]:
     return [tok.boi_id, *tok.image_ids(torch.as_tensor(codes)).tolist(), tok.eoi_id]
 
 
-def pretrain_examples(items, codes: dict, tok) -> list:
-    """Both directions for every (image, caption) item; the loss is on the completion only."""
-    out = []
-    for it in items:
-        img = image_segment(tok, codes[str(it.input_path)][0])
-        cap = tok.encode(" " + it.instruction.strip())
-        out.append(pack([([tok.bos_id], 0), (img, 0), (tok.encode(CAPTION_PROMPT), 0), (cap + [tok.eos_id], 1)]))
-        out.append(pack([([tok.bos_id], 0), (tok.encode(DRAW_PROMPT) + cap, 0), ([tok.boi_id], 0),
-                         (img[1:-1], 1), ([tok.eoi_id], 0)]))
-    return out
+def pretrain_examples(items, codes: dict, tok, gen_share: float = -1.0, texts=()) -> list:
+    """Image -> caption and caption -> image examples, the loss on the completion only, then the `texts` (loss on
+    every token). gen_share -1: both directions for every caption; else every caption once, then caption -> image
+    examples (cycling over the items) until that share of the loss tokens is generation (1: only generation)."""
+    img = lambda it: image_segment(tok, codes[str(it.input_path)][0])
+    cap = lambda it: tok.encode(" " + it.instruction.strip())
+    see = lambda it: pack([([tok.bos_id], 0), (img(it), 0), (tok.encode(CAPTION_PROMPT), 0), (cap(it) + [tok.eos_id],
+                                                                                            1)])
+    draw = lambda it: pack([([tok.bos_id], 0), (tok.encode(DRAW_PROMPT) + cap(it), 0), ([tok.boi_id], 0),
+                            (img(it)[1:-1], 1), ([tok.eoi_id], 0)])
+    text = [pack([([tok.bos_id], 0), (tok.encode(" " + t.strip()) + [tok.eos_id], 1)]) for t in texts]
+    if gen_share < 0:
+        return [ex for it in items for ex in (see(it), draw(it))] + text
+    out = [see(it) for it in items] * (gen_share < 1) + text
+    n_draw = round(gen_share / (1 - gen_share) * sum(sum(w) for _, w in out) / len(img(items[0])[1:-1])) \
+        if gen_share < 1 else len(items)
+    return out + [draw(items[i % len(items)]) for i in range(n_draw)]
 
 
 def prepare_pairs(cfg: TrainConfig):
@@ -577,16 +595,19 @@ def prepare_pairs(cfg: TrainConfig):
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description="Pre-train the tiny foundation model (caption <-> image).",
                        defaults={"task": "pretrain"}, exclude=WM_ONLY)
-    if cfg.task != "pretrain":
-        raise UserError("train.py trains --task=pretrain; use train_dynamics.py / train_world.py for dm / wm")
+    if cfg.task not in ("pretrain", "image_head"):
+        raise UserError("train.py trains --task=pretrain or image_head; use train_dynamics.py / train_world.py")
+    texts = read_json(cfg.texts, "--texts") if cfg.texts else []  # (read before the long encoding)
     if cfg.threads:  # before the encoding, whose codes depend on it too
         torch.set_num_threads(cfg.threads)
     image_tok, tok = load_tokenizers(cfg.tokenizer_dir)
     items = load_captions(cfg.data)
     val = load_captions(cfg.val_data) if cfg.val_data else []
     codes = encode_images(image_tok, [it.input_path for it in items + val], cfg.image_size)
-    train(cfg, pretrain_examples(items, codes, tok), tok, pretrain_examples(val, codes, tok) if val else None,
-          names=[it.id for it in items for _ in range(2)])  # two examples per caption
+    share = 1.0 if cfg.task == "image_head" else cfg.gen_share
+    train(cfg, pretrain_examples(items, codes, tok, share, texts), tok,
+          pretrain_examples(val, codes, tok, share) if val else None,
+          names=[it.id for it in items for _ in range(2)] if share == -1 and not texts else None)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from checkpoint import auto_batch
 from common import run
 from model import generate_text
 from train import (
+    PRETRAIN_ONLY,
     WM_ONLY,
     TrainConfig,
     collate,
@@ -118,7 +119,7 @@ def action_accuracy(model, tok, items, codes, n: int = 0) -> dict:
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, description=__doc__.split("\n\n")[0], defaults={"task": "dm"},
-                       exclude=("task", *WM_ONLY))
+                       exclude=("task", *WM_ONLY, *PRETRAIN_ONLY))
     _, tok, items, val, codes = prepare_pairs(cfg)
     evaluate = (lambda m, step: action_accuracy(m, tok, val, codes)) if val else None
     train(cfg, dm_examples(items, codes, tok), tok, dm_examples(val, codes, tok) if val else None, evaluate,

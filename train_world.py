@@ -36,6 +36,7 @@ from draw import save_triplet_grid
 from metrics import item_scores, judge_items
 from model import generate_image
 from train import (
+    PRETRAIN_ONLY,
     TrainConfig,
     collate,
     image_segment,
@@ -178,7 +179,7 @@ def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_
 
 def main(argv=None):
     cfg = parse_config(WorldTrainConfig, argv, description=__doc__.split("\n\n")[0], defaults={"task": "wm"},
-                       exclude=("task",))
+                       exclude=("task", *PRETRAIN_ONLY))
     image_tok, tok, items, val, codes = prepare_pairs(cfg)
     examples = wm_examples(items, codes, tok, cfg.weighting, cfg.weight_mix, cfg.uncond_prob, cfg.seed,
                            cfg.weight_norm)

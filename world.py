@@ -346,9 +346,11 @@ def _template_key(action: Action) -> str:
     return "add_somewhere" if action.verb == "add" and action.cell is None else action.verb
 
 
-def describe(action: Action, rng: random.Random | None = None, grid: int = GRID, template: int | None = None) -> str:
-    """The instruction text of `action`: a paraphrase template drawn by `rng` (or index `template`; default 0)."""
-    temps = TEMPLATES[_template_key(action)]
+def describe(action: Action, rng: random.Random | None = None, grid: int = GRID, template: int | None = None,
+             templates: dict = TEMPLATES) -> str:
+    """The instruction text of `action`: a paraphrase template drawn by `rng` (or index `template`; default 0).
+    `templates`: another family with the same slots (NARRATIONS)."""
+    temps = templates[_template_key(action)]
     i = template if template is not None else (rng.randrange(len(temps)) if rng is not None else 0)
     name = lambda ident: f"{ident[0]} {ident[1]}" if ident is not None else ""
     d = action.direction or "left"
@@ -356,6 +358,47 @@ def describe(action: Action, rng: random.Random | None = None, grid: int = GRID,
                            c=action.colour or (action.target[0] if action.target else ""),
                            s=action.target[1] if action.target else "",
                            pos=position_name(action.cell, grid) if action.cell is not None else "")
+
+
+# Narrations of scene changes: a text-only pre-training corpus (reproduce.py --narrations) that uses every word of
+# the instruction templates in other sentence frames, so the DM's output words are known language before
+# fine-tuning, as English is to Chameleon, without teaching the DM's task (no images, no (source, target) pairs).
+# tests/test_world.py checks that every template word occurs here.
+NARRATIONS: dict[str, tuple[str, ...]] = {
+    "move": ("the {x} made a move {d}: one step {dto}, a shift by one cell",
+             "after a push and a nudge the {x} sat one cell {dto}"),
+    "move_somewhere": ("the {x} could slide anywhere {far}, and it went somewhere {far}",
+                       "to put it somewhere {far} the {x} made one long move"),
+    "next_to": ("the {x} found a place beside the {y}, next to it",
+                "they bring the {x} over and now it is next to the {y}"),
+    "remove": ("the {x} is gone: to take it away, delete it, get rid of it was the plan",
+               "someone chose to remove the {x} from the scene"),
+    "add": ("at the {pos} there is now a new {c} {s}: someone chose to add it, draw it and place it there",
+            "a {c} {s} turned up at the {pos}, new in the picture"),
+    "add_somewhere": ("somewhere in the picture, anywhere really, a new {c} {s} turned up",
+                      "they add one more {c} {s} somewhere, in any free place"),
+    "recolour": ("the {x} got a change of colour to {c}: a paint job to recolour it and make it {c}",
+                 "a new colour for the {x}: now it is {c}"),
+    "swap": ("the {x} and the {y} did a swap, an exchange of places: a switch, a trade",
+             "let the two trade places: the {x} and the {y} now switch"),
+}
+
+
+def narrations(cfg, n: int) -> list[str]:
+    """`n` narrations of sampled scene changes in the world of `cfg` (a WorldConfig), seeded by (cfg.seed,
+    "narrations"). Like every training split they name no held-out combination and change no held-out object type
+    in its verb's change class."""
+    held = heldout_combos(cfg.seed, cfg.comp_per_verb)
+    held_changes = {(c, s, CHANGE_CLASS[v]) for c, s, v in held}
+    keep = lambda a: not (combos(a) & held) and not (changes(a) & held_changes)
+    rng, out = random.Random(f"{cfg.seed}-narrations"), []
+    while len(out) < n:
+        scene = sample_scene(rng, cfg.grid, cfg.min_objects, cfg.max_objects)
+        action = sample_action(scene, rng, cfg.grid, cfg.max_objects, keep, (VERBS[len(out) % len(VERBS)],),
+                               cfg.p_somewhere)
+        if action is not None:
+            out.append(describe(action, rng, cfg.grid, templates=NARRATIONS))
+    return out
 
 
 def caption(scene: Scene, rng: random.Random | None = None, grid: int = GRID) -> str:
@@ -368,6 +411,19 @@ def caption(scene: Scene, rng: random.Random | None = None, grid: int = GRID) ->
 
 
 _C, _S = "|".join(COLOURS), "|".join(SHAPES)
+
+
+def parse_caption(text: str, grid: int = GRID) -> Scene | None:
+    """Invert `caption`: text -> Scene, or None if it names no object ("nothing" is the empty scene). Used to score
+    zero-shot captioning (foundation.py): a caption counts when the scene it names equals the image's."""
+    t = " ".join(text.lower().replace(".", " ").split())
+    if t in ("nothing", *(c.format(objs="nothing") for c in CAPTION_TEMPLATES)):
+        return Scene()
+    names = {position_name((r, c), grid): (r, c) for r in range(grid) for c in range(grid)}
+    pos = "|".join(re.escape(nm) for nm in sorted(names, key=len, reverse=True))  # longest first
+    objs = [Obj(*names[m.group(3)], m.group(1), m.group(2))
+            for m in re.finditer(rf"\ba ({_C}) ({_S}) at the ({pos})\b", t)]
+    return Scene(tuple(objs)) if objs else None
 _OBJ_RE = re.compile(rf"\bthe ({_C}) ({_S})\b")
 _ADD_RE = re.compile(rf"\ba (?:new )?({_C}) ({_S})\b")
 _LONE_COLOUR_RE = re.compile(rf"\b({_C})\b(?! (?:{_S})\b)")
@@ -733,6 +789,29 @@ def heldout_wording(held) -> re.Pattern:
                             last = len(pat) if field in fill else last
                     pats.append(pat[:last])  # cut after the held-out object: the rest is any action's wording
     return re.compile(r"\b(?:" + "|".join(sorted(set(pats))) + r")\b")
+
+
+def withhold(items: list, idents=(), verbs=()) -> list:
+    """The labelled items minus those that change or name a withheld (colour, shape) (`changes`, `combos`) or whose
+    verb's change class is a withheld verb's (`CHANGE_CLASS`: withholding "move" withholds every relocation): the
+    coverage option of reproduce.py (--withhold), where the videos show what the labelled set lacks. Withheld object
+    types still appear as bystanders. `items`: data.Items or JSON dicts with an `action`."""
+    idents, classes = {tuple(i) for i in idents}, {CHANGE_CLASS[v] for v in verbs}
+    act = lambda it: Action.from_json((it if isinstance(it, dict) else it.extra)["action"])
+    shows = lambda a: CHANGE_CLASS[a.verb] in classes or any((c, s) in idents for c, s, _ in changes(a) | combos(a))
+    return [it for it in items if not shows(act(it))]
+
+
+def parse_withhold(text: str, check: bool = False):
+    """--withhold "green circle,red square,swap" -> ([("green", "circle"), ("red", "square")], ["swap"]): the object
+    types and verbs `withhold` takes; with check=True what is wrong with the text (a flag's rule), or None."""
+    parts = [tuple(p.split()) for p in text.split(",") if p.strip()]
+    verbs = [p[0] for p in parts if len(p) == 1 and p[0] in VERBS]
+    idents = [p for p in parts if p in IDENTS]
+    bad = next((" ".join(p) for p in parts if p not in IDENTS and not (len(p) == 1 and p[0] in VERBS)), None)
+    if check:
+        return None if bad is None else f"comma-separated object types ('green circle') or verbs ('swap'), not {bad!r}"
+    return idents, verbs
 
 
 def split_leaks(data: dict, cfg) -> dict:

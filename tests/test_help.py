@@ -55,9 +55,13 @@ def test_allowed_values_are_shown(capsys):
 def test_flags_a_script_does_not_use_are_rejected(capsys):
     import train_dynamics
 
-    for flag in ("--weighting=recognition", "--weight_mix=0.5", "--weight_norm=image", "--task=wm"):
+    import train_world
+
+    for script, flag in [(train_dynamics, f) for f in ("--weighting=recognition", "--weight_mix=0.5",
+                                                        "--weight_norm=image", "--task=wm", "--gen_share=0.1")] + [
+            (train_world, "--texts=x.json"), (train_world, "--task=dm")]:
         with pytest.raises(SystemExit) as e:
-            train_dynamics.main([flag, "--data=x.json"])
+            script.main([flag, "--data=x.json"])
         assert e.value.code == 2
         assert "unrecognized arguments" in capsys.readouterr().err
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 from collections import Counter
 
 import numpy as np
@@ -458,3 +459,45 @@ def test_build_refuses_foreign_folder(tmp_path):
         world.build(tmp_path, WorldConfig(**SMALL), log=lambda *a: None)
     assert (tmp_path / "images" / "mine.png").read_bytes() == b"x" and sorted(os.listdir(tmp_path)) == [
         "images", "train.json"]
+
+
+def test_parse_caption_inverts_caption():
+    rng = random.Random(3)
+    for s in random_scenes(300, seed=3, min_objects=1):
+        assert world.parse_caption(world.caption(s, rng)) == s
+    assert world.parse_caption("nothing") == Scene() and world.parse_caption("a red blob somewhere") is None
+    assert world.parse_caption("a red circle at the top left and a red circle") == Scene((Obj(0, 0, "red", "circle"),))
+
+
+def test_narrations_use_every_instruction_word_in_other_sentences():
+    """The text-only corpus: every word of every instruction template (and of directions, colours, shapes, cell
+    names) occurs, no narration is an instruction (parse_action may read one, but none equals a template's wording),
+    and none names a held-out combination."""
+    cfg = WorldConfig(**SMALL)
+    texts = world.narrations(cfg, 300)
+    words = lambda t: set(re.findall(r"[a-z]+(?:-[a-z]+)?", t.lower()))
+    said = set().union(*map(words, texts))
+    template_words = set().union(*(words(re.sub(r"\{[a-z]+\}", " ", t)) for ts in TEMPLATES.values() for t in ts))
+    fills = {*world.DIRECTIONS, "higher", "further", *COLOURS, *SHAPES, *world.ROW_WORDS, *world.COL_WORDS}
+    assert template_words | fills <= said, sorted((template_words | fills) - said)
+    rng = random.Random(0)
+    instructions = {describe(a, rng) for _, a in random_triplets(40)}
+    assert not instructions & set(texts)
+    wording = world.heldout_wording(heldout_combos(cfg.seed))
+    assert not any(wording.search(t) for t in texts)
+
+
+def test_withhold_removes_what_it_withholds_and_leaks_stay_zero():
+    cfg = WorldConfig(**{**SMALL, "n_train": 140})
+    data = generate(cfg)
+    withheld = [("green", "circle"), ("red", "square")]
+    recs = [dict(r, action=r["action"].to_json()) for r in data["train"]]
+    kept = world.withhold(recs, withheld, verbs=("swap",))
+    shows = lambda r: {(c, s) for c, s, _ in world.changes(Action.from_json(r["action"])) |
+                       world.combos(Action.from_json(r["action"]))}
+    assert 0 < len(kept) < len(recs) and any(shows(r) & set(withheld) for r in recs)  # the filter had work to do
+    assert not any(shows(r) & set(withheld) for r in kept) and not any(r["verb"] == "swap" for r in kept)
+    assert any(r["verb"] == "swap" for r in data["test"])  # the test still asks about what the labels withhold
+    ids = {r["id"] for r in kept}
+    leaks = world.split_leaks(dict(data, train=[r for r in data["train"] if r["id"] in ids]), cfg)
+    assert set(leaks.values()) == {0}
