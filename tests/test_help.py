@@ -54,7 +54,6 @@ def test_allowed_values_are_shown(capsys):
 
 def test_flags_a_script_does_not_use_are_rejected(capsys):
     import train_dynamics
-
     import train_world
 
     for script, flag in [(train_dynamics, f) for f in ("--weighting=recognition", "--weight_mix=0.5",
