@@ -661,7 +661,7 @@ def against_reference(config: dict, found: list[dict], tables_hash: str) -> list
         return L + [f"No reference run for preset `{config['preset']}` in `{config['dtype']}` is committed "
                     "(docs/reference/ holds the laptop preset in bfloat16 and float32).", ""]
     rp = ref["provenance"]
-    changed = [k for k in config if k not in NOT_SETTINGS and config[k] != ref["config"].get(k)]
+    changed = [k for k in config if k not in NOT_SETTINGS and k in ref["config"] and config[k] != ref["config"][k]]
     L += [f"Reference `docs/reference/{name}/`: `{ref['machine']['command']}` at commit {rp['commit']}, "
           f"{len(ref['replicates'])} replicate(s), {ref['machine']['cpu']}, report tables {rp['tables']}. "
           + ("**Your tables are the reference's, byte for byte.**" if rp["tables"] == tables_hash else
