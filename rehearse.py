@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import train
 import world
@@ -132,6 +133,51 @@ def rehearsal_data(root: str, size: int, n_train: int = 2, n_test: int = 2, n_vi
         frames += [step(frames[-1])[1] for _ in range(2)]
         for j, f in enumerate(frames):
             save(f, f"videos/v{v}/{j:03d}.png")
+
+
+def liquid_tokenizer(n_text: int) -> Tokenizer:
+    """A tokenizer.json in Liquid's layout with exactly n_text ids: Gemma's specials <pad> 0, <eos> 1, <bos> 2,
+    <unk> 3, Liquid's <boi>, <eoi>, <unconditional>, the 256 byte-level symbols, then filler tokens (no merges: text
+    is spelled byte by byte). Liquid's image ids follow, unnamed (code + n_text)."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<boi>", "<eoi>", "<unconditional>"]
+    names = specials + sorted(pre_tokenizers.ByteLevel.alphabet())
+    names += [f"<filler{i}>" for i in range(n_text - len(names))]
+    tok = Tokenizer(models.BPE(vocab={n: i for i, n in enumerate(names)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    assert tok.get_vocab_size(with_added_tokens=True) == n_text
+    return tok
+
+
+def build_liquid(folder, hidden: int, heads: int, kv_heads: int, head_dim: int, inner: int, n_text: int, vq: VQConfig,
+                 layers: int = 1, tied: bool = True, dtype=torch.float32, seed: int = 0, shards: int = 1):
+    """A Liquid-shaped folder built with transformers (no download): a GemmaForCausalLM with random weights whose
+    vocabulary is n_text text ids + vq.num_embeddings image ids, its tokenizer.json, and the Chameleon-format
+    vqgan.ckpt (a random VQGAN, tensors under state_dict). config.json carries vq_config only when the VQGAN is not
+    Chameleon's (a real Liquid folder has none). Returns the transformers model."""
+    os.makedirs(folder, exist_ok=True)
+    liquid_tokenizer(n_text).save(os.path.join(folder, "tokenizer.json"))
+    cfg = transformers.GemmaConfig(
+        vocab_size=n_text + vq.num_embeddings, hidden_size=hidden, intermediate_size=inner, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=8192,
+        tie_word_embeddings=tied, bos_token_id=2, eos_token_id=1, pad_token_id=0, attn_implementation="eager")
+    torch.manual_seed(seed)
+    hf = transformers.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():  # Gemma's norms start at 0 (a scale of 1): randomise them so that they are exercised
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    hf = hf.to(dtype)
+    n_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+    hf.save_pretrained(folder, max_shard_size=max(n_bytes // shards, 1 << 10) if shards > 1 else "1000GB")
+    if vq.to_dict() != VQConfig.chameleon().to_dict():
+        conf = read_json(os.path.join(folder, "config.json"))
+        atomic_write(os.path.join(folder, "config.json"), json.dumps({**conf, "vq_config": vq.to_dict()}, indent=1))
+    sd = dict(ImageTokenizer(vq, with_decoder=True).state_dict())
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(1)  # a training checkpoint's extra; the converter drops it
+    torch.save({"state_dict": sd}, os.path.join(folder, "vqgan.ckpt"))
+    return hf
 
 
 def rehearsal_build(args):
