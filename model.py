@@ -128,6 +128,9 @@ class ChameleonConfig:
         if gemma:  # the VQ encoder is not in Liquid's checkpoint: the tokenizer folder carries it (tokenizer.py)
             start = TextTokenizer.from_file(os.path.join(path, "tokenizer.json")).image_offset
             end = hf.get("vocab_size", 256000)
+            if end <= start:
+                raise CheckpointError(f"{path}/config.json: vocab_size {end} leaves no image ids after the {start} "
+                                      f"text ids of {path}/tokenizer.json")
             family = dict(head_size=hf.get("head_dim", 256), qk_norm=False, gemma_norm=True, embed_scale=True,
                           mlp_act="gelu_tanh", tie_embeddings=hf.get("tie_word_embeddings", True))
         return cls(

@@ -1,9 +1,10 @@
 """
 The full-scale rehearsal and the GPU check: harness, not method (the paper's Sec. 3-4 at the scale of its App. H).
 
-(default)    the README's full-scale commands (Anole-7B) run end to end on a CPU against an Anole-shaped checkpoint
-    built with transformers (real widths, heads, vocabulary and 512 px VQ; 1 layer, random weights), with each
-    stage's peak RSS and seconds per step, and training-step memory probes over depth and sequence length.
+(default)    the README's full-scale commands, read out of README.md (the ```bash block under the "<!-- full-scale:"
+    line), run end to end on a CPU once with MODEL=anole and once with MODEL=liquid, each against a checkpoint of
+    that shape built with transformers (real widths, heads, vocabulary and 512 px VQ; 1 layer, random weights), with
+    each stage's peak RSS and seconds per step, and training-step memory probes over depth and sequence length.
     JSON -> --out (default <dir>/rehearsal.json). The folder --dir is claimed (common.claim_dir): a rerun deletes
     only what a rehearsal wrote there (its runs/), and a folder that worldboot did not write is refused.
 --gpu_check  one time-limited command for a GPU machine: (a) ours vs transformers in bf16 (bench.py: train step tok/s
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,7 +40,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 import train
 import world
 from bench import _cpu_name, _proc_kb, peak_mib
-from common import arg, atomic_write, claim_dir, parse_config, read_json, run
+from common import UserError, arg, atomic_write, claim_dir, parse_config, read_json, run
 from data import Item, write_benchmark
 from model import Chameleon, ChameleonConfig, apply_lora
 from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours
@@ -54,6 +57,14 @@ REHEARSAL_SIZES = {
     "small": dict(hidden_size=128, num_attention_heads=4, intermediate_size=352, vocab_size=16384,
                   vq=dict(resolution=64, base_channels=32, embed_dim=32, latent_channels=64), image_size=64),
 }
+# size -> build_liquid's widths. "full" is Liquid_V1_7B (google/gemma-7b) in all but depth (28 layers): 3072 wide,
+# 16 heads of 256 (q_proj 3072 -> 4096) with 16 KV heads, GeGLU 24,576, Gemma's 256,000 text ids + 8,192 image ids;
+# "small" is the same layout at CI size, with head_dim apart from hidden / heads and one KV head (MQA).
+LIQUID_SIZES = {
+    "full": dict(hidden=3072, heads=16, kv_heads=16, head_dim=256, inner=24576, n_text=256000),
+    "small": dict(hidden=128, heads=4, kv_heads=1, head_dim=48, inner=352, n_text=8192),
+}
+FAMILIES = ("anole", "liquid")
 GPU_PARTS = ("a", "b", "c")
 REHEARSAL_STAGES = ("build", "convert", "dm", "bootstrap", "wm", "search", "eval", "probes")
 
@@ -70,9 +81,11 @@ def _scaling_ok(v: str):
 
 @dataclass
 class RehearseConfig:
-    dir: str = "out/rehearsal"  # the rehearsal's working folder (checkpoint, data, runs); claimed with a marker
-    size: str = arg("full", tuple(sorted(REHEARSAL_SIZES)))  # full: Anole-7B widths, heads, vocabulary and VQ
-    # (512 px); small: the same layout in miniature
+    dir: str = "out/rehearsal"  # the rehearsal's working folder (checkpoints, data, runs); claimed with a marker
+    models: str = arg("anole,liquid", lambda v: None if v and set(v.split(",")) <= set(FAMILIES) else
+                      f"a comma-separated subset of {FAMILIES}")  # the base models rehearsed, each in <dir>/<name>
+    size: str = arg("full", tuple(sorted(REHEARSAL_SIZES)))  # full: the real widths, heads, vocabulary and VQ
+    # (512 px) of Anole-7B and Liquid_V1_7B; small: the same layouts in miniature
     layers: int = arg(1, ">=1")  # transformer layers of the built checkpoint
     steps: int = arg(3, ">=1")  # optimizer steps of the DM and WM fine-tuning
     scaling: str = arg("dm:1:2100,dm:2:2100,dm:4:2100,dm:1:1050,dm:1:2100:full,wm:1:2100,wm:1:2100:full,vq:4",
@@ -101,14 +114,82 @@ def parse_args(argv=None) -> RehearseConfig:
     return parse_config(RehearseConfig, argv, description=__doc__.split("\n\n")[0].strip())
 
 
+
 # -----------------------------------------------------------------------------------------------------------------
-# rehearsal: the README's full-scale commands, unchanged but for step counts and data size, against an Anole-shaped
-# checkpoint with random weights and fewer layers, on a CPU. Each stage is a subprocess; its peak RSS comes from
-# os.wait4 (the child's own ru_maxrss), its seconds per step from the run's metrics.jsonl.
+# rehearsal: the README's full-scale commands, read out of README.md and run as written but for step counts, data
+# size and one process instead of torchrun's eight, against an Anole- and a Liquid-shaped checkpoint with random
+# weights and fewer layers, on a CPU. Each stage is a subprocess; its peak RSS comes from os.wait4 (the child's own
+# ru_maxrss), its seconds per step from the run's metrics.jsonl.
+
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+BLOCK_MARKER = "<!-- full-scale:"  # the comment line above the README's ```bash block of full-scale commands
+STAGE_OF = {"tokenizer.py": "convert", "train_dynamics.py": "dm", "bootstrap.py": "bootstrap", "train_world.py": "wm",
+            "search.py": "search", "eval.py": "eval"}
+
+
+def readme_block(path: str = README) -> list[tuple[int, str]]:
+    """The README's full-scale block: (line number, logical line) after the marker, backslash continuations joined."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(BLOCK_MARKER)), None)
+    if start is None or start + 1 >= len(lines) or lines[start + 1].strip() != "```bash":
+        raise UserError(f"{path}: no '{BLOCK_MARKER} ...' line followed by a ```bash block (the full-scale commands)")
+    out, part, first = [], "", 0
+    for n, line in enumerate(lines[start + 2:], start + 3):
+        if line.strip() == "```":
+            if part:
+                raise UserError(f"{path}:{first}: the last command ends in a backslash")
+            return out
+        first = first if part else n
+        if line.rstrip().endswith("\\"):
+            part += line.rstrip()[:-1] + " "
+        else:
+            out.append((first, part + line))
+            part = ""
+    raise UserError(f"{path}:{start + 2}: the full-scale ```bash block is never closed")
+
+
+def readme_commands(model: str, overrides: dict, path: str = README) -> list[tuple[str, list[str]]]:
+    """(stage, [script, flags...]) for each command of the README's block with $MODEL = `model`: `python X.py` and
+    `torchrun --nproc_per_node=N X.py` both become one process, and overrides[stage] is appended (a flag given twice
+    takes its last value). Anything else is a UserError naming the line."""
+    names, out = set(), []
+    for n, line in readme_block(path):
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: cannot split {line.strip()!r}: {e}") from None
+        if len(words) == 1 and re.fullmatch(r"[A-Z_]+=[\w.-]*", words[0]):  # MODEL=anole: each family's own value
+            names.add(words[0].split("=")[0])
+            continue
+        if words[:1] == ["torchrun"] and len(words) > 1 and words[1].startswith("--nproc_per_node="):
+            words = words[2:]
+        elif words[:1] == ["python"]:
+            words = words[1:]
+        else:
+            raise UserError(f"{path}:{n}: not a `python X.py` or `torchrun --nproc_per_node=N X.py` command: {line!r}")
+        if not words or words[0] not in STAGE_OF:
+            raise UserError(f"{path}:{n}: the rehearsal knows no script {words[:1]} (known: {', '.join(STAGE_OF)})")
+        flags = []
+        for w in words[1:]:
+            w = w.replace("$MODEL", model) if "MODEL" in names else w
+            if "$" in w or not w.startswith("--"):
+                raise UserError(f"{path}:{n}: {w!r} is not a --flag=value the rehearsal understands")
+            flags.append(w)
+        out.append((STAGE_OF[words[0]], [words[0], *flags, *overrides.get(STAGE_OF[words[0]], [])]))
+    return out
+
+
+def rehearsal_overrides(args) -> dict:
+    """What the rehearsal changes in the README's commands, per stage: 3 steps of batch 2 in 2 micro-steps, 2
+    candidates in search and eval, and the size's image side."""
+    size = [f"--image_size={REHEARSAL_SIZES[args.size]['image_size']}"]
+    fit = [*size, "--epochs=0", f"--steps={args.steps}", "--batch_size=2", "--grad_accum=2"]
+    return dict(convert=[], dm=fit, wm=fit, bootstrap=size, search=[*size, "--n=2"], eval=[*size, "--n=2"])
 
 
 def rehearsal_data(root: str, size: int, n_train: int = 2, n_test: int = 2, n_videos: int = 2):
-    """Aurora-Bench-format train/test JSON and short videos of world scenes rendered at `size` px."""
+    """Aurora-Bench-format train/test JSON, short videos of world scenes rendered at `size` px, and the README's
+    search image aurora/example.jpg (a test input)."""
     rng = random.Random(0)
 
     def save(scene, rel):
@@ -128,6 +209,7 @@ def rehearsal_data(root: str, size: int, n_train: int = 2, n_test: int = 2, n_vi
             items.append(Item(f"{split}-{i}", save(src, f"aurora/images/{split}-{i}-in.png"), text,
                               save(tgt, f"aurora/images/{split}-{i}-out.png"), tasks[i % len(tasks)]))
         write_benchmark(items, os.path.join(root, "aurora", f"{split}.json"))
+    save(world.sample_scene(rng), "aurora/example.jpg")
     for v in range(n_videos):  # 3 frames: a scene and two actions (one key frame each at --spacing=20)
         frames = [world.sample_scene(rng)]
         frames += [step(frames[-1])[1] for _ in range(2)]
@@ -181,61 +263,43 @@ def build_liquid(folder, hidden: int, heads: int, kv_heads: int, head_dim: int, 
 
 
 def rehearsal_build(args):
-    """Stage 1: data, Chameleon-layout tokenizer.json, an HF checkpoint built with transformers (sharded, bf16) and
-    an original-layout vqgan.ckpt (the encoder of the HF checkpoint plus a random decoder) for tokenizer.py."""
-    root, s = args.dir, REHEARSAL_SIZES[args.size]
-    anole = os.path.join(root, "anole")
-    os.makedirs(anole, exist_ok=True)
+    """Stage 1 of a family: the data, then its folder <dir>/<family>: Anole's (a sharded bf16
+    ChameleonForConditionalGeneration, a Chameleon-layout tokenizer.json and an original-layout vqgan.ckpt whose
+    encoder is the checkpoint's) or Liquid's (rehearse.build_liquid at LIQUID_SIZES)."""
+    root, s, family = args.dir, REHEARSAL_SIZES[args.size], args.models
+    folder = os.path.join(root, family)
     rehearsal_data(root, s["image_size"])
-    texts = [it["instruction"] for split in ("train", "test")
-             for it in json.load(open(os.path.join(root, "aurora", f"{split}.json")))]
-    # Chameleon's id layout: <s> 0, <pad> 1, </s> 2, <unk> 3, image codes 4..8195, <eoss> 8196, <racm3:break> 8197
-    tok = TextTokenizer.train((texts + [DM_PROMPT, WM_PROMPT]) * 4, vocab_size=8198 + 256 + 200, n_image_codes=8192)
-    tok.save(os.path.join(anole, "tokenizer.json"))
     vq = VQConfig.from_dict({**VQConfig.chameleon().to_dict(), **s["vq"]})
-    hf_vq = {k: v for k, v in vq.to_dict().items()
-             if k not in ("out_channels", "decoder_num_res_blocks", "beta", "recon_loss")}  # not HF fields
-    cfg = transformers.ChameleonConfig(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_hidden_layers=args.layers, num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["num_attention_heads"], max_position_embeddings=4096,
-        vocabulary_map=tok.tok.get_vocab(with_added_tokens=True), vq_config=hf_vq,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(args.seed)
-    hf = transformers.ChameleonForConditionalGeneration(cfg).to(torch.bfloat16)  # Anole ships bf16
-    n_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    hf.save_pretrained(anole, max_shard_size=max(n_bytes // 3, 1 << 20))  # three shards + index, like Anole's
-    ours = ImageTokenizer(vq, with_decoder=True)  # random decoder; encoder and codebook from the HF checkpoint
-    enc = {hf_to_ours(k): v.float() for k, v in hf.state_dict().items() if k.startswith("model.vqmodel.")}
-    ours.load_state_dict(enc, strict=False)
-    sd = dict(ours.state_dict())
-    sd["loss.discriminator.main.0.weight"] = torch.zeros(1)  # a training checkpoint's extra; the converter drops it
-    torch.save({"state_dict": sd}, os.path.join(root, "vqgan.ckpt"))
-    print(f"built {anole}: {sum(p.numel() for p in hf.parameters()):,} parameters, "
-          f"{len(json.load(open(os.path.join(anole, 'model.safetensors.index.json')))['weight_map'])} tensors")
-
-
-def rehearsal_commands(args) -> list[tuple[str, list[str]]]:
-    """The README's full-scale commands (steps 1 and 3-6), with step counts and data size cut to the rehearsal's.
-    Run from the rehearsal folder, so the paths are the README's: anole/, aurora/, runs/, videos/."""
-    px, n = REHEARSAL_SIZES[args.size]["image_size"], args.steps
-    test = json.load(open(os.path.join(args.dir, "aurora", "test.json")))
-    common = ["--init=hf:anole", "--tokenizer_dir=anole", f"--image_size={px}", "--lora_r=16", "--lora_alpha=32"]
-    small = [f"--steps={n}", "--batch_size=2", "--grad_accum=2", "--dtype=bfloat16", "--grad_checkpoint=true"]
-    return [
-        ("convert", ["tokenizer.py", "--ckpt=vqgan.ckpt", "--out=anole/vqgan_decoder.safetensors"]),
-        ("dm", ["train_dynamics.py", *common, "--data=aurora/train.json", "--lr=2e-4", "--warmup=500", *small,
-                "--out_dir=runs/dm"]),
-        ("bootstrap", ["bootstrap.py", "--dm=runs/dm/ckpt", "--tokenizer_dir=anole", f"--image_size={px}",
-                       "--videos=videos", "--keyframes=6", "--spacing=20", "--k=7000", "--out=runs/synthetic.json"]),
-        ("wm", ["train_world.py", *common, "--data=aurora/train.json,runs/synthetic.json", "--weighting=recognition",
-                "--lr=5e-4", "--warmup=400", *small, "--out_dir=runs/wm"]),
-        ("search", ["search.py", "--wm=runs/wm/ckpt", "--dm=runs/dm/ckpt", "--tokenizer_dir=anole",
-                    f"--image_size={px}", "--n=2", f"--image=aurora/{test[0]['input']}",
-                    f"--action={test[0]['instruction']}", "--out=runs/search.png"]),
-        ("eval", ["eval.py", "--wm=runs/wm/ckpt", "--dm=runs/dm/ckpt", "--tokenizer_dir=anole", f"--image_size={px}",
-                  "--data=aurora/test.json", "--n=2", "--llm_judge=true", "--out=runs/eval"]),
-    ]
+    if family == "liquid":
+        hf = build_liquid(folder, **LIQUID_SIZES[args.size], vq=vq, layers=args.layers, dtype=torch.bfloat16,
+                          seed=args.seed, shards=4)  # Liquid ships 4 bf16 shards
+    else:
+        os.makedirs(folder, exist_ok=True)
+        texts = [it["instruction"] for split in ("train", "test")
+                 for it in read_json(os.path.join(root, "aurora", f"{split}.json"))]
+        # Chameleon's id layout: <s> 0, <pad> 1, </s> 2, <unk> 3, image codes 4..8195, <eoss> 8196, <racm3:break> 8197
+        tok = TextTokenizer.train((texts + [DM_PROMPT, WM_PROMPT]) * 4, vocab_size=8198 + 256 + 200,
+                                  n_image_codes=8192)
+        tok.save(os.path.join(folder, "tokenizer.json"))
+        hf_vq = {k: v for k, v in vq.to_dict().items()
+                 if k not in ("out_channels", "decoder_num_res_blocks", "beta", "recon_loss")}  # not HF fields
+        cfg = transformers.ChameleonConfig(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+            num_hidden_layers=args.layers, num_attention_heads=s["num_attention_heads"],
+            num_key_value_heads=s["num_attention_heads"], max_position_embeddings=4096,
+            vocabulary_map=tok.tok.get_vocab(with_added_tokens=True), vq_config=hf_vq,
+            bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+        torch.manual_seed(args.seed)
+        hf = transformers.ChameleonForConditionalGeneration(cfg).to(torch.bfloat16)  # Anole ships bf16
+        n_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+        hf.save_pretrained(folder, max_shard_size=max(n_bytes // 3, 1 << 20))  # three shards + index, like Anole's
+        ours = ImageTokenizer(vq, with_decoder=True)  # random decoder; encoder and codebook from the HF checkpoint
+        enc = {hf_to_ours(k): v.float() for k, v in hf.state_dict().items() if k.startswith("model.vqmodel.")}
+        ours.load_state_dict(enc, strict=False)
+        sd = dict(ours.state_dict())
+        sd["loss.discriminator.main.0.weight"] = torch.zeros(1)  # a training checkpoint's extra; the converter drops it
+        torch.save({"state_dict": sd}, os.path.join(folder, "vqgan.ckpt"))
+    print(f"built {folder}: {sum(p.numel() for p in hf.parameters()):,} parameters")
 
 
 def run_measured(name: str, argv: list[str], cwd: str, threads: int, log_dir: str | None, timeout: float | None = None):
@@ -276,6 +340,21 @@ def step_seconds(metrics_path: str) -> list[float]:
     return [round(b - a, 2) for a, b in zip([0.0] + times, times)]
 
 
+def probe_config(family: str, size: str, n_layer: int, **kw) -> ChameleonConfig:
+    """Our config of a rehearsal checkpoint, for the probes (which need no checkpoint on disk)."""
+    if family == "liquid":
+        s = LIQUID_SIZES[size]
+        V = s["n_text"] + 8192
+        return ChameleonConfig(vocab_size=V, n_layer=n_layer, n_head=s["heads"], n_kv_head=s["kv_heads"],
+                               n_embd=s["hidden"], head_size=s["head_dim"], n_inner=s["inner"], max_seq_len=8192,
+                               norm_eps=1e-6, image_token_start=s["n_text"], image_token_end=V, qk_norm=False,
+                               gemma_norm=True, embed_scale=True, mlp_act="gelu_tanh", tie_embeddings=True, **kw)
+    s = REHEARSAL_SIZES[size]
+    return ChameleonConfig.preset("chameleon-7b", vq=None, n_layer=n_layer, n_embd=s["hidden_size"],
+                                  n_head=s["num_attention_heads"], n_kv_head=s["num_attention_heads"],
+                                  n_inner=s["intermediate_size"], vocab_size=s["vocab_size"], **kw)
+
+
 def rehearsal_probe(args):
     """One fine-tuning step of the rehearsal's model on one sequence, in a fresh process: random bf16 weights, LoRA
     r=16 on all seven linear layers, gradient checkpointing, the loss of a DM (the last 10 tokens) or a WM (the last
@@ -286,12 +365,8 @@ def rehearsal_probe(args):
     n_layer, T = int(n_layer), int(T)
     if full:
         train.SPARSE_LOGITS_MIN_VOCAB = 1 << 62  # the old path: logits at every position
-    s = REHEARSAL_SIZES[args.size]
     torch.set_num_threads(args.threads)
-    cfg = ChameleonConfig.preset("chameleon-7b", vq=None, n_layer=n_layer, n_embd=s["hidden_size"],
-                                 n_head=s["num_attention_heads"], n_kv_head=s["num_attention_heads"],
-                                 n_inner=s["intermediate_size"], vocab_size=s["vocab_size"],
-                                 gradient_checkpointing=True, mask_image_logits=task == "dm")
+    cfg = probe_config(args.models, args.size, n_layer, gradient_checkpointing=True, mask_image_logits=task == "dm")
     torch.manual_seed(args.seed)
     torch.set_default_dtype(torch.bfloat16)  # what from_pretrained(dtype=bf16) gives, without a checkpoint
     try:
@@ -306,17 +381,17 @@ def rehearsal_probe(args):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
-    def run():
+    def step():
         (sequence_nll(model, ids, w).sum() / w[:, 1:].sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     t = time.perf_counter()
-    run()  # warm-up: AdamW state, allocator
+    step()  # warm-up: AdamW state, allocator
     first = time.perf_counter() - t
     weights = _proc_kb("VmRSS") / 2**20
     t = time.perf_counter()
-    peak = peak_mib(run, "cpu")
+    peak = peak_mib(step, "cpu")
     print("PROBE " + json.dumps(dict(probe=args.probe, rss_before_gib=round(weights, 2),
                                      step_peak_gib=round(peak / 1024, 3), s_step=round(time.perf_counter() - t, 2),
                                      s_first_step=round(first, 2))), flush=True)
@@ -324,12 +399,12 @@ def rehearsal_probe(args):
 
 @torch.no_grad()
 def vq_probe(args):
-    """VQ encode and decode of a batch of images at the rehearsal's size with the built checkpoint's encoder and the
-    converted decoder (what every script does per image, on the CPU: train.load_tokenizers keeps it there)."""
+    """VQ encode and decode of a batch of images at the rehearsal's size with the family's VQGAN as the scripts load
+    it (what every script does per image, on the CPU: train.load_tokenizers keeps it there)."""
     torch.set_num_threads(args.threads)
     n, px = int(args.probe.split(":")[1]), REHEARSAL_SIZES[args.size]["image_size"]
-    anole = os.path.join(args.dir, "anole")
-    vq = ImageTokenizer.from_pretrained(anole, os.path.join(anole, "vqgan_decoder.safetensors")).eval()
+    folder = os.path.join(args.dir, args.models)
+    vq = ImageTokenizer.from_pretrained(folder, os.path.join(folder, "vqgan_decoder.safetensors")).eval()
     x = torch.rand(n, 3, px, px, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
     codes = vq.encode(x[:1])  # warm-up
     res = {"probe": args.probe, "rss_before_gib": round(_proc_kb("VmRSS") / 2**20, 2)}
@@ -341,56 +416,57 @@ def vq_probe(args):
 
 
 def rehearse(args) -> dict:
-    """Build the checkpoint, run every full-scale command against it, probe memory scaling; write --out (JSON)."""
+    """For each family: build its checkpoint, run every full-scale command of the README against it, probe memory
+    scaling; write --out (JSON)."""
     root = os.path.abspath(args.dir)
     out = args.out or os.path.join(root, "rehearsal.json")
-    s = REHEARSAL_SIZES[args.size]
+    families = args.models.split(",")
+    for family in families:  # the README's block must read before anything is built
+        readme_commands(family, rehearsal_overrides(args))
     claim_dir(root, "rehearse.py")  # refuses a folder worldboot did not write, before anything is deleted
-    rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), size=args.size, layers=args.layers,
-               shapes=s, steps=args.steps, threads=args.threads, torch=torch.__version__,
-               cpu=_cpu_name(), mem_total_gib=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
-                                                     1), stages=[], probes=[])
+    rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), size=args.size, layers=args.layers, models=families,
+               shapes=dict(anole=REHEARSAL_SIZES[args.size], liquid=LIQUID_SIZES[args.size]), steps=args.steps,
+               threads=args.threads, torch=torch.__version__, cpu=_cpu_name(),
+               mem_total_gib=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1), stages=[],
+               probes=[])
     skip = REHEARSAL_STAGES[:REHEARSAL_STAGES.index(args.from_stage)] if args.from_stage else ()
     if skip:  # keep the numbers of the stages already run
         done = read_json(out, "rehearsal record")["stages"] if os.path.exists(out) else []
-        rec["stages"] = [r for r in done if r["stage"] in skip]
-    else:
-        # a rerun starts its fine-tuning afresh; runs/ is ours: the folder carries our marker (claim_dir above)
-        shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
+        rec["stages"] = [r for r in done if r["stage"] in skip and r.get("model") in families]
     logs = os.path.join(root, "logs")
-    me = [os.path.basename(__file__), f"--dir={root}", f"--size={args.size}",
-          f"--threads={args.threads}", f"--seed={args.seed}"]
-    # the README's commands need the built data (the test item's path), so they are listed once build is done
-    todo = [("build", [*me, "--build", f"--layers={args.layers}"])]
-    while todo:
-        name, argv = todo.pop(0)
-        if name in skip:
-            todo += rehearsal_commands(args) if name == "build" else []
-            continue
-        print(f"rehearsal: {name}: python {' '.join(argv)}", flush=True)
-        r = run_measured(name, argv, root, args.threads, logs)
-        if name in ("dm", "wm"):
-            r["s_per_step"] = step_seconds(os.path.join(root, "runs", name, "metrics.jsonl"))
-        print(f"  -> rc {r['rc']}, {r['seconds']} s, peak RSS {r['peak_rss_gib']} GiB"
-              + (f", s/step {r['s_per_step']}" if "s_per_step" in r else ""), flush=True)
-        rec["stages"].append(r)
-        atomic_write(out, json.dumps(rec, indent=1))
-        if r["rc"] != 0:
-            raise RuntimeError(f"rehearsal stage {name} failed (rc {r['rc']}); its log: {logs}/{name}.log\n"
-                               + open(os.path.join(logs, f"{name}.log")).read()[-3000:])
-        if name == "build":
-            todo += rehearsal_commands(args)
-    for spec in [x for x in args.scaling.split(",") if x]:
-        print(f"rehearsal: probe {spec}", flush=True)
-        r = run_measured(f"probe_{spec.replace(':', '_')}", [*me, f"--probe={spec}"], root, args.threads,
-                         logs)
-        text = open(os.path.join(logs, f"probe_{spec.replace(':', '_')}.log")).read()
-        got = [json.loads(x[len("PROBE "):]) for x in text.splitlines() if x.startswith("PROBE ")]
-        if r["rc"] != 0 or not got:
-            raise RuntimeError(f"probe {spec} failed (rc {r['rc']}):\n{text[-3000:]}")
-        rec["probes"].append({**got[0], "peak_rss_gib": r["peak_rss_gib"]})
-        print(f"  -> {rec['probes'][-1]}", flush=True)
-        atomic_write(out, json.dumps(rec, indent=1))
+    for family in families:
+        if not skip:  # a rerun starts its fine-tuning afresh; runs/ is ours: root carries our marker (claim_dir)
+            shutil.rmtree(os.path.join(root, "runs", family), ignore_errors=True)
+        me = [os.path.basename(__file__), f"--dir={root}", f"--size={args.size}", f"--threads={args.threads}",
+              f"--seed={args.seed}", f"--models={family}"]
+        todo = [("build", [*me, "--build", f"--layers={args.layers}"])]
+        todo += readme_commands(family, rehearsal_overrides(args))
+        for name, argv in todo:
+            if name in skip:
+                continue
+            print(f"rehearsal: {family} {name}: python {' '.join(argv)}", flush=True)
+            r = {"model": family, **run_measured(f"{family}_{name}", argv, root, args.threads, logs), "stage": name}
+            log = os.path.join(logs, f"{family}_{name}.log")
+            if name in ("dm", "wm") and r["rc"] == 0:
+                r["s_per_step"] = step_seconds(os.path.join(root, "runs", family, name, "metrics.jsonl"))
+            print(f"  -> rc {r['rc']}, {r['seconds']} s, peak RSS {r['peak_rss_gib']} GiB"
+                  + (f", s/step {r['s_per_step']}" if "s_per_step" in r else ""), flush=True)
+            rec["stages"].append(r)
+            atomic_write(out, json.dumps(rec, indent=1))
+            if r["rc"] != 0:
+                raise RuntimeError(f"rehearsal stage {family} {name} failed (rc {r['rc']}); its log: {log}\n"
+                                   + open(log).read()[-3000:])
+        for spec in [x for x in args.scaling.split(",") if x]:
+            print(f"rehearsal: {family} probe {spec}", flush=True)
+            name = f"{family}_probe_{spec.replace(':', '_')}"
+            r = run_measured(name, [*me, f"--probe={spec}"], root, args.threads, logs)
+            text = open(os.path.join(logs, f"{name}.log")).read()
+            got = [json.loads(x[len("PROBE "):]) for x in text.splitlines() if x.startswith("PROBE ")]
+            if r["rc"] != 0 or not got:
+                raise RuntimeError(f"probe {family} {spec} failed (rc {r['rc']}):\n{text[-3000:]}")
+            rec["probes"].append({"model": family, **got[0], "peak_rss_gib": r["peak_rss_gib"]})
+            print(f"  -> {rec['probes'][-1]}", flush=True)
+            atomic_write(out, json.dumps(rec, indent=1))
     print(rehearsal_table(rec), flush=True)
     print(f"rehearsal results -> {out}")
     return rec
@@ -398,21 +474,19 @@ def rehearse(args) -> dict:
 
 def rehearsal_table(rec: dict) -> str:
     lines = [f"rehearsal ({rec['size']}, {rec['layers']} layer(s), {rec['threads']} thread(s), {rec['cpu']}):", "",
-             "| stage | seconds | peak RSS GiB | s/step |", "|---|---|---|---|"]
+             "| model | stage | seconds | peak RSS GiB | s/step |", "|---|---|---|---|---|"]
     for r in rec["stages"]:
-        lines.append(f"| {r['stage']} | {r['seconds']} | {r['peak_rss_gib']} | "
+        lines.append(f"| {r.get('model', 'anole')} | {r['stage']} | {r['seconds']} | {r['peak_rss_gib']} | "
                      f"{', '.join(map(str, r.get('s_per_step', []))) or '-'} |")
     if rec["probes"]:
-        lines += ["", "| probe (task:layers:tokens) | RSS before GiB | step peak growth GiB | s/step |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['probe']} | {p['rss_before_gib']} | {p['step_peak_gib']} | {p['s_step']} |"
+        lines += ["", "| model | probe (task:layers:tokens) | RSS before GiB | step peak growth GiB | s/step |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p['model']} | {p['probe']} | {p['rss_before_gib']} | {p['step_peak_gib']} | {p['s_step']} |"
                   for p in rec["probes"] if "step_peak_gib" in p]
-        lines += [f"| {p['probe']} (per batch; s per image) | {p['rss_before_gib']} | encode {p['encode_peak_gib']}, "
-                  f"decode {p['decode_peak_gib']} | encode {p['encode_s_per_image']}, "
+        lines += [f"| {p['model']} | {p['probe']} (per batch; s per image) | {p['rss_before_gib']} | encode "
+                  f"{p['encode_peak_gib']}, decode {p['decode_peak_gib']} | encode {p['encode_s_per_image']}, "
                   f"decode {p['decode_s_per_image']} |" for p in rec["probes"] if "encode_peak_gib" in p]
     return "\n".join(lines)
-
-
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -799,7 +799,7 @@ class TextTokenizer:
         names = LIQUID_NAMES if liquid else dict(bos=BOS, pad=PAD, eos=EOS, boi=BOI, eoi=EOI)
         missing = [n for n in names.values() if n not in vocab]
         if missing:
-            raise ValueError(f"tokenizer {source} lacks the special tokens {missing}")
+            raise UserError(f"tokenizer {source} lacks the special tokens {missing}")
         self.bos_id, self.pad_id, self.eos_id, self.boi_id, self.eoi_id = (vocab[names[k]] for k in
                                                                             ("bos", "pad", "eos", "boi", "eoi"))
         added = self.tok.get_added_tokens_decoder()  # id -> AddedToken
@@ -814,13 +814,13 @@ class TextTokenizer:
             if c is not None:
                 img[c] = i
         if not img:
-            raise ValueError(f"tokenizer {source} has no image tokens (IMGIMG...Z)")
+            raise UserError(f"tokenizer {source} has no image tokens (IMGIMG...Z)")
         codes = sorted(img)
         self.n_image_codes = len(codes)
         self.image_offset = img[0] if 0 in img else -1
         # Models index image logits as one contiguous block [offset, offset + n), so insist on that layout.
         if codes != list(range(len(codes))) or any(img[c] != self.image_offset + c for c in codes):
-            raise ValueError(f"tokenizer {source}: image tokens are not a contiguous block of ids in code order")
+            raise UserError(f"tokenizer {source}: image tokens are not a contiguous block of ids in code order")
         if UNK in vocab:
             self.special_ids.add(vocab[UNK])
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
@@ -853,7 +853,7 @@ class TextTokenizer:
         try:
             tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-            raise ValueError(f"cannot parse tokenizer file {path}: {e}") from e
+            raise UserError(f"cannot parse tokenizer file {path}: {e}") from e
         obj = cls.__new__(cls)
         obj.tok = tok
         obj._setup(source=path, n_image_codes=n_image_codes)

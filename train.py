@@ -78,6 +78,7 @@ class TrainConfig:
     image_size: int = arg(32, ">0")  # images are preprocessed to this square size before VQ encoding (512 for
     # Chameleon); must be the image tokenizer's resolution
     steps: int = arg(600, ">0")  # optimizer steps
+    epochs: float = arg(0.0, ">=0")  # when > 0: steps = ceil(epochs * examples / batch_size), in place of --steps
     batch_size: int = arg(32, ">0")  # global batch size (sequences per optimizer step, over all ranks and micro-steps)
     grad_accum: int = arg(1, ">0")  # micro-steps per optimizer step (gradients sync only on the last one)
     lr: float = arg(1e-3, ">0")  # peak learning rate (paper: 2e-4 DM, 5e-4 WM with LoRA on 7B)
@@ -365,6 +366,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     model.to(device)
 
     ids, weights = collate(examples, tok.pad_id, cfg.max_len or mcfg.max_seq_len, names)
+    if cfg.epochs > 0:
+        cfg.steps = math.ceil(cfg.epochs * len(ids) / cfg.batch_size)
     sampler = Sampler(len(ids), cfg.batch_size, cfg.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")

@@ -65,14 +65,21 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
 
 @pytest.mark.slow
 def test_rehearsal_small(tmp_path):
-    """Every full-scale README command runs against a small Anole-layout checkpoint built with transformers."""
+    """Every full-scale README command, read out of README.md, runs against small Anole- and Liquid-layout
+    checkpoints built with transformers."""
     out = tmp_path / "rehearsal.json"
     rec = rehearse.main(["--size=small", f"--dir={tmp_path / 'r'}", "--threads=1",
                          "--scaling=dm:1:200,wm:1:200:full,vq:2", f"--out={out}"])
     saved = json.loads(out.read_text())
-    assert [s["stage"] for s in saved["stages"]] == ["build", "convert", "dm", "bootstrap", "wm", "search", "eval"]
+    stages = ["build", "convert", "dm", "bootstrap", "wm", "search", "eval"]
+    assert [(s["model"], s["stage"]) for s in saved["stages"]] == [(m, s) for m in ("anole", "liquid") for s in stages]
     assert all(s["rc"] == 0 and s["peak_rss_gib"] > 0 for s in saved["stages"])
-    assert len(rec["stages"][2]["s_per_step"]) == 3 and len(saved["probes"]) == 3
+    assert len(rec["stages"][2]["s_per_step"]) == 3 and len(saved["probes"]) == 6
     r = tmp_path / "r"
-    assert (r / "anole" / "model.safetensors.index.json").exists() and (r / "runs" / "search.png").exists()
-    assert "all" in json.loads((r / "runs" / "eval" / "results.json").read_text())["wm"]
+    for f in ("anole/model.safetensors.index.json", "liquid/model.safetensors.index.json",
+              "liquid/vqgan_decoder.safetensors"):
+        assert (r / f).exists()
+    for m in ("anole", "liquid"):
+        assert (r / "runs" / m / "search.png").exists()
+        assert "all" in json.loads((r / "runs" / m / "eval" / "results.json").read_text())["wm"]
+    assert json.loads((r / "runs/liquid/dm/ckpt/meta.json").read_text())["model_config"]["gemma_norm"]
