@@ -15,6 +15,7 @@ import rehearse  # noqa: E402
 from common import UserError  # noqa: E402
 from data import pad_square, preprocess_image  # noqa: E402
 from tokenizer import LIQUID_PAD, ImageTokenizer, VQConfig  # noqa: E402
+from train import load_tokenizers  # noqa: E402
 
 VQ = VQConfig(embed_dim=8, num_embeddings=16, latent_channels=32, resolution=16, base_channels=32,
               channel_multiplier=(1, 2), num_res_blocks=1)
@@ -40,6 +41,8 @@ def test_method_on_liquid(tmp_path, monkeypatch):
     assert (tmp_path / "runs/liquid/search.png").exists() and json.loads((tmp_path / "runs/liquid/synthetic.json")
                                                                           .read_text())
     assert "all" in json.loads((tmp_path / "runs/liquid/eval/results.json").read_text())["wm"]
+    image_tok, tok = load_tokenizers("liquid")  # Liquid's preprocessing and id layout reach every script
+    assert image_tok.pad_colour == LIQUID_PAD and (tok.image_offset, tok.n_image_codes) == (300, 16)
 
 
 def test_liquid_preprocessing_pads_to_a_square():
