@@ -12,8 +12,9 @@ The full-scale rehearsal and the GPU check: harness, not method (the paper's Sec
     (c) a short reproduce.py --preset=gpu. Each part in its own subprocess and time limit. JSON -> --out.
 
 Usage:
-  python rehearse.py --threads=2                # ~45 min on 2 busy cores, 8.8 GB RAM
-  python rehearse.py --size=small --threads=1   # the same layout in miniature, ~1 min (the slow test)
+  python rehearse.py --models=anole --threads=2   # Anole: ~45 min on 2 busy cores, 8.8 GB RAM
+  python rehearse.py --threads=2                  # Anole and Liquid (Liquid at this size: not run yet)
+  python rehearse.py --size=small --threads=1     # both layouts in miniature, ~2 min (the slow test)
   python rehearse.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
 """
 
@@ -91,8 +92,8 @@ class RehearseConfig:
     scaling: str = arg("dm:1:2100,dm:2:2100,dm:4:2100,dm:1:1050,dm:1:2100:full,wm:1:2100,wm:1:2100:full,vq:4",
                        _scaling_ok)  # memory probes: a training step task:layers:tokens[:full] (full = logits at
     # every position) or VQ encode + decode of a batch, vq:images ('' = none)
-    from_stage: str = arg("", ("", *REHEARSAL_STAGES))  # continue a rehearsal at this stage, keeping the earlier
-    # stages' files and numbers
+    from_stage: str = arg("", ("", *REHEARSAL_STAGES))  # continue a rehearsal at this stage (of every model),
+    # keeping the earlier stages' files and numbers
     threads: int = arg(torch.get_num_threads(), ">=1")  # torch threads of every stage
     seed: int = arg(0, ">=0")  # random weights and data
     out: str = ""  # results JSON (default: <dir>/rehearsal.json; --gpu_check: out/gpu_check.json)

@@ -351,6 +351,8 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     if cfg.fsdp and not dist.is_initialized():
         raise UserError("--fsdp=true shards over the ranks of a torchrun job, but this process was not started by "
                         "torchrun: run it under torchrun --nproc_per_node=N, or drop --fsdp")
+    if cfg.epochs > 0:  # before the resume check, which compares the step count with the checkpoint's
+        cfg.steps = math.ceil(cfg.epochs * len(examples) / cfg.batch_size)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     _check_out_dir(cfg, ckpt_dir)
     if model is None:
@@ -366,8 +368,6 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     model.to(device)
 
     ids, weights = collate(examples, tok.pad_id, cfg.max_len or mcfg.max_seq_len, names)
-    if cfg.epochs > 0:
-        cfg.steps = math.ceil(cfg.epochs * len(ids) / cfg.batch_size)
     sampler = Sampler(len(ids), cfg.batch_size, cfg.seed)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise UserError(f"batch_size {cfg.batch_size} must divide by world_size*grad_accum = {world * cfg.grad_accum}")
