@@ -15,7 +15,12 @@ still uses `model.layers.{i}...`, the same layout as the published Chameleon/Ano
 needed), so `Chameleon.from_pretrained` reads HF checkpoint directories directly, and `save_pretrained` writes ones HF
 can read back.
 
-Contents: ChameleonConfig, RMSNorm, QKNorm, Attention, MLP, Block, KVCache, Chameleon (+ from_pretrained /
+The same decoder runs Gemma, the base of Liquid (the paper's second base model, a GemmaForCausalLM whose vocabulary
+ends with the VQ codes), through five config switches: RMSNorm x * (1 + w) in fp32, embeddings scaled by
+sqrt(n_embd), a GeGLU MLP (tanh GELU), no QK-norm, lm_head tied to the embeddings; and a head width apart from
+n_embd / n_head. config.json's model_type chooses the family (tests/test_parity_gemma.py: parity with transformers).
+
+Contents: ChameleonConfig, RMSNorm, QKNorm, Attention, MLP, TiedHead, Block, KVCache, Chameleon (+ from_pretrained /
 save_pretrained), and the pure functions sample(), token_logprobs(), generate_text(), generate_image().
 """
 
@@ -162,6 +167,10 @@ class ChameleonConfig:
                  rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
                  rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
                  swin_norm=self.swin_norm, tie_word_embeddings=False, vocabulary_map=vmap)
+        if self.gemma_norm:  # the Gemma family (Liquid): its image ids are known from tokenizer.json, not the config
+            d.update(model_type="gemma", architectures=["GemmaForCausalLM"], head_dim=self.head_dim,
+                     hidden_act="gelu_pytorch_tanh", tie_word_embeddings=self.tie_embeddings)
+            del d["swin_norm"], d["vocabulary_map"]
         if self.vq is not None:
             d["vq_config"] = dataclasses.asdict(self.vq)
         return json.loads(json.dumps(d))

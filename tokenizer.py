@@ -16,8 +16,10 @@ Two tokenisers make that sequence:
 Everything here is written to load the real weights: the encoder / quantiser / quant convs use exactly the parameter
 names of transformers' `ChameleonVQVAE` (so `model.vqmodel.*` loads with an identity name map), the decoder uses the
 names of the original Meta/Anole `vqgan.ckpt` (taming-transformers' `Decoder`), and `TextTokenizer` reads Chameleon's
-own tokenizer.json. For the synthetic world of this repo, `VQConfig.world()` is a small version of the same network
-that trains from scratch on CPU with `train_vqgan`.
+own tokenizer.json. Liquid (the paper's second base model) uses the same VQGAN, which its checkpoint does not carry
+(`from_pretrained` then reads it whole from the converted vqgan.ckpt), pads images to a square instead of cropping
+them, and names no image token: its image ids follow Gemma's text vocabulary. For the synthetic world of this repo,
+`VQConfig.world()` is a small version of the same network that trains from scratch on CPU with `train_vqgan`.
 """
 
 from __future__ import annotations

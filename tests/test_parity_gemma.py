@@ -64,3 +64,17 @@ def test_liquid_tokenizer_layout(tmp_path):
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.image_offset, tok.vocab_size) == (0, 1, 2, N_TEXT, N_TEXT + 16)
     assert tok.image_ids(torch.tensor([0, 15])).tolist() == [N_TEXT, N_TEXT + 15] and tok.boi_id in tok.special_ids
     assert tok.decode(tok.encode("push the red cube")) == "push the red cube"
+
+
+def test_hf_reads_our_checkpoint(tmp_path):
+    """What save_pretrained writes for a Gemma-family model loads in transformers with the same logits."""
+    build_liquid(tmp_path / "hf", hidden=32, heads=4, kv_heads=2, head_dim=24, inner=48, n_text=N_TEXT, vq=VQ, layers=2)
+    ours = Chameleon.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # make sure the weights really travel
+    ours.save_pretrained(tmp_path / "ours")
+    hf = transformers.GemmaForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    idx = torch.randint(0, N_TEXT + 16, (1, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx, mask_image_logits=False)).abs().max().item() <= 1e-4
