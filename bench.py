@@ -22,22 +22,13 @@ MFU: training FLOPs per token = 6 * N (non-embedding params + lm_head) + 12 * n_
 scores, forward + backward), times tokens/s, over --peak_flops on CUDA (H100 dense bf16 = 989e12), on a CPU over the
 measured best FLOP/s of its --dtype matrix products (report.peak_matmul_flops, as the report's time table).
 
-Two more jobs live here because they are harness, not method:
-  --rehearse   the README's full-scale commands (Anole-7B) run end to end on a CPU against an Anole-shaped checkpoint
-               built with transformers (real widths, heads, vocabulary and 512 px VQ; 1 layer, random weights),
-               with each stage's peak RSS and seconds per step, and training-step memory probes over depth and
-               sequence length. JSON -> --out (default <rehearse_dir>/rehearsal.json).
-  --gpu_check  one time-limited command for a GPU machine: (a) ours vs transformers in bf16 (train step tok/s and
-               MFU, decode tok/s at batch 1 and 8, best-of-8 cost), (b) the 7B preset's decode with random weights,
-               (c) a short reproduce.py --preset=gpu. Each part in its own subprocess and time limit. JSON -> --out.
+The full-scale rehearsal and the GPU check live in rehearse.py.
 
 Usage:
   python bench.py                                    # "small" config (the synthetic-world model size), CPU fp32
   python bench.py --config=small,base                # + a larger config for a more realistic ratio
   python bench.py --quick --config=micro             # seconds; what tests/test_bench.py runs
   python bench.py --device=cuda --dtype=bfloat16 --config=small,base --preset=chameleon-7b   # on a GPU machine
-  python bench.py --rehearse --threads=2             # ~45 min on 2 busy cores, 8.8 GB RAM; --rehearse_size=small: 1 min
-  python bench.py --gpu_check --device=cuda --dtype=bfloat16 --out=out/gpu_check.json   # < 8 min on one H100
   python bench.py --speed --dtype=float32 --threads=1   # the rows below (~6 min on 2 busy cores)
 
 --speed: the main job's own shapes (reproduce.py's laptop preset: 4 x 128 transformer, 1,024 ids, batch 16; its VQGAN
@@ -58,33 +49,26 @@ import gc
 import json
 import os
 import platform
-import random
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import model as model_py
 import train
-import world
-from common import arg, atomic_write, autocast, native_bf16_cpu, parse_config
+from common import arg, autocast, native_bf16_cpu, parse_config
 from common import run as run_main  # (bench.py uses `run` as a loop name)
-from data import Item, write_benchmark
-from model import Chameleon, ChameleonConfig, apply_lora, generate_image
+from model import Chameleon, ChameleonConfig, generate_image
 from report import peak_matmul_flops
-from tokenizer import ImageTokenizer, TextTokenizer, VQConfig, hf_to_ours, train_vqgan
-from train import TrainConfig, sequence_nll
-from train_dynamics import DM_PROMPT
-from train_world import WM_PROMPT
+from tokenizer import VQConfig, train_vqgan
+from train import sequence_nll
 
 # name -> (n_embd, n_layer, n_head, n_inner, vocab_size, n_image_codes). Image ids are the LAST n_image_codes ids.
 CONFIGS = {
@@ -98,31 +82,9 @@ PROMPT_LEN = 8  # text prompt before BOI; the last prompt token is BOI (id 3)
 BOI = 3
 
 
-# size -> HF ChameleonConfig widths, VQConfig.chameleon() overrides and the image side. "full" is Anole-7B in all but
-# depth (4096 wide, 32 heads, 11,008 SwiGLU, 65,536 ids, 512 px -> 1,024 codes of 8,192); "small" keeps its id
-# layout and a vocabulary large enough for train.sequence_nll's loss-positions path, at CI size.
-REHEARSAL_SIZES = {
-    "full": dict(hidden_size=4096, num_attention_heads=32, intermediate_size=11008, vocab_size=65536, vq={},
-                 image_size=512),
-    "small": dict(hidden_size=128, num_attention_heads=4, intermediate_size=352, vocab_size=16384,
-                  vq=dict(resolution=64, base_channels=32, embed_dim=32, latent_channels=64), image_size=64),
-}
-GPU_PARTS = ("a", "b", "c")
-REHEARSAL_STAGES = ("build", "convert", "dm", "bootstrap", "wm", "search", "eval", "probes")
-
 
 def _configs_ok(v: str):
     return None if {c for c in v.split(",") if c} <= set(CONFIGS) else f"a comma-separated subset of {list(CONFIGS)}"
-
-
-def _scaling_ok(v: str):
-    for spec in [x for x in v.split(",") if x]:
-        f = spec.split(":")
-        vq = len(f) == 2 and f[0] == "vq" and f[1].isdigit()
-        if not vq and (len(f) not in (3, 4) or f[0] not in ("dm", "wm") or not (f[1].isdigit() and f[2].isdigit())
-                       or f[3:] not in ([], ["full"])):
-            return f"entries task:layers:tokens[:full] (task dm or wm) or vq:images, not {spec!r}"
-    return None
 
 
 @dataclass
@@ -144,31 +106,10 @@ class BenchConfig:
     peak_flops: float = arg(989e12, ">0")  # accelerator peak FLOP/s for MFU (cuda)
     seed: int = arg(0, ">=0")  # random weights and prompts
     results: str = "out/bench.jsonl"  # append one JSON line per run here ('' = don't)
+    speed: bool = False  # issue 14's rows at the main job's shapes (bf16 vs fp32, loss-position logits, one pool)
     worker: str = ""  # internal: the memory subprocess (ours or ref)
     ckpt: str = ""  # internal: checkpoint folder for the worker
-    preset_shrink: bool = False  # internal: gpu_check's CPU dry run
-    # --- rehearsal: the README's full-scale commands on an Anole-shaped random checkpoint
-    rehearse: bool = False  # run the rehearsal; results JSON -> --out
-    rehearse_dir: str = "out/rehearsal"  # its working folder (checkpoint, data, runs)
-    rehearse_size: str = arg("full", tuple(sorted(REHEARSAL_SIZES)))  # full: Anole-7B widths, heads, vocabulary and
-    # VQ (512 px); small: the same layout in miniature
-    rehearse_layers: int = arg(1, ">=1")  # transformer layers of the built checkpoint
-    rehearse_steps: int = arg(3, ">=1")  # optimizer steps of the DM and WM fine-tuning
-    scaling: str = arg("dm:1:2100,dm:2:2100,dm:4:2100,dm:1:1050,dm:1:2100:full,wm:1:2100,wm:1:2100:full,vq:4",
-                       _scaling_ok)  # memory probes: a training step task:layers:tokens[:full] (full = logits at
-    # every position) or VQ encode + decode of a batch, vq:images ('' = none)
-    rehearse_from: str = arg("", ("", *REHEARSAL_STAGES))  # continue a rehearsal at this stage, keeping the earlier
-    # stages' files and numbers
-    rehearse_build: bool = False  # internal: the build stage
-    rehearse_probe: str = ""  # internal: one scaling probe
-    # --- GPU check (one command; each part in its own time-limited subprocess)
-    gpu_check: bool = False  # run the parts below; results JSON -> --out
-    gpu_parts: str = arg("a,b,c", lambda v: None if set(v.split(",")) <= set(GPU_PARTS) else f"a subset of {GPU_PARTS}")
-    # a: ours vs HF (bf16 train step, MFU, decode, best-of-8); b: 7B preset decode; c: a short reproduce.py --preset=gpu
-    part_limits: str = arg("170,100,180", lambda v: None if len(v.split(",")) == len(GPU_PARTS) else
-                           f"{len(GPU_PARTS)} comma-separated seconds, one per part")  # seconds allowed to parts a-c
-    out: str = ""  # results JSON of --rehearse / --gpu_check (default: in out/)
-    speed: bool = False  # issue 14's rows at the main job's shapes (bf16 vs fp32, loss-position logits, one pool)
+    preset_shrink: bool = False  # internal: a shrunken --preset (rehearse.py --gpu_check's CPU dry run)
 
 
 def parse_args(argv=None) -> BenchConfig:
@@ -485,273 +426,6 @@ def fmt_table(name: str, rows: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# rehearsal: the README's full-scale commands, unchanged but for step counts and data size, against an Anole-shaped
-# checkpoint with random weights and fewer layers, on a CPU. Each stage is a subprocess; its peak RSS comes from
-# os.wait4 (the child's own ru_maxrss), its seconds per step from the run's metrics.jsonl.
-
-
-def rehearsal_data(root: str, size: int, n_train: int = 2, n_test: int = 2, n_videos: int = 2):
-    """Aurora-Bench-format train/test JSON and short videos of world scenes rendered at `size` px."""
-    rng = random.Random(0)
-
-    def save(scene, rel):
-        os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
-        world.render(scene, size).save(os.path.join(root, rel))
-        return Path(os.path.join(root, rel))
-
-    def step(scene):  # (action text, next scene); a scene with no applicable action is kept as is
-        a = world.sample_action(scene, rng)
-        return (world.describe(a, rng), world.apply(scene, a, rng)) if a is not None else ("", scene)
-
-    for split, n, tasks in (("train", n_train, ["something", "ag"]), ("test", n_test, ["magicbrush", "something"])):
-        items = []
-        for i in range(n):
-            src = world.sample_scene(rng)
-            text, tgt = step(src)
-            items.append(Item(f"{split}-{i}", save(src, f"aurora/images/{split}-{i}-in.png"), text,
-                              save(tgt, f"aurora/images/{split}-{i}-out.png"), tasks[i % len(tasks)]))
-        write_benchmark(items, os.path.join(root, "aurora", f"{split}.json"))
-    for v in range(n_videos):  # 3 frames: a scene and two actions (one key frame each at --spacing=20)
-        frames = [world.sample_scene(rng)]
-        frames += [step(frames[-1])[1] for _ in range(2)]
-        for j, f in enumerate(frames):
-            save(f, f"videos/v{v}/{j:03d}.png")
-
-
-def rehearsal_build(args):
-    """Stage 1: data, Chameleon-layout tokenizer.json, an HF checkpoint built with transformers (sharded, bf16) and
-    an original-layout vqgan.ckpt (the encoder of the HF checkpoint plus a random decoder) for tokenizer.py."""
-    import transformers  # optional dependency: only the rehearsal needs it
-
-    root, s = args.rehearse_dir, REHEARSAL_SIZES[args.rehearse_size]
-    anole = os.path.join(root, "anole")
-    os.makedirs(anole, exist_ok=True)
-    rehearsal_data(root, s["image_size"])
-    texts = [it["instruction"] for split in ("train", "test")
-             for it in json.load(open(os.path.join(root, "aurora", f"{split}.json")))]
-    # Chameleon's id layout: <s> 0, <pad> 1, </s> 2, <unk> 3, image codes 4..8195, <eoss> 8196, <racm3:break> 8197
-    tok = TextTokenizer.train((texts + [DM_PROMPT, WM_PROMPT]) * 4, vocab_size=8198 + 256 + 200, n_image_codes=8192)
-    tok.save(os.path.join(anole, "tokenizer.json"))
-    vq = VQConfig.from_dict({**VQConfig.chameleon().to_dict(), **s["vq"]})
-    hf_vq = {k: v for k, v in vq.to_dict().items()
-             if k not in ("out_channels", "decoder_num_res_blocks", "beta", "recon_loss")}  # not HF fields
-    cfg = transformers.ChameleonConfig(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_hidden_layers=args.rehearse_layers, num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["num_attention_heads"], max_position_embeddings=4096,
-        vocabulary_map=tok.tok.get_vocab(with_added_tokens=True), vq_config=hf_vq,
-        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    torch.manual_seed(args.seed)
-    hf = transformers.ChameleonForConditionalGeneration(cfg).to(torch.bfloat16)  # Anole ships bf16
-    n_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-    hf.save_pretrained(anole, max_shard_size=max(n_bytes // 3, 1 << 20))  # three shards + index, like Anole's
-    ours = ImageTokenizer(vq, with_decoder=True)  # random decoder; encoder and codebook from the HF checkpoint
-    enc = {hf_to_ours(k): v.float() for k, v in hf.state_dict().items() if k.startswith("model.vqmodel.")}
-    ours.load_state_dict(enc, strict=False)
-    sd = dict(ours.state_dict())
-    sd["loss.discriminator.main.0.weight"] = torch.zeros(1)  # a training checkpoint's extra; the converter drops it
-    torch.save({"state_dict": sd}, os.path.join(root, "vqgan.ckpt"))
-    print(f"built {anole}: {sum(p.numel() for p in hf.parameters()):,} parameters, "
-          f"{len(json.load(open(os.path.join(anole, 'model.safetensors.index.json')))['weight_map'])} tensors")
-
-
-def rehearsal_commands(args) -> list[tuple[str, list[str]]]:
-    """The README's full-scale commands (steps 1 and 3-6), with step counts and data size cut to the rehearsal's.
-    Run from the rehearsal folder, so the paths are the README's: anole/, aurora/, runs/, videos/."""
-    px, n = REHEARSAL_SIZES[args.rehearse_size]["image_size"], args.rehearse_steps
-    test = json.load(open(os.path.join(args.rehearse_dir, "aurora", "test.json")))
-    common = ["--init=hf:anole", "--tokenizer_dir=anole", f"--image_size={px}", "--lora_r=16", "--lora_alpha=32"]
-    small = [f"--steps={n}", "--batch_size=2", "--grad_accum=2", "--dtype=bfloat16", "--grad_checkpoint=true"]
-    return [
-        ("convert", ["tokenizer.py", "--ckpt=vqgan.ckpt", "--out=anole/vqgan_decoder.safetensors"]),
-        ("dm", ["train_dynamics.py", *common, "--data=aurora/train.json", "--lr=2e-4", "--warmup=500", *small,
-                "--out_dir=runs/dm"]),
-        ("bootstrap", ["bootstrap.py", "--dm=runs/dm/ckpt", "--tokenizer_dir=anole", f"--image_size={px}",
-                       "--videos=videos", "--keyframes=6", "--spacing=20", "--k=7000", "--out=runs/synthetic.json"]),
-        ("wm", ["train_world.py", *common, "--data=aurora/train.json,runs/synthetic.json", "--weighting=recognition",
-                "--lr=5e-4", "--warmup=400", *small, "--out_dir=runs/wm"]),
-        ("search", ["search.py", "--wm=runs/wm/ckpt", "--dm=runs/dm/ckpt", "--tokenizer_dir=anole",
-                    f"--image_size={px}", "--n=2", f"--image=aurora/{test[0]['input']}",
-                    f"--action={test[0]['instruction']}", "--out=runs/search.png"]),
-        ("eval", ["eval.py", "--wm=runs/wm/ckpt", "--dm=runs/dm/ckpt", "--tokenizer_dir=anole", f"--image_size={px}",
-                  "--data=aurora/test.json", "--n=2", "--llm_judge=true", "--out=runs/eval"]),
-    ]
-
-
-def run_measured(name: str, argv: list[str], cwd: str, threads: int, log_dir: str | None, timeout: float | None = None):
-    """Run `python <argv>` in cwd with `threads` torch threads; returns {stage, command, seconds, rc, peak_rss_gib}.
-    The peak is the child's own high-water RSS (os.wait4), so stages do not mix. Output goes to log_dir/<name>.log
-    (None: to our stdout). On timeout the child's whole process group is killed and rc is "timeout"."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, os.path.join(here, argv[0]), *argv[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    t = time.time()
-    logf = None
-    if log_dir is not None:
-        os.makedirs(log_dir, exist_ok=True)
-        logf = open(os.path.join(log_dir, f"{name}.log"), "w")
-    p = subprocess.Popen(cmd, cwd=cwd, stdout=logf, stderr=subprocess.STDOUT if logf else None, env=env,
-                         start_new_session=True)  # its own process group: a timeout kills its workers too
-    timed_out = False
-    while True:  # os.wait4, not Popen.wait: it returns the child's resource usage
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        if timeout is not None and time.time() - t > timeout:
-            os.killpg(p.pid, signal.SIGKILL)
-            _, status, ru = os.wait4(p.pid, 0)
-            timed_out = True
-            break
-        time.sleep(0.2)
-    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait for it again
-    if logf:
-        logf.close()
-    return dict(stage=name, command="python " + " ".join(argv), seconds=round(time.time() - t, 1),
-                rc="timeout" if timed_out else p.returncode, peak_rss_gib=round(ru.ru_maxrss / 2**20, 2))
-
-
-def step_seconds(metrics_path: str) -> list[float]:
-    """Seconds of each optimizer step from a run's metrics.jsonl (its `time` is cumulative since the loop began)."""
-    times = [json.loads(line)["time"] for line in open(metrics_path)]
-    return [round(b - a, 2) for a, b in zip([0.0] + times, times)]
-
-
-def rehearsal_probe(args):
-    """One fine-tuning step of the rehearsal's model on one sequence, in a fresh process: random bf16 weights, LoRA
-    r=16 on all seven linear layers, gradient checkpointing, the loss of a DM (the last 10 tokens) or a WM (the last
-    1,024 image tokens). Prints PROBE {json}: weights RSS, the step's peak RSS growth (peak_mib) and its seconds."""
-    if args.rehearse_probe.startswith("vq:"):
-        return vq_probe(args)
-    task, n_layer, T, *full = args.rehearse_probe.split(":")
-    n_layer, T = int(n_layer), int(T)
-    if full:
-        train.SPARSE_LOGITS_MIN_VOCAB = 1 << 62  # the old path: logits at every position
-    s = REHEARSAL_SIZES[args.rehearse_size]
-    torch.set_num_threads(args.threads)
-    cfg = ChameleonConfig.preset("chameleon-7b", vq=None, n_layer=n_layer, n_embd=s["hidden_size"],
-                                 n_head=s["num_attention_heads"], n_kv_head=s["num_attention_heads"],
-                                 n_inner=s["intermediate_size"], vocab_size=s["vocab_size"],
-                                 gradient_checkpointing=True, mask_image_logits=task == "dm")
-    torch.manual_seed(args.seed)
-    torch.set_default_dtype(torch.bfloat16)  # what from_pretrained(dtype=bf16) gives, without a checkpoint
-    try:
-        model = Chameleon(cfg)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    model._init_rope()  # fp32 RoPE tables, as from_pretrained builds them
-    apply_lora(model, 16, 32.0, 0.05, TrainConfig.lora_targets)
-    ids = torch.randint(8198, cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(args.seed))
-    w = torch.zeros(1, T)
-    w[:, -(10 if task == "dm" else 1025):-1 if task == "wm" else None] = 1.0  # the WM's target ends with EOI
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def run():
-        (sequence_nll(model, ids, w).sum() / w[:, 1:].sum()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t = time.perf_counter()
-    run()  # warm-up: AdamW state, allocator
-    first = time.perf_counter() - t
-    weights = _proc_kb("VmRSS") / 2**20
-    t = time.perf_counter()
-    peak = peak_mib(run, "cpu")
-    print("PROBE " + json.dumps(dict(probe=args.rehearse_probe, rss_before_gib=round(weights, 2),
-                                     step_peak_gib=round(peak / 1024, 3), s_step=round(time.perf_counter() - t, 2),
-                                     s_first_step=round(first, 2))), flush=True)
-
-
-@torch.no_grad()
-def vq_probe(args):
-    """VQ encode and decode of a batch of images at the rehearsal's size with the built checkpoint's encoder and the
-    converted decoder (what every script does per image, on the CPU: train.load_tokenizers keeps it there)."""
-    torch.set_num_threads(args.threads)
-    n, px = int(args.rehearse_probe.split(":")[1]), REHEARSAL_SIZES[args.rehearse_size]["image_size"]
-    anole = os.path.join(args.rehearse_dir, "anole")
-    vq = ImageTokenizer.from_pretrained(anole, os.path.join(anole, "vqgan_decoder.safetensors")).eval()
-    x = torch.rand(n, 3, px, px, generator=torch.Generator().manual_seed(args.seed)) * 2 - 1
-    codes = vq.encode(x[:1])  # warm-up
-    res = {"probe": args.rehearse_probe, "rss_before_gib": round(_proc_kb("VmRSS") / 2**20, 2)}
-    for name, run in (("encode", lambda: vq.encode(x)), ("decode", lambda: vq.decode(codes.expand(n, -1)))):
-        t = time.perf_counter()
-        res[f"{name}_peak_gib"] = round(peak_mib(run, "cpu") / 1024, 3)
-        res[f"{name}_s_per_image"] = round((time.perf_counter() - t) / n, 2)
-    print("PROBE " + json.dumps(res), flush=True)
-
-
-def rehearse(args) -> dict:
-    """Build the checkpoint, run every full-scale command against it, probe memory scaling; write --out (JSON)."""
-    root = os.path.abspath(args.rehearse_dir)
-    out = args.out or os.path.join(root, "rehearsal.json")
-    s = REHEARSAL_SIZES[args.rehearse_size]
-    rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), size=args.rehearse_size, layers=args.rehearse_layers,
-               shapes=s, steps=args.rehearse_steps, threads=args.threads, torch=torch.__version__,
-               cpu=_cpu_name(), mem_total_gib=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30,
-                                                     1), stages=[], probes=[])
-    skip = REHEARSAL_STAGES[:REHEARSAL_STAGES.index(args.rehearse_from)] if args.rehearse_from else ()
-    if skip:  # keep the numbers of the stages already run
-        done = json.load(open(out))["stages"] if os.path.exists(out) else []
-        rec["stages"] = [r for r in done if r["stage"] in skip]
-    else:
-        shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)  # a rerun starts its fine-tuning afresh
-    logs = os.path.join(root, "logs")
-    me = [os.path.basename(__file__), f"--rehearse_dir={root}", f"--rehearse_size={args.rehearse_size}",
-          f"--threads={args.threads}", f"--seed={args.seed}"]
-    # the README's commands need the built data (the test item's path), so they are listed once build is done
-    todo = [("build", [*me, "--rehearse_build", f"--rehearse_layers={args.rehearse_layers}"])]
-    while todo:
-        name, argv = todo.pop(0)
-        if name in skip:
-            todo += rehearsal_commands(args) if name == "build" else []
-            continue
-        print(f"rehearsal: {name}: python {' '.join(argv)}", flush=True)
-        r = run_measured(name, argv, root, args.threads, logs)
-        if name in ("dm", "wm"):
-            r["s_per_step"] = step_seconds(os.path.join(root, "runs", name, "metrics.jsonl"))
-        print(f"  -> rc {r['rc']}, {r['seconds']} s, peak RSS {r['peak_rss_gib']} GiB"
-              + (f", s/step {r['s_per_step']}" if "s_per_step" in r else ""), flush=True)
-        rec["stages"].append(r)
-        atomic_write(out, json.dumps(rec, indent=1))
-        if r["rc"] != 0:
-            raise RuntimeError(f"rehearsal stage {name} failed (rc {r['rc']}); its log: {logs}/{name}.log\n"
-                               + open(os.path.join(logs, f"{name}.log")).read()[-3000:])
-        if name == "build":
-            todo += rehearsal_commands(args)
-    for spec in [x for x in args.scaling.split(",") if x]:
-        print(f"rehearsal: probe {spec}", flush=True)
-        r = run_measured(f"probe_{spec.replace(':', '_')}", [*me, f"--rehearse_probe={spec}"], root, args.threads,
-                         logs)
-        text = open(os.path.join(logs, f"probe_{spec.replace(':', '_')}.log")).read()
-        got = [json.loads(x[len("PROBE "):]) for x in text.splitlines() if x.startswith("PROBE ")]
-        if r["rc"] != 0 or not got:
-            raise RuntimeError(f"probe {spec} failed (rc {r['rc']}):\n{text[-3000:]}")
-        rec["probes"].append({**got[0], "peak_rss_gib": r["peak_rss_gib"]})
-        print(f"  -> {rec['probes'][-1]}", flush=True)
-        atomic_write(out, json.dumps(rec, indent=1))
-    print(rehearsal_table(rec), flush=True)
-    print(f"rehearsal results -> {out}")
-    return rec
-
-
-def rehearsal_table(rec: dict) -> str:
-    lines = [f"rehearsal ({rec['size']}, {rec['layers']} layer(s), {rec['threads']} thread(s), {rec['cpu']}):", "",
-             "| stage | seconds | peak RSS GiB | s/step |", "|---|---|---|---|"]
-    for r in rec["stages"]:
-        lines.append(f"| {r['stage']} | {r['seconds']} | {r['peak_rss_gib']} | "
-                     f"{', '.join(map(str, r.get('s_per_step', []))) or '-'} |")
-    if rec["probes"]:
-        lines += ["", "| probe (task:layers:tokens) | RSS before GiB | step peak growth GiB | s/step |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['probe']} | {p['rss_before_gib']} | {p['step_peak_gib']} | {p['s_step']} |"
-                  for p in rec["probes"] if "step_peak_gib" in p]
-        lines += [f"| {p['probe']} (per batch; s per image) | {p['rss_before_gib']} | encode {p['encode_peak_gib']}, "
-                  f"decode {p['decode_peak_gib']} | encode {p['encode_s_per_image']}, "
-                  f"decode {p['decode_s_per_image']} |" for p in rec["probes"] if "encode_peak_gib" in p]
-    return "\n".join(lines)
-
-
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -959,135 +633,10 @@ def speed(args) -> dict:
             f.write(json.dumps(rec) + "\n")
     return rec
 
-
-# -----------------------------------------------------------------------------------------------------------------
-# GPU check: one command for whenever a GPU is at hand. Each part runs in its own subprocess with a time limit (its
-# process group is killed when it runs over), and the JSON is rewritten after every part, so a broken or slow part
-# costs only itself.
-
-# reproduce.py --preset=gpu cut to a few minutes: a tenth of the data, a tenth of the steps (same model and batch)
-GPU_REPRODUCE = ["--preset=gpu", "--n_train=2000", "--n_videos=200", "--n_val=64", "--n_test=70",
-                 "--n_comp=35", "--n_captions=4000", "--vq_images=2000", "--vq_warmup=300", "--vq_steps=300",
-                 "--pretrain_steps=300", "--ft_steps=200", "--boot_k=500"]
-# the same flags on a CPU dry run (--quick): sizes that take seconds
-QUICK_REPRODUCE = ["--preset=smoke", "--n_train=32", "--n_videos=4", "--n_val=8", "--n_test=8",
-                   "--n_comp=4", "--n_captions=32", "--vq_images=64", "--vq_warmup=4", "--vq_steps=4",
-                   "--pretrain_steps=2", "--ft_steps=2", "--boot_k=8", "--search_n=1,2", "--jobs=1"]
-
-
-def gpu_check_parts(args, tmp: str) -> dict:
-    """part -> (argv of a `python` subprocess, what it writes, time limit in seconds)."""
-    dev = [f"--device={args.device}", f"--dtype={args.dtype}", f"--threads={args.threads}", f"--seed={args.seed}"]
-    if args.quick:  # CPU dry run: the micro config, a shrunken preset, the smoke pipeline
-        a = ["--config=micro", "--quick", "--batches=1,2", "--best_of=2", "--train_batch=2", "--train_len=16",
-             "--no_memory"]
-        b = ["--quick", "--batches=1,2", "--preset_shrink"]
-        c = QUICK_REPRODUCE
-    else:
-        a = ["--config=large", "--decode_lens=128", "--batches=1,8", "--best_of=8", "--reps=2", "--train_batch=8",
-             "--train_len=1024", "--no_memory", f"--peak_flops={args.peak_flops}"]
-        b = ["--decode_lens=256", "--batches=1,8", "--reps=2"]
-        c = GPU_REPRODUCE
-    limits = [float(x) for x in args.part_limits.split(",")]
-    return {
-        "a": ([os.path.basename(__file__), *dev, *a, f"--results={tmp}/a.jsonl"], f"{tmp}/a.jsonl", limits[0]),
-        "b": ([os.path.basename(__file__), *dev, *b, "--config=", "--preset=chameleon-7b", f"--results={tmp}/b.jsonl"],
-              f"{tmp}/b.jsonl", limits[1]),
-        "c": (["reproduce.py", *c, f"--device={args.device}", f"--out={tmp}/repro"], f"{tmp}/repro/report.md",
-              limits[2]),
-    }
-
-
-def gpu_check_summary(part: str, path: str) -> dict:
-    """The numbers a part wrote, in the JSON's words."""
-    if part == "c":
-        report = open(path).read()
-        return {"report_md": report[report.index("## Setup"):] if "## Setup" in report else report}
-    rec = json.loads(open(path).read().splitlines()[-1])
-    out = {k: rec[k] for k in ("device", "dtype", "torch", "transformers", "hf_attn", "reps", "wall_s")}
-    if part == "b":
-        out["preset_tok_s"] = rec["preset"]
-        return out
-    (name, c), = rec["configs"].items()
-    out["config"] = {"name": name, **{k: c["config"][k] for k in ("n_embd", "n_layer", "n_head", "vocab_size")}}
-    for r in c["rows"]:
-        row = {k: r[k] for k in ("s_ours", "s_ref", "ratio") if k in r}
-        row.update({k: r[k] for k in ("tok_s_ours", "tok_s_ref", "mfu_ours", "mfu_ref", "cost_vs_1_ours",
-                                      "cost_vs_1_ref") if k in r})
-        out[r["row"]] = row
-    return out
-
-
-def gpu_check(args) -> dict:
-    import tempfile
-
-    out = args.out or "out/gpu_check.json"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="gpu_check_")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() \
-        else args.device
-    rec = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), command="python bench.py " + " ".join(sys.argv[1:]),
-               device=device, torch=torch.__version__, peak_flops=args.peak_flops, parts={})
-    t0 = time.time()
-    here = os.path.dirname(os.path.abspath(__file__))
-    for part, (argv, result, limit) in gpu_check_parts(args, tmp).items():
-        if part not in args.gpu_parts.split(","):
-            continue
-        print(f"gpu_check: part {part} (limit {limit:.0f} s): python {' '.join(argv)}", flush=True)
-        r = run_measured(part, argv, here, args.threads, None, timeout=limit)
-        try:
-            if r["rc"] != 0:
-                raise RuntimeError(f"exit status {r['rc']}")
-            r["results"] = gpu_check_summary(part, result)
-            r["status"] = "ok"
-        except Exception as e:  # one broken part must not lose the others
-            r["status"] = f"failed: {type(e).__name__}: {e}"
-        rec["parts"][part] = r
-        rec["wall_s"] = round(time.time() - t0, 1)
-        atomic_write(out, json.dumps(rec, indent=1))
-        print(f"gpu_check: part {part}: {r['status']} in {r['seconds']} s", flush=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    rec["table_md"] = gpu_check_table(rec)
-    atomic_write(out, json.dumps(rec, indent=1))
-    print(rec["table_md"] + f"\n\ngpu_check: {rec['wall_s']} s; results -> {out}", flush=True)
-    return rec
-
-
-def gpu_check_table(rec: dict) -> str:
-    """Markdown rows of parts a and b for the README (part c: its report_md)."""
-    lines = [f"{rec['device']}, torch {rec['torch']}", "", "| measurement | ours | reference (HF) | ratio |",
-             "|---|---|---|---|"]
-    res = rec["parts"].get("a", {}).get("results", {})
-    for row, r in res.items():
-        if not isinstance(r, dict) or "s_ours" not in r:
-            continue
-        if "tok_s_ours" in r:
-            lines.append(f"| {row} tok/s | {r['tok_s_ours']:,.0f} | {r['tok_s_ref']:,.0f} | {r['ratio']:.2f}x |")
-            if "mfu_ours" in r:
-                lines.append(f"| {row} MFU | {r['mfu_ours']:.1%} | {r['mfu_ref']:.1%} | |")
-        else:
-            lines.append(f"| {row} seconds | {r['s_ours']:.3f} | {r['s_ref']:.3f} | {r['ratio']:.2f}x |")
-            if "cost_vs_1_ours" in r:
-                lines.append(f"| {row} / best-of-1 cost | {r['cost_vs_1_ours']:.2f}x | {r['cost_vs_1_ref']:.2f}x | |")
-    for name, rows in rec["parts"].get("b", {}).get("results", {}).get("preset_tok_s", {}).items():
-        lines += [f"| {name} {row} tok/s (ours, random weights) | {v:,.1f} | - | |" for row, v in rows.items()]
-    for part, r in rec["parts"].items():
-        lines.append(f"| part {part} | {r['status']} | {r['seconds']} s | |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    if args.rehearse_build:
-        return rehearsal_build(args)
-    if args.rehearse_probe:
-        return rehearsal_probe(args)
-    if args.rehearse:
-        return rehearse(args)
-    if args.gpu_check:
-        return gpu_check(args)
     torch.set_num_threads(args.threads)
     if args.speed:
         return speed(args)

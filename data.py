@@ -270,9 +270,22 @@ def resize_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def preprocess_image(path_or_pil, size: int = 512) -> torch.Tensor:
-    """Image file path or PIL image -> (3, size, size) float32 in [-1, 1), as HF's ChameleonImageProcessor."""
-    img = resize_crop(to_rgb(open_image(path_or_pil)), size)
+def pad_square(img: Image.Image, colour: tuple) -> Image.Image:
+    """Liquid's preprocessing before the resize: pad the short side to a square of `colour`, the image centred (the
+    offset (long - short) // 2, as LLaVA's expand2square that Liquid uses)."""
+    w, h = img.size
+    if w == h:
+        return img
+    out = Image.new(img.mode, (max(w, h),) * 2, colour)
+    out.paste(img, ((h - w) // 2 if h > w else 0, (w - h) // 2 if w > h else 0))
+    return out
+
+
+def preprocess_image(path_or_pil, size: int = 512, pad=None) -> torch.Tensor:
+    """Image file path or PIL image -> (3, size, size) float32 in [-1, 1), as HF's ChameleonImageProcessor; with
+    `pad` (an RGB colour: Liquid) padded to a square first, so nothing is cropped."""
+    img = to_rgb(open_image(path_or_pil))
+    img = resize_crop(img if pad is None else pad_square(img, pad), size)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, size, size) in [0, 255]
     return x * HF_RESCALE - 1.0
 

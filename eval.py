@@ -83,8 +83,8 @@ def eval_wm(wm, tok, image_tok, items, codes, dm=None, n: int = 1, seed: int = 0
         best = generate_targets(wm, tok, src, actions, 1, temperature, top_k, cfg_scale=cfg_scale, generator=g,
                                 max_batch=max_batch)[:, 0]
     images = image_tok.decode(best)  # (N, 3, H, W)
-    records = item_scores(items, images)
-    return score_by_task(items, images, llm, records), images, records
+    records = item_scores(items, images, image_tok.pad_colour)
+    return score_by_task(items, images, llm, records, image_tok.pad_colour), images, records
 
 
 @torch.no_grad()
@@ -104,15 +104,16 @@ def eval_search_controls(wm, dm, tok, image_tok, items, codes, n: int, seed: int
     flat = cands.view(B * n, L)  # (B*n, L)
     flat_act = [a for a in actions for _ in range(n)]
     wm_score = score_targets(wm, tok, src.repeat_interleave(n, 0), flat, flat_act, max_batch).view(B, n)
-    judged = item_scores([it for it in items for _ in range(n)], image_tok.decode(flat))
+    judged = item_scores([it for it in items for _ in range(n)], image_tok.decode(flat), image_tok.pad_colour)
     controls = [{"id": it.id, "dm": dm_score[i].tolist(), "wm": wm_score[i].tolist(),
                  "judge": [judged[i * n + k].get("score") for k in range(n)]} for i, it in enumerate(items)]
     return (controls, [judged[i * n : (i + 1) * n] for i in range(len(items))]) if records else controls
 
 
-def score_by_task(items, images, llm=None, records: list[dict] | None = None) -> dict:
-    """{task: metrics} plus "all" (mean over scored items); `records`: item_scores of these images, if known."""
-    records = item_scores(items, images) if records is None else records
+def score_by_task(items, images, llm=None, records: list[dict] | None = None, pad=None) -> dict:
+    """{task: metrics} plus "all" (mean over scored items); `records`: item_scores of these images, if known; `pad`:
+    as item_scores."""
+    records = item_scores(items, images, pad) if records is None else records
     by_task = defaultdict(list)
     for i, it in enumerate(items):
         by_task[it.task].append(i)
@@ -121,7 +122,7 @@ def score_by_task(items, images, llm=None, records: list[dict] | None = None) ->
         out[task] = judge_items([records[i] for i in idx])
         if llm is not None:
             scored = [i for i in idx if items[i].output_path]
-            res = [llm_judge(to_pil(preprocess_image(items[i].input_path, images.shape[-1])), to_pil(images[i]),
+            res = [llm_judge(to_pil(preprocess_image(items[i].input_path, images.shape[-1], pad)), to_pil(images[i]),
                              items[i].instruction, llm) for i in scored]
             out[task].update({k: v for k, v in aggregate(res).items()})
     out["all"] = judge_items(records)
@@ -133,10 +134,10 @@ def baselines(items, codes, image_tok, size: int) -> dict:
     scored = [it for it in items if it.output_path]
     if not scored:  # generation-only items: nothing to compare with
         return {}
-    copy = torch.stack([preprocess_image(it.input_path, size) for it in scored])
-    truth = torch.stack([preprocess_image(it.output_path, size) for it in scored])
+    copy = torch.stack([preprocess_image(it.input_path, size, image_tok.pad_colour) for it in scored])
+    truth = torch.stack([preprocess_image(it.output_path, size, image_tok.pad_colour) for it in scored])
     vq = image_tok.decode(torch.stack([codes[str(it.output_path)][0] for it in scored]))
-    return {name: score_by_task(scored, imgs) for name, imgs in
+    return {name: score_by_task(scored, imgs, pad=image_tok.pad_colour) for name, imgs in
             (("copy source", copy), ("ground truth", truth), ("ground truth (VQ)", vq))}
 
 

@@ -32,10 +32,11 @@ def pixel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().mean() / 2).item()
 
 
-def item_scores(items, images: torch.Tensor) -> list[dict]:
+def item_scores(items, images: torch.Tensor, pad=None) -> list[dict]:
     """Score generated images (N, 3, H, W) one item at a time: the world judge's success, minimal and score (min of
     the two) where the item carries its symbolic action, pixel L1 where it has a target. One record per item, with
-    its id, subset (`task`) and action class (`verb`), so that contrasts can be paired item by item."""
+    its id, subset (`task`) and action class (`verb`), so that contrasts can be paired item by item. `pad`: the
+    image tokenizer's pad_colour (Liquid), so that targets are preprocessed as the model saw them."""
     size = images.shape[-1]
     records = []
     for it, img in zip(items, images):
@@ -43,7 +44,7 @@ def item_scores(items, images: torch.Tensor) -> list[dict]:
         if world_judgeable(it):
             r.update({k: v for k, v in world_judge(it, to_pil(img)).items() if k in ("success", "minimal", "score")})
         if it.output_path:
-            r["l1"] = pixel_l1(img, preprocess_image(it.output_path, size))
+            r["l1"] = pixel_l1(img, preprocess_image(it.output_path, size, pad))
         records.append(r)
     return records
 

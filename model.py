@@ -15,7 +15,12 @@ still uses `model.layers.{i}...`, the same layout as the published Chameleon/Ano
 needed), so `Chameleon.from_pretrained` reads HF checkpoint directories directly, and `save_pretrained` writes ones HF
 can read back.
 
-Contents: ChameleonConfig, RMSNorm, QKNorm, Attention, MLP, Block, KVCache, Chameleon (+ from_pretrained /
+The same decoder runs Gemma, the base of Liquid (the paper's second base model, a GemmaForCausalLM whose vocabulary
+ends with the VQ codes), through five config switches: RMSNorm x * (1 + w) in fp32, embeddings scaled by
+sqrt(n_embd), a GeGLU MLP (tanh GELU), no QK-norm, lm_head tied to the embeddings; and a head width apart from
+n_embd / n_head. config.json's model_type chooses the family (tests/test_parity_gemma.py: parity with transformers).
+
+Contents: ChameleonConfig, RMSNorm, QKNorm, Attention, MLP, TiedHead, Block, KVCache, Chameleon (+ from_pretrained /
 save_pretrained), and the pure functions sample(), token_logprobs(), generate_text(), generate_image().
 """
 
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from common import CheckpointError, UserError, check_keys, read_json, safetensors_files
-from tokenizer import ImageTokenizer, VQConfig
+from tokenizer import ImageTokenizer, TextTokenizer, VQConfig
 
 # -----------------------------------------------------------------------------------------------------------------
 # config
@@ -47,7 +52,8 @@ class ChameleonConfig:
     n_layer: int = 4  # number of transformer blocks
     n_head: int = 4  # query heads
     n_kv_head: int = 4  # key/value heads (< n_head = grouped-query attention; must divide n_head)
-    n_embd: int = 256  # model width; head_dim = n_embd // n_head
+    n_embd: int = 256  # model width
+    head_size: int = 0  # width of one head; 0 = n_embd // n_head (Gemma-7B: 256, so 16 heads make 4,096, not 3,072)
     n_inner: int = 688  # SwiGLU hidden width (Llama's ~8/3 * n_embd)
     max_seq_len: int = 256  # longest sequence (size of the RoPE tables and of a default KV cache)
     rope_theta: float = 10000.0  # RoPE base, applied to all head dims
@@ -59,10 +65,16 @@ class ChameleonConfig:
     vq: Any = None  # tokenizer.VQConfig or None; when set the model owns `model.vqmodel` (the frozen VQ encoder)
     gradient_checkpointing: bool = False  # recompute each block in backward (training mode only) to save memory
     init_std: float = 0.02  # std of the normal init of Linear/Embedding weights (HF initializer_range)
+    # --- the Gemma family (Liquid): the same decoder with these five switches
+    qk_norm: bool = True  # Chameleon's QK-norm; Gemma has none
+    gemma_norm: bool = False  # Gemma's RMSNorm: x * (1 + w) with the scaling in fp32 too (w is stored, starting at 0)
+    embed_scale: bool = False  # Gemma: token embeddings times sqrt(n_embd), rounded to the weights' dtype as in HF
+    mlp_act: str = "silu"  # the MLP gate: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU, tanh-approximate GELU)
+    tie_embeddings: bool = False  # lm_head reads embed_tokens' weight (Gemma; checkpoints hold no lm_head.weight)
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ChameleonConfig:
@@ -95,10 +107,13 @@ class ChameleonConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def from_hf(cls, hf: dict) -> ChameleonConfig:
-        """Map an HF ChameleonConfig JSON (config.json) onto our field names, refusing what we don't implement."""
-        unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                       "tie_word_embeddings": False}
+    def from_hf(cls, hf: dict, path: str = "") -> ChameleonConfig:
+        """Map an HF ChameleonConfig or GemmaConfig JSON (`path`/config.json) onto our field names, refusing what we
+        don't implement. Gemma (Liquid): the image ids follow the text vocabulary of `path`/tokenizer.json."""
+        gemma = hf.get("model_type") == "gemma"
+        unsupported = {"attention_bias": False, "mlp_bias": False}
+        if not gemma:  # Gemma's MLP is GeGLU with the tanh GELU whatever hidden_act says (as transformers runs it)
+            unsupported.update(hidden_act="silu", tie_word_embeddings=False)
         for k, want in unsupported.items():
             if hf.get(k, want) != want:
                 raise NotImplementedError(f"config.json has {k}={hf[k]!r}; only {want!r} is implemented")
@@ -114,6 +129,15 @@ class ChameleonConfig:
         if len(img) != end - start:
             raise NotImplementedError("image ids in vocabulary_map are not one contiguous range")
         n_head = hf.get("num_attention_heads", 32)
+        family = {}
+        if gemma:  # the VQ encoder is not in Liquid's checkpoint: the tokenizer folder carries it (tokenizer.py)
+            start = TextTokenizer.from_file(os.path.join(path, "tokenizer.json")).image_offset
+            end = hf.get("vocab_size", 256000)
+            if end <= start:
+                raise CheckpointError(f"{path}/config.json: vocab_size {end} leaves no image ids after the {start} "
+                                      f"text ids of {path}/tokenizer.json")
+            family = dict(head_size=hf.get("head_dim", 256), qk_norm=False, gemma_norm=True, embed_scale=True,
+                          mlp_act="gelu_tanh", tie_embeddings=hf.get("tie_word_embeddings", True))
         return cls(
             vocab_size=hf.get("vocab_size", 65536),
             n_layer=hf.get("num_hidden_layers", 32),
@@ -123,11 +147,12 @@ class ChameleonConfig:
             n_inner=hf.get("intermediate_size", 11008),
             max_seq_len=hf.get("max_position_embeddings", 4096),
             rope_theta=float(rope_theta),
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            norm_eps=hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5),
             swin_norm=bool(hf.get("swin_norm", False)),
             image_token_start=start,
             image_token_end=end,
-            vq=_vq_config_from_dict(hf["vq_config"]) if hf.get("vq_config") is not None else None,
+            vq=_vq_config_from_dict(hf["vq_config"]) if hf.get("vq_config") is not None and not gemma else None,
+            **family,
         )
 
     def to_hf(self) -> dict:
@@ -142,6 +167,10 @@ class ChameleonConfig:
                  rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
                  rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
                  swin_norm=self.swin_norm, tie_word_embeddings=False, vocabulary_map=vmap)
+        if self.gemma_norm:  # the Gemma family (Liquid): its image ids are known from tokenizer.json, not the config
+            d.update(model_type="gemma", architectures=["GemmaForCausalLM"], head_dim=self.head_dim,
+                     hidden_act="gelu_pytorch_tanh", tie_word_embeddings=self.tie_embeddings)
+            del d["swin_norm"], d["vocabulary_map"]
         if self.vq is not None:
             d["vq_config"] = dataclasses.asdict(self.vq)
         return json.loads(json.dumps(d))
@@ -158,12 +187,16 @@ def _vq_config_from_dict(d: dict):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, gemma: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.gemma = eps, gemma
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))  # Gemma scales by 1 + weight
 
     def forward(self, x):
+        if self.gemma:  # Gemma (HF's GemmaRMSNorm): the scaling in fp32 too, then cast back
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             # nothing to cast: the fused kernel does the same arithmetic in one op (fewer launches, cheaper backward)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -196,16 +229,16 @@ def apply_rope(x, cos, sin):  # x: (B, n_head, T, head_dim); cos/sin: (T, head_d
 class Attention(nn.Module):
     def __init__(self, config: ChameleonConfig, layer_idx: int):
         super().__init__()
-        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        assert config.n_head % config.n_kv_head == 0
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         C = config.n_embd
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(C, C, bias=False)
-        self.q_norm = QKNorm(self.n_head, self.head_dim)
-        self.k_norm = QKNorm(self.n_kv_head, self.head_dim)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.q_norm = QKNorm(self.n_head, self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = QKNorm(self.n_kv_head, self.head_dim) if config.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
         B, T, C = x.shape
@@ -220,7 +253,7 @@ class Attention(nn.Module):
             y = causal_attention(q, k, v)  # SDPA(q, k, v, is_causal=True) (B, n_head, T, head_dim); speed-ups below
         else:  # prefill or decode step through the KV cache (speed-ups section at the end of this file)
             y = cached_attention(q, k, v, kv_cache, self.layer_idx, rep)  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, n_head * head_dim)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_head * head_dim)
         return self.o_proj(y)
 
 
@@ -230,9 +263,26 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.n_inner, bias=False)
         self.down_proj = nn.Linear(config.n_inner, config.n_embd, bias=False)
+        self.act = F.silu if config.mlp_act == "silu" else functools.partial(F.gelu, approximate="tanh")
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU (Gemma: GeGLU)
+
+
+class TiedHead(nn.Module):
+    """The output layer of a model with tied embeddings: logits = x @ embed_tokens.weight^T. It owns no parameter, so
+    state dicts and checkpoints hold the matrix once (as model.embed_tokens.weight, like HF's tied checkpoints)."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self._embed = [embed]  # in a list: not a submodule, so not a second state-dict entry
+
+    @property
+    def weight(self):
+        return self._embed[0].weight
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
 
 
 class Block(nn.Module):
@@ -241,8 +291,8 @@ class Block(nn.Module):
         self.swin_norm = config.swin_norm
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps, config.gemma_norm)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps, config.gemma_norm)
 
     def forward(self, x, cos, sin, kv_cache: KVCache | None = None):
         if self.swin_norm:  # norms on the branch outputs (same parameter names, different place)
@@ -264,13 +314,15 @@ class Chameleon(nn.Module):
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
             layers=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            norm=RMSNorm(config.n_embd, config.norm_eps),
+            norm=RMSNorm(config.n_embd, config.norm_eps, config.gemma_norm),
         ))
         if config.vq is not None:
             # the VQ encoder ships inside Chameleon checkpoints; it is frozen (never trained with the LM)
             self.model.vqmodel = ImageTokenizer(config.vq, with_decoder=False)
             self.model.vqmodel.requires_grad_(False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from embed_tokens
+        # untied from embed_tokens (Chameleon), or tied: Gemma's output layer is its embedding matrix
+        self.lm_head = TiedHead(self.model.embed_tokens) if config.tie_embeddings else \
+            nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self._init_rope()
         for m in (self.model.embed_tokens, self.model.layers, self.lm_head):  # the VQ model keeps its own init
             m.apply(self._init_weights)
@@ -279,7 +331,7 @@ class Chameleon(nn.Module):
     def _init_rope(self):
         """(Re)build the cos/sin tables. Non-persistent buffers: not in checkpoints, so rebuilt after a meta load."""
         c = self.config
-        device = self.lm_head.weight.device  # meta while from_pretrained builds the skeleton
+        device = self.model.embed_tokens.weight.device  # meta while from_pretrained builds the skeleton
         # same arithmetic as HF (fp32 inv_freq, fp32 outer product) so fp32 parity is exact
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float, device=device)
                                            / c.head_dim))
@@ -329,7 +381,7 @@ class Chameleon(nn.Module):
             raise ValueError(f"sequence length {pos + T} > max_seq_len {self.config.max_seq_len}")
         if kv_cache is not None and T == 1 and idx.device.type == "cpu" and not torch.is_grad_enabled():
             return decode_step(self, idx[:, 0], kv_cache)[:, None]  # same bits, fewer ops (end of this file)
-        x = self.model.embed_tokens(idx)  # (B, T, n_embd)
+        x = self.embed(idx)  # (B, T, n_embd)
         cos = self.rope_cos[pos:pos + T].to(x.dtype)  # (T, head_dim)
         sin = self.rope_sin[pos:pos + T].to(x.dtype)  # (T, head_dim)
         ckpt = self.config.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
@@ -341,6 +393,11 @@ class Chameleon(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         return self.model.norm(x)
+
+    def embed(self, idx):
+        """Token embeddings (..., n_embd); Gemma scales them by sqrt(n_embd) in the weights' dtype (55.5 in bf16)."""
+        x = self.model.embed_tokens(idx)
+        return x * torch.tensor(self.config.n_embd ** 0.5, dtype=x.dtype) if self.config.embed_scale else x
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
@@ -358,7 +415,7 @@ class Chameleon(nn.Module):
         if not isinstance(hf, dict):
             raise CheckpointError(f"{os.path.join(path, 'config.json')}: expected a JSON object")
         # our own save_pretrained stores the exact ChameleonConfig next to the HF fields
-        config = ChameleonConfig.from_dict(hf["worldboot"]) if "worldboot" in hf else ChameleonConfig.from_hf(hf)
+        config = ChameleonConfig.from_dict(hf["worldboot"]) if "worldboot" in hf else ChameleonConfig.from_hf(hf, path)
 
         files, _ = safetensors_files(path)
 
@@ -373,6 +430,8 @@ class Chameleon(nn.Module):
             except Exception as e:  # truncated / corrupt / missing file
                 raise CheckpointError(f"cannot read checkpoint file {fpath}: {type(e).__name__}: {e}") from e
 
+        if config.tie_embeddings:  # a tied checkpoint may still store the output layer: it is the embedding
+            found.pop("lm_head.weight", None)
         with torch.device("meta"):
             model = cls(config)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -713,35 +772,36 @@ def decode_step(model: Chameleon, tok, cache: KVCache):
         return F.linear(h, m.weight) if type(m) is nn.Linear else m(h)
 
     def norm(m, h):
-        if h.dtype == torch.float32 and m.weight.dtype == torch.float32:
+        if h.dtype == torch.float32 and m.weight.dtype == torch.float32 and not m.gemma:
             return h.mul(h.pow(2).mean(-1, keepdim=True).add_(m.eps).rsqrt()).mul(m.weight)
         return m(h)
 
     def rope(x):  # x (B, heads, head_dim); (x1, x2) -> (x2, x1) is roll(head_dim / 2): see apply_rope
         return torch.addcmul(x * cos, x.unflatten(-1, (2, -1)).flip(-2).flatten(-2), sin)  # (B, heads, 2, hd/2)
 
-    x = F.embedding(tok, model.model.embed_tokens.weight)  # (B, n_embd)
+    x = model.embed(tok)  # (B, n_embd)
     cos, sin = model.rope_cos[pos].to(x.dtype), model.rope_sin[pos].to(x.dtype)  # (head_dim,)
     for i, blk in enumerate(model.model.layers):
         a, swin, S = blk.self_attn, blk.swin_norm, pos + 1
         H, Hk, hd = a.n_head, a.n_kv_head, a.head_dim
         h = x if swin else norm(blk.input_layernorm, x)
-        q = F.layer_norm(lin(a.q_proj, h).view(B, H, hd), (hd,), eps=1e-5)  # (B, n_head, head_dim)
-        k = F.layer_norm(lin(a.k_proj, h).view(B, Hk, hd), (hd,), eps=1e-5)  # (B, n_kv_head, head_dim)
-        q = rope(torch.addcmul(a.q_norm.bias, q, a.q_norm.weight))
-        cache.kt[i][..., pos] = rope(torch.addcmul(a.k_norm.bias, k, a.k_norm.weight))
+        q, k = lin(a.q_proj, h).view(B, H, hd), lin(a.k_proj, h).view(B, Hk, hd)  # (B, n_head or n_kv_head, hd)
+        if isinstance(a.q_norm, QKNorm):  # QKNorm's ops, without its module call
+            q = torch.addcmul(a.q_norm.bias, F.layer_norm(q, (hd,), eps=1e-5), a.q_norm.weight)
+            k = torch.addcmul(a.k_norm.bias, F.layer_norm(k, (hd,), eps=1e-5), a.k_norm.weight)
+        q, cache.kt[i][..., pos] = rope(q), rope(k)
         cache.v[i][:, :, pos] = lin(a.v_proj, h).view(B, Hk, hd)  # (B, n_kv_head, head_dim)
         kt, v = cache.kt[i][..., :S], cache.v[i][:, :, :S]  # (B, n_kv_head, head_dim, S), (B, n_kv_head, S, hd)
         if H != Hk:
             kt, v = kt.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)  # (B, n_head, ...)
         # cached_attention's decode step, its matmuls as the bmm they reduce to
         att = torch.bmm((q * hd ** -0.5).view(B * H, 1, hd), kt.reshape(B * H, hd, S))  # (B * n_head, 1, S)
-        y = torch.bmm(att.softmax(-1), v.reshape(B * H, S, hd)).view(B, H * hd)  # (B, n_embd)
+        y = torch.bmm(att.softmax(-1), v.reshape(B * H, S, hd)).view(B, H * hd)  # (B, n_head * head_dim)
         y = lin(a.o_proj, y)
         x = x + (norm(blk.input_layernorm, y) if swin else y)
         h = x if swin else norm(blk.post_attention_layernorm, x)
         m = blk.mlp
-        y = lin(m.down_proj, F.silu(lin(m.gate_proj, h)) * lin(m.up_proj, h))
+        y = lin(m.down_proj, m.act(lin(m.gate_proj, h)) * lin(m.up_proj, h))
         x = x + (norm(blk.post_attention_layernorm, y) if swin else y)
     cache.pos += 1
     return norm(model.model.norm, x)

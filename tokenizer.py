@@ -16,8 +16,10 @@ Two tokenisers make that sequence:
 Everything here is written to load the real weights: the encoder / quantiser / quant convs use exactly the parameter
 names of transformers' `ChameleonVQVAE` (so `model.vqmodel.*` loads with an identity name map), the decoder uses the
 names of the original Meta/Anole `vqgan.ckpt` (taming-transformers' `Decoder`), and `TextTokenizer` reads Chameleon's
-own tokenizer.json. For the synthetic world of this repo, `VQConfig.world()` is a small version of the same network
-that trains from scratch on CPU with `train_vqgan`.
+own tokenizer.json. Liquid (the paper's second base model) uses the same VQGAN, which its checkpoint does not carry
+(`from_pretrained` then reads it whole from the converted vqgan.ckpt), pads images to a square instead of cropping
+them, and names no image token: its image ids follow Gemma's text vocabulary. For the synthetic world of this repo,
+`VQConfig.world()` is a small version of the same network that trains from scratch on CPU with `train_vqgan`.
 """
 
 from __future__ import annotations
@@ -375,6 +377,7 @@ class ImageTokenizer(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.latent_channels, 1)
         self.decoder = Decoder(cfg) if with_decoder else None
+        self.pad_colour = None  # preprocessing: None = centre crop (Chameleon); Liquid pads to a square of this RGB
 
     @property
     def with_decoder(self) -> bool:
@@ -471,7 +474,8 @@ class ImageTokenizer(nn.Module):
         model.safetensors or of the shards listed in model.safetensors.index.json; `vq_config` of config.json).
 
         HF checkpoints have no decoder. `decoder_path` adds one: a safetensors file written by convert_vqgan_ckpt
-        from the original vqgan.ckpt (its `decoder.*` tensors are used)."""
+        from the original vqgan.ckpt (its `decoder.*` tensors are used). A Liquid (Gemma) folder holds no VQ model at
+        all: everything comes from that file, and its images are padded to a square, not cropped."""
         from safetensors import safe_open
 
         d = Path(hf_dir)
@@ -489,10 +493,15 @@ class ImageTokenizer(nn.Module):
                 for k in fh.keys():
                     if k.startswith(HF_VQ_PREFIX):
                         sd[hf_to_ours(k)] = fh.get_tensor(k)
-        if not sd:
-            raise UserError(f"no '{HF_VQ_PREFIX}*' tensors in {source}: not a Chameleon checkpoint with a VQ model")
+        if not sd and decoder_path is None:
+            raise UserError(f"no '{HF_VQ_PREFIX}*' tensors in {source}: not a Chameleon checkpoint with a VQ model "
+                            f"(for Liquid, convert its vqgan.ckpt to {d / 'vqgan_decoder.safetensors'})")
         model = cls(cfg, with_decoder=decoder_path is not None)
-        if decoder_path is not None:
+        if hf_cfg.get("model_type") == "gemma":
+            model.pad_colour = LIQUID_PAD
+        if not sd:  # Liquid: the whole VQGAN from the converted vqgan.ckpt
+            _load_checked(model, read_tensors(decoder_path), str(decoder_path))
+        elif decoder_path is not None:
             dec = read_tensors(decoder_path)
             dec = {k: v for k, v in dec.items() if k.startswith("decoder.")}
             if not dec:
@@ -509,6 +518,7 @@ class ImageTokenizer(nn.Module):
 # --- name maps ---------------------------------------------------------------------------------------------------
 
 HF_VQ_PREFIX = "model.vqmodel."
+LIQUID_PAD = (122, 116, 104)  # Liquid's square-padding colour (LLaVA's expand2square with the CLIP mean)
 
 # Our encoder/quantize/quant_conv/post_quant_conv names equal HF's ChameleonVQVAE names (after its `model.vqmodel.`
 # prefix) and the original vqgan.ckpt names: both are taming-transformers' names (checked against transformers 5.24
@@ -760,6 +770,8 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
 
 BOS, PAD, EOS, UNK = "<s>", "<pad>", "</s>", "<unk>"
 BOI, EOI = "<racm3:break>", "<eoss>"  # Chameleon's begin/end-of-image tokens (vocab ids 8197 / 8196 in Chameleon)
+# Liquid (Gemma's tokenizer): its specials by name; <boi>, <eoi>, <unconditional> replace Gemma's <unused0..2>
+LIQUID_NAMES = {"bos": "<bos>", "pad": "<pad>", "eos": "<eos>", "boi": "<boi>", "eoi": "<eoi>"}
 IMAGE_PREFIX, IMAGE_SUFFIX = "IMGIMG", "Z"
 
 
@@ -785,21 +797,31 @@ class TextTokenizer:
     Ids are read by *name* from the vocabulary, so our trained tokenizer and Chameleon's own tokenizer.json are
     handled the same way. Layout of the ones we train (Chameleon's, with a smaller codebook):
     0 `<s>`, 1 `<pad>`, 2 `</s>`, 3 `<unk>`, 4..4+n-1 image codes, then `<eoss>` (EOI), `<racm3:break>` (BOI),
-    then the 256 byte tokens and the learned merges."""
+    then the 256 byte tokens and the learned merges.
+    Liquid's (Gemma's, with `<boi>` and `<eoi>`) names no image token: code c is id c + the tokenizer's length, for
+    the n_image_codes codes of its VQGAN (0 when not given: only the offset is known)."""
 
     def __init__(self, tok):
         self.tok = tok
         self._setup(source="<in-memory tokenizer>")
 
-    def _setup(self, source: str) -> None:
+    def _setup(self, source: str, n_image_codes: int = 0) -> None:
         self.source = source  # named in errors (checkpoint.check_tokenizer)
         self.tok.encode_special_tokens = True  # text spelling "<s>" or "IMGIMGAZ" is text, never a control id
         vocab = self.tok.get_vocab(with_added_tokens=True)  # name -> id
-        missing = [n for n in (BOS, PAD, EOS, BOI, EOI) if n not in vocab]
+        liquid = BOS not in vocab and LIQUID_NAMES["bos"] in vocab
+        names = LIQUID_NAMES if liquid else dict(bos=BOS, pad=PAD, eos=EOS, boi=BOI, eoi=EOI)
+        missing = [n for n in names.values() if n not in vocab]
         if missing:
             raise UserError(f"tokenizer {source} lacks the special tokens {missing}")
-        self.bos_id, self.pad_id, self.eos_id = vocab[BOS], vocab[PAD], vocab[EOS]
-        self.boi_id, self.eoi_id = vocab[BOI], vocab[EOI]
+        self.bos_id, self.pad_id, self.eos_id, self.boi_id, self.eoi_id = (vocab[names[k]] for k in
+                                                                            ("bos", "pad", "eos", "boi", "eoi"))
+        added = self.tok.get_added_tokens_decoder()  # id -> AddedToken
+        self.special_ids = {i for i, t in added.items() if t.special} | {vocab[n] for n in names.values()}
+        if liquid:
+            self.image_offset, self.n_image_codes = self.tok.get_vocab_size(with_added_tokens=True), n_image_codes
+            self.vocab_size = self.image_offset + n_image_codes
+            return
         img = {}
         for name, i in vocab.items():
             c = image_token_code(name)
@@ -813,9 +835,6 @@ class TextTokenizer:
         # Models index image logits as one contiguous block [offset, offset + n), so insist on that layout.
         if codes != list(range(len(codes))) or any(img[c] != self.image_offset + c for c in codes):
             raise UserError(f"tokenizer {source}: image tokens are not a contiguous block of ids in code order")
-        # added tokens flagged special (all of ours), plus the named ones in case a file lists them only in the vocab
-        added = self.tok.get_added_tokens_decoder()  # id -> AddedToken
-        self.special_ids = {i for i, t in added.items() if t.special} | {vocab[n] for n in (BOS, PAD, EOS, BOI, EOI)}
         if UNK in vocab:
             self.special_ids.add(vocab[UNK])
         self.vocab_size = max(self.tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
@@ -838,8 +857,8 @@ class TextTokenizer:
         return cls(tok)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> TextTokenizer:
-        """Load a tokenizer.json (ours or Chameleon's)."""
+    def from_file(cls, path: str | os.PathLike, n_image_codes: int = 0) -> TextTokenizer:
+        """Load a tokenizer.json (ours, Chameleon's or Liquid's; n_image_codes: Liquid's VQGAN codebook size)."""
         from tokenizers import Tokenizer
 
         path = str(path)
@@ -851,7 +870,7 @@ class TextTokenizer:
             raise UserError(f"cannot parse tokenizer file {path}: {str(e).splitlines()[0][:200]}") from None
         obj = cls.__new__(cls)
         obj.tok = tok
-        obj._setup(source=path)
+        obj._setup(source=path, n_image_codes=n_image_codes)
         return obj
 
     def save(self, path: str | os.PathLike) -> None:

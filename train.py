@@ -211,12 +211,13 @@ def load_tokenizers(tokenizer_dir: str, device="cpu", dtype: torch.dtype = torch
     - an HF Chameleon/Anole folder: model.safetensors[.index.json] (its `model.vqmodel.*` encoder) + tokenizer.json,
       plus, to look at generated images, vqgan_decoder.safetensors made by tokenizer.convert_vqgan_ckpt from the
       original vqgan.ckpt (HF checkpoints carry no decoder)."""
-    text = TextTokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
     if os.path.isdir(os.path.join(tokenizer_dir, "vq")):
         image = ImageTokenizer.load(os.path.join(tokenizer_dir, "vq"))
     else:
         decoder = os.path.join(tokenizer_dir, "vqgan_decoder.safetensors")
         image = ImageTokenizer.from_pretrained(tokenizer_dir, decoder if os.path.exists(decoder) else None)
+    # Liquid's tokenizer names no image token: its image ids are the VQGAN's codes after the text vocabulary
+    text = TextTokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"), image.cfg.num_embeddings)
     return image.eval().to_inference(device, dtype), text
 
 
@@ -236,7 +237,7 @@ def encode_images(image_tok, paths: list[str], size: int, batch: int = 64, cache
     batch = max(1, min(batch, MAX_PIXELS_PER_PASS // size**2))  # at 512 px: 16 images, not 64
     for i in range(0, len(todo), batch):
         chunk = todo[i : i + batch]
-        x = torch.stack([preprocess_image(p, size) for p in chunk]).to(device)  # (b, 3, H, W)
+        x = torch.stack([preprocess_image(p, size, image_tok.pad_colour) for p in chunk]).to(device)  # (b, 3, H, W)
         with torch.autocast(device.type, enabled=False):  # fp32 codes and Eq. 2 features under a caller's bf16
             feats = image_tok.encode_features(x)  # (b, C, h, w)
         b, C, h, w = feats.shape
@@ -370,7 +371,7 @@ def train(cfg: TrainConfig, examples, tok, val_examples=None, evaluate=None, mod
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.epochs:  # the paper counts passes over the data; the loop counts optimizer steps
+    if cfg.epochs:  # the paper counts passes over the data; the loop counts steps (set before the resume check)
         cfg.steps = math.ceil(cfg.epochs * len(examples) / cfg.batch_size)
     rank, world, device = setup_distributed()
     if cfg.fsdp and not dist.is_initialized():

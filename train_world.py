@@ -174,7 +174,7 @@ def wm_evaluate(model, tok, image_tok, items, codes, out_dir: str, step: int, n_
     samples = generate_targets(model, tok, src, [it.instruction for it in items], generator=g)[:, 0]  # (N, L)
     images = image_tok.decode(samples)  # (N, 3, H, W)
     save_triplet_grid(items[:n_grid], images[:n_grid], os.path.join(out_dir, f"samples_{step:06d}.png"))
-    return judge_items(item_scores(items, images))
+    return judge_items(item_scores(items, images, image_tok.pad_colour))
 
 
 def main(argv=None):

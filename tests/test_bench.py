@@ -48,57 +48,6 @@ def test_cli_is_the_common_parser():
         bench.parse_args(["--quic"])  # abbreviations fail
 
 
-def test_gpu_check_arguments():
-    for bad in (["--gpu_parts=a,d"], ["--part_limits=1,2"], ["--scaling=xx:1:2"], ["--scaling=dm:1"]):
-        with pytest.raises(SystemExit):
-            bench.parse_args(bad)
-    args = bench.parse_args(["--gpu_check", "--device=cuda", "--dtype=bfloat16", "--out=/x/g.json"])
-    parts = bench.gpu_check_parts(args, "/tmp/t")
-    assert sorted(parts) == ["a", "b", "c"]
-    assert sum(limit for _, _, limit in parts.values()) <= 450  # under 8 minutes with the processes' start-up
-    a, b, c = (argv for argv, _, _ in parts.values())
-    assert "--device=cuda" in a and "--dtype=bfloat16" in b and "--preset=chameleon-7b" in b and "--config=" in b
-    for argv in (a, b):  # bench.py's own parser takes every flag it is given
-        bench.parse_args(argv[1:])
-    # part c's flags are reproduce.py's: its parser accepts them and they shorten the gpu preset
-    import reproduce
-    from train import parse_config
-
-    cfg = parse_config(reproduce.ReproConfig, c[1:], defaults=reproduce.PRESETS["gpu"])
-    assert (cfg.preset, cfg.device, cfg.n_layer, cfg.n_embd) == ("gpu", "cuda", 8, 512)
-    assert cfg.ft_steps < reproduce.PRESETS["gpu"]["ft_steps"] and cfg.n_train < reproduce.PRESETS["gpu"]["n_train"]
-
-
-def test_gpu_check_cpu_dry_run(tmp_path):
-    """Parts a and b at micro size on the CPU write their numbers; a part that runs over its limit is killed and
-    recorded, and the JSON still holds the others."""
-    out = tmp_path / "g.json"
-    bench.main(["--gpu_check", "--device=cpu", "--quick", "--threads=1", "--gpu_parts=a,b,c", f"--out={out}",
-                "--part_limits=120,120,0.5"])
-    saved = json.loads(out.read_text())
-    a, b, c = (saved["parts"][k] for k in "abc")
-    assert a["status"] == "ok" and a["results"]["train step (2x16)"]["tok_s_ours"] > 0
-    assert a["results"]["best-of-2 (64 tok)"]["cost_vs_1_ours"] > 0
-    assert b["status"] == "ok" and b["results"]["preset_tok_s"]["chameleon-7b"]["decode 64 b2"] > 0
-    assert c["rc"] == "timeout" and c["status"].startswith("failed") and c["seconds"] < 10
-    assert "decode 64 b2 tok/s" in saved["table_md"] and "| part c | failed" in saved["table_md"]
-
-
-@pytest.mark.slow
-def test_rehearsal_small(tmp_path):
-    """Every full-scale README command runs against a small Anole-layout checkpoint built with transformers."""
-    out = tmp_path / "rehearsal.json"
-    rec = bench.main(["--rehearse", "--rehearse_size=small", f"--rehearse_dir={tmp_path / 'r'}", "--threads=1",
-                      "--scaling=dm:1:200,wm:1:200:full,vq:2", f"--out={out}"])
-    saved = json.loads(out.read_text())
-    assert [s["stage"] for s in saved["stages"]] == ["build", "convert", "dm", "bootstrap", "wm", "search", "eval"]
-    assert all(s["rc"] == 0 and s["peak_rss_gib"] > 0 for s in saved["stages"])
-    assert len(rec["stages"][2]["s_per_step"]) == 3 and len(saved["probes"]) == 3
-    r = tmp_path / "r"
-    assert (r / "anole" / "model.safetensors.index.json").exists() and (r / "runs" / "search.png").exists()
-    assert "all" in json.loads((r / "runs" / "eval" / "results.json").read_text())["wm"]
-
-
 def test_speed_rows_against_transformers_in_fp32(capsys):
     """--speed's first rows at a micro size: ours vs transformers in --dtype=float32, with the training step's MFU
     against this CPU's fp32 matrix-product peak (the report's denominator), decode at batch 1 and 64, best-of-8."""

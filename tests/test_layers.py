@@ -11,7 +11,7 @@ ALLOWED_LAZY: set[str] = set()
 # the layers: a module may import only modules before it in this list (the README's file table shows the imports)
 ORDER = ["common", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train", "train_dynamics",
          "train_world", "train_tokenizer", "foundation", "bootstrap", "arms", "search", "eval", "report", "reproduce",
-         "bench"]
+         "bench", "rehearse"]
 
 
 def project_imports() -> tuple[dict[str, set[str]], list[str]]:
