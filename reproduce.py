@@ -16,38 +16,36 @@ Every stage of arXiv 2506.06006 runs on the built-in synthetic world (world.py) 
                 replicates) and a verdict from it (including when an effect does not show or reverses); per-item
                 records in out/rep<r>/items/; PNG grids.
 Stages 1-7 form one replicate, in out/rep<r>/: replicate r has its own world (seed r), tokenizers, pre-trained model
-and fine-tuning seed, so the spread over replicates covers all of them. `--replicates=K` runs K and pools them.
-Stages are cached in out/ (a stage is skipped when its results exist for the same settings; training resumes from
-its checkpoint) so an interrupted run continues. Every process computes with one thread (--threads), so the work is
-spread over processes: the world and the BPE are built beside the VQGAN, a worker encodes half of the images, the
-fine-tuning runs train side by side (--jobs), and replicate r+1's stages 1-4 run in a background process while
-replicate r fine-tunes. None of this changes a bit (a slow test compares it with --jobs=1 on one core).
-`--preset` picks the scale: `laptop` (default, 2 CPU cores), `smoke` (a minute; what the tests run), `gpu` (larger
-world and model).
+and fine-tuning seed, so the spread over replicates covers all of them. `--replicates=K` runs K one after the other
+and pools them; `--replicate=r` runs replicate r alone (one job of a job array) and `--pool` pools the replicates
+found in out/ (docs/performance.md). Stages are cached in out/ (a stage is skipped when its results exist for the
+same settings; training resumes from its checkpoint) so an interrupted run continues. Every process computes with
+one thread (--threads), so the work is spread over processes (runner.Jobs, --jobs); none of it changes a bit (a
+slow test compares it with --jobs=1 on one core). `--preset` picks the scale: `laptop` (default, 2 CPU cores),
+`class` (a lab session), `smoke` (a minute; what the tests run), `gpu` (larger world and model).
 
-Run:  python reproduce.py [--preset=laptop] [--replicates=3] [--jobs=N] [--out=out] [--key=value ...]
+Run:  python reproduce.py [--preset=laptop] [--replicates=3 | --replicate=r | --pool] [--jobs=N] [--out=out] ...
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import multiprocessing
 import os
+import re
 import shutil
 import statistics
 import sys
-import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
-from tqdm import tqdm
 
+import runner
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import has_checkpoint, load_model
@@ -55,16 +53,11 @@ from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_
 from data import load_captions, load_items, open_image, preprocess_image
 from draw import save_grid
 from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
-from report import provenance, time_table, write_items, write_report
+from report import provenance, schedule_lines, time_table, write_items, write_report
+from runner import Clock, StageCache, log, run_training, unstack_codes, usable_cores
 from search import MAX_N, best_of_n
 from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
-from train import (
-    TrainConfig,
-    encode_images,
-    parse_config,
-    pretrain_examples,
-    train,
-)
+from train import TrainConfig, encode_images, parse_config, pretrain_examples
 from train_dynamics import dm_examples
 from train_tokenizer import check_vq, train_bpe, train_vq
 from train_world import generate_targets, recognition_weights, wm_examples
@@ -77,6 +70,10 @@ class ReproConfig:
     out: str = "out"  # everything is written here; stages found here are reused
     replicates: int = 1  # independent replicates: replicate r (0, 1, ...) builds its own world (seed r), VQGAN, BPE and
     # pre-trained model and fine-tunes with seed r, in out/rep<r>/; the report pools them (K times the time)
+    replicate: int = -1  # run replicate r alone into out/rep<r>/ (one job of a job array; no report: --pool makes it).
+    # -1 = replicates 0 .. --replicates - 1
+    pool: bool = False  # run nothing: pool the replicates 0, 1, ... finished in --out with these settings into
+    # out/report.md (after --replicate=r jobs)
     curve_every: int = 500  # every this many fine-tuning steps, the DM's and C-FT's solved rate on the validation
     # split (the learning curves; 0 = off). Evaluation only: the trained weights do not depend on it
     device: str = "auto"  # "cpu", "cuda" or "auto"
@@ -87,10 +84,9 @@ class ReproConfig:
     # model"): "same" = --dtype; "float32" with a bf16 --dtype trains them in fp32 and fine-tunes, samples and scores
     # in bf16. Kept at "same" with validation evidence (README: "Settings and the validation split": over 3
     # replicates an fp32 foundation gave the DM +0.08 on validation, not in every replicate, and C-FT +0.27, not shown)
-    jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core plus one,
-    # at most 3: the DM, C-FT and labelled + weighted WMs need nothing from each other; the extra worker keeps the
-    # cores busy while this process labels the videos and once the synthetic-data WMs start). Every run is seeded on
-    # its own, so the results do not depend on this; only the wall time does
+    jobs: int = 0  # worker processes on a CPU for the runs that need nothing from each other (0 = one per usable
+    # core plus one: the extra worker keeps the cores busy while this process labels the videos). Every run is seeded
+    # on its own, so the results do not depend on this; only the wall time does
     threads: int = 1  # torch intra-op CPU threads of EVERY stage and job, whatever the machine offers: a kernel's
     # summation order depends on its thread count, so a VQGAN trained with torch's default (one thread per core) came
     # out different on 1 and 2 cores, and every later number with it. Parallelism comes from processes (--jobs).
@@ -151,7 +147,8 @@ class ReproConfig:
 
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
-        preset=("laptop", "smoke", "gpu"), out="required", replicates=">=1", curve_every=">=0",
+        preset=("laptop", "class", "smoke", "gpu"), out="required", replicates=">=1", replicate=">=-1",
+        curve_every=">=0",
         device=("auto", "cpu", "cuda"), dtype=DTYPES, foundation_dtype=("same", *DTYPES),
         jobs=">=0", threads=">=1", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                                                   "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
@@ -187,6 +184,17 @@ VARIANTS = {  # the WMs of Tables 2-4: report name -> (folder in out/rep<r>/, us
 }
 C_FDM = "C-FDM (labelled + synthetic + weighted)"
 
+# One replicate's stages as a graph, task -> the tasks it needs: the report's critical path and its predicted walls
+# on 2-16 cores (runner.critical_path, runner.list_schedule). Each task's cost is measured where it runs.
+GRAPH = {
+    "world + BPE": (), "VQGAN": (), "encoding": ("world + BPE", "VQGAN"), "encoding (worker)": ("world + BPE", "VQGAN"),
+    "pre-training": ("encoding", "encoding (worker)"), "zero-shot, baselines": ("pre-training",),
+    "dm": ("pre-training",), "DM evaluation, labelling": ("dm",),
+    **{folder: ("DM evaluation, labelling",) if syn else ("pre-training",) for folder, syn, _ in VARIANTS.values()},
+    **{f"eval {folder}": (folder, "dm") for folder, _, _ in VARIANTS.values()},
+    "best-of-N tables, pictures": ("zero-shot, baselines", *(f"eval {f}" for f, _, _ in VARIANTS.values())),
+}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The whole pipeline: the stages in order, then the report
@@ -206,120 +214,149 @@ def main(argv=None):
                                                                                           device.type)
     if cfg.eq2_select:
         parse_candidates(cfg.eq2_select)  # a bad list fails now, not after the tokenizers
+    if cfg.replicate >= 0 and (cfg.pool or cfg.replicates != 1):
+        raise UserError(f"--replicate={cfg.replicate} runs one replicate: not with --pool or --replicates")
+    todo = [] if cfg.pool else [cfg.replicate] if cfg.replicate >= 0 else list(range(cfg.replicates))
+    if cfg.eq2_select and 0 not in todo and todo and chosen_eq2(cfg)[1] is None:
+        raise UserError(f"--eq2_select: replicate 0 chooses the reading of Eq. 2 and has not yet in {cfg.out} "
+                        "(run --replicate=0 first)")
     t_start = time.time()
-    claim_dir(cfg.out, "reproduce.py", ours=tuple(f"rep{r}" for r in range(cfg.replicates)))
-    log(f"reproduce: preset {cfg.preset}, {cfg.replicates} replicate(s), out {cfg.out}, device {device}, "
-        f"dtype {cfg.dtype} (VQGAN and pre-training {cfg.foundation_dtype}), "
-        f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    reps, selection, ahead = [], None, None
-    clock = Clock(STAGES_PER_REPLICATE * cfg.replicates)  # the whole job's bar and each stage's seconds
-    for r in range(cfg.replicates):
-        rep, sel, ahead = run_replicate(cfg, r, device, clock, ahead)
-        reps.append(rep)
-        if sel is not None:  # the reading of Eq. 2 chosen on replicate 0's validation split holds for all
-            cfg, selection = dataclasses.replace(cfg, weight_norm=sel["norm"], weight_mix=sel["mix"]), sel["evidence"]
-    runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
+    if not cfg.pool:
+        claim_dir(cfg.out, "reproduce.py", ours=tuple(f"rep{r}" for r in todo))
+    log(f"reproduce: preset {cfg.preset}, replicate(s) {todo or 'found in ' + cfg.out}, out {cfg.out}, device "
+        f"{device}, dtype {cfg.dtype} (VQGAN and pre-training {cfg.foundation_dtype}), {cfg.threads} torch thread(s) "
+        f"per process, {workers(cfg, device)} worker(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    clock = Clock(STAGES_PER_REPLICATE * len(todo), wall=device.type != "cpu")  # the bar, each stage's seconds
+    for r in todo:  # 1-7. each replicate's stages (replicate 0 chooses the reading of Eq. 2 if asked to)
+        run_replicate(cfg if r == 0 else chosen_eq2(cfg)[0], r, device, clock)
+    clock.bar.close()
+    if cfg.replicate >= 0:
+        log(f"replicate {cfg.replicate} -> {os.path.join(cfg.out, f'rep{cfg.replicate}')} "
+            f"({(time.time() - t_start) / 60:.1f} min); `--pool` with the same flags writes the report")
+        return
+    cfg, selection = chosen_eq2(cfg)  # 8. report, from what the replicates stored in out/rep<r>/
+    reps = finished_replicates(cfg)
+    cfg = dataclasses.replace(cfg, replicates=len(reps))
+    runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]
     report = write_report(cfg, [int(n) for n in cfg.search_n.split(",")], reps, time.time() - t_start,
                           {**provenance(cfg, device, runs), "command": command}, selection,
-                          time_table(cfg, reps, clock, device))
-    clock.bar.close()
+                          time_table(cfg, reps, merged_clock(reps), device) + schedule_lines(reps, GRAPH))
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
-def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead | None = None):
+def workers(cfg: ReproConfig, device) -> int:
+    """Worker processes for the runs that need nothing from each other: one per usable core plus one on a CPU (or
+    --jobs); one on a GPU (everything in this process, in order)."""
+    return 1 if device.type != "cpu" else cfg.jobs or usable_cores() // cfg.threads + 1
+
+
+def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
     """Stages 1-7 of replicate r in out/rep<r>/: its own world (seed r), tokenizers, pre-trained model, fine-tuning
-    seed r. `ahead`: stages 1-4 of this replicate, run in the background during the previous one's fine-tuning.
-    Returns ({tok, zs, base, R, runs}: what the report reads, the Eq. 2 reading chosen on validation or None, the
-    next replicate's stages 1-4 started in the background or None)."""
+    seed r. Everything the report reads of it is stored there (replicate_record reads it back)."""
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
     amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
-    jobs = Jobs(rcfg, stages, None, device, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
-    P = prepare(rcfg, r, device, jobs, ahead.result() if ahead is not None else None,
-                done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
+    t0, seen = time.time(), set(clock.seconds)
+    jobs = Jobs(rcfg, stages, device, clock, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
+    P = prepare(rcfg, r, device, jobs, done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
     jobs.tok = tok
-    # The next replicate's stages 1-4 run in one background process while this one fine-tunes. Until then they
-    # would have only one core (one thread per process); from here on they take a share of two. Their results are
-    # stored in out/rep<r+1>/ exactly as if they ran later in this process, so the numbers do not change. Not when
-    # this replicate's fine-tuning is cached: there would be nothing to run beside, and the background process
-    # runs its stages in order, without the pool (measured: 13.8 min against 10.4 in the foreground).
-    R = stages.get("finetune")  # stages 5-7's results when cached, else None
-    nxt = (Ahead(cfg, r + 1, device) if r + 1 < cfg.replicates and device.type == "cpu" and jobs.pool
-           and R is None else None)
-    chosen = None
     if cfg.eq2_select and r == 0:  # the weighted WMs' reading of Eq. 2, chosen on the validation split
         rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r, amp)
-        stages.cfg, jobs.args = rcfg, (rcfg, stages)  # the weighted WMs' stage hashes carry the chosen reading
+        stages.cfg = jobs.cfg = rcfg  # the weighted WMs' stage hashes carry the chosen reading
         reuse_winner(rcfg, stages, evidence)
-        chosen = {"norm": rcfg.weight_norm, "mix": rcfg.weight_mix, "evidence": evidence}
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
-        R = stages.get("finetune")  # again: its hash now carries the chosen reading
-    if R is None:  # 5-7. fine-tuning, bootstrapping, search
+    if stages.get("finetune") is None:  # 5-7. fine-tuning, bootstrapping, search
         R = stages.put("finetune", run_seed(rcfg, r, jobs, P["paths"], P["wcfg"], data, image_tok, tok, r == 0, amp,
                                             lambda name: clock.done(f"rep{r}: {name}")))
         write_items(rcfg.out, R["items"], R["controls"])
     else:
         clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
     jobs.close()
+    rep = f"rep{r}/"
+    atomic_write(os.path.join(rcfg.out, "times.json"), json.dumps(  # this invocation's times (the time table)
+        {"wall": round(time.time() - t0, 1), "cores": usable_cores(), "workers": workers(cfg, device),
+         "seconds": {k: v for k, v in clock.seconds.items() if k not in seen},
+         "costs": {k[len(rep):]: v for k, v in clock.costs.items() if k.startswith(rep)}}, indent=1))
+
+
+def finished_replicates(cfg: ReproConfig) -> list[dict]:
+    """replicate_record of replicates 0, 1, ... up to the first not finished with these settings in --out."""
+    reps = []
+    while (rec := replicate_record(cfg, len(reps))) is not None:
+        reps.append(rec)
+    found = sorted(int(d[3:]) for d in os.listdir(cfg.out) if re.fullmatch(r"rep\d+", d)) if os.path.isdir(
+        cfg.out) else []
+    if not reps:
+        raise UserError(f"{cfg.out}: no finished replicate 0 with these settings to report (run it first)")
+    if [r for r in found if r >= len(reps)]:
+        log(f"report: replicates 0-{len(reps) - 1}; rep{len(reps)} is not finished with these settings, so "
+            f"{', '.join(f'rep{r}' for r in found if r >= len(reps))} are left out")
+    return reps
+
+
+def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
+    """What the report reads of replicate r, from out/rep<r>/ (its stage results and times.json); None when it has
+    not finished with these settings. A reader: writes nothing."""
+    rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
+    stages = Stages(rcfg.out, rcfg, r)
+    got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines", "finetune")}
+    if any(v is None for v in got.values()):
+        return None
+    path, times = os.path.join(rcfg.out, "times.json"), {}
+    if os.path.exists(path):
+        with open(path) as f:
+            times = json.load(f)
     runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
-    return {"tok": P["tok_res"], "zs": P["zs"], "base": P["base"], "R": R, "runs": runs}, chosen, nxt
+    return {"tok": {**got["vq"], **got["bpe"], **got["locality"]}, "zs": got["zeroshot"], "base": got["baselines"],
+            "R": got["finetune"], "runs": runs, "times": times}
 
 
-def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs | None = None, encoded: dict | None = None,
-            done=lambda name, n=1: None, quiet: bool = False) -> dict:
+def merged_clock(reps: list[dict]):
+    """The replicates' stage seconds as one clock for report.time_table."""
+    return SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})
+
+
+def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
+    """With --eq2_select: cfg with the reading of Eq. 2 that replicate 0 chose on its validation split, and the
+    evidence (None while replicate 0 has not chosen yet). Without it: (cfg, None)."""
+    rep0 = dataclasses.replace(cfg, out=os.path.join(cfg.out, "rep0"))
+    res = Stages(rep0.out, rep0, 0).get("eq2_select") if cfg.eq2_select else None
+    if res is None:
+        return cfg, None
+    c = res["candidates"][res["chosen"]]
+    return dataclasses.replace(cfg, weight_norm=c["norm"], weight_mix=c["mix"]), res
+
+
+def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs, done=lambda name, n=1: None) -> dict:
     """Stages 1-4 of replicate r (cfg.out = out/rep<r>): the world, the tokenizers, the VQ codes of every image,
     the pre-trained model, its zero-shot scores and the baselines. `jobs`: worker processes for the parts that can
-    run beside the VQGAN (the world and the BPE) and beside this process's encoding (half the images); None = all
-    here. `encoded`: the VQ codes already computed (by the background process of Ahead). `done(stage, n)`: called
-    after each part (the job's progress bar)."""
-    stages = Stages(cfg.out, cfg, r)
-    world_job = (jobs.submit if jobs else run_here)(build_world_and_bpe, cfg, r)  # 1. data, the BPE ...
-    image_tok, vq_res = build_vq(cfg, stages, device, r, world_job, quiet)  # 2. ... beside the VQGAN
+    run beside the VQGAN (the world and the BPE) and beside this process's encoding (half the images).
+    `done(stage, n)`: called after each part (the job's progress bar)."""
+    stages, task = Stages(cfg.out, cfg, r), lambda name: jobs.clock.task(f"rep{r}/{name}")
+    # The world and the BPE are built beside the VQGAN, and a worker encodes half the images: with the third
+    # fine-tuning worker, 5% of the laptop preset's wall (42.7 -> 40.6 min; these two: stages 1-4 11.5 -> 10.4 min)
+    world_job = jobs.submit(build_world_and_bpe, cfg, r, task=f"rep{r}/world + BPE")  # 1. data, the BPE ...
+    with task("VQGAN"):
+        image_tok, vq_res = build_vq(cfg, stages, device, r, world_job)  # 2. ... beside the VQGAN
     paths, wcfg, bpe_res = world_job.result()
     tok = TextTokenizer.from_file(os.path.join(cfg.out, "tok", "tokenizer.json"))
     image_tok.to(device)
-    data = load_and_encode(paths, wcfg, image_tok, jobs, encoded)
-    tok_res = {**vq_res, **bpe_res,
-               **token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"])}
+    with task("encoding"):
+        data = load_and_encode(paths, wcfg, image_tok, jobs, r)
+        stages.put("locality", token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"]))
     done("data, tokenizers (VQGAN; world and BPE beside it), encoding", 2)
-    pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch",
-                        quiet=quiet)  # 3.
-    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg,
-                                 pretrain_examples(data["captions"], data["cache"], tok), tok, device)
+    pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch")
+    with task("pre-training"):  # 3.
+        pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg,
+                                     pretrain_examples(data["captions"], data["cache"], tok), tok, device)
     done("pre-training")
-    with autocast(cfg.dtype, device.type):
-        zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
-    base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
-                                                                        wcfg.image_size))
+    with autocast(cfg.dtype, device.type), task("zero-shot, baselines"):
+        zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
+        stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
+                                                                     wcfg.image_size))
     done("zero-shot evaluation, baselines")
-    return {"paths": paths, "wcfg": wcfg, "image_tok": image_tok, "tok": tok, "tok_res": tok_res, "data": data,
-            "zs": zs, "base": base}
-
-
-class Ahead:
-    """The next replicate's stages 1-4 (prepare), started in a background process: they need nothing from this
-    replicate. result() waits for it and returns its VQ codes (the one thing prepare does not store in out/)."""
-
-    def __init__(self, cfg: ReproConfig, r: int, device):
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        self.job = self.pool.submit(prepare_ahead, dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}")), r,
-                                    device)
-
-    def result(self) -> dict:
-        try:
-            return unstack_codes(self.job.result())
-        finally:
-            self.pool.shutdown()
-
-
-def prepare_ahead(cfg: ReproConfig, r: int, device) -> dict:
-    """prepare() in a background process, without progress bars; returns its VQ codes stacked (stack_codes)."""
-    torch.set_num_threads(cfg.threads)  # a spawned process starts with torch's default (one per core)
-    log(f"rep{r}: stages 1-4 start in the background")
-    cache = prepare(cfg, r, device, quiet=True)["data"]["cache"]
-    log(f"rep{r}: stages 1-4 done in the background")
-    return stack_codes(cache, sorted(cache))
+    return {"paths": paths, "wcfg": wcfg, "image_tok": image_tok, "tok": tok, "data": data}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,26 +381,26 @@ def build_world_and_bpe(cfg: ReproConfig, r: int):
     return paths, wcfg, bpe
 
 
-def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, world_job: Future, quiet: bool = False):
+def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, world_job: Future):
     """The VQGAN (train_tokenizer.train_vq, on freshly rendered world scenes), checked on the validation split's
     images once the world is built (`world_job`); reused from out/tok/vq when its settings are unchanged. Returns
     (ImageTokenizer, results)."""
     vq_dir = os.path.join(cfg.out, "tok", "vq")
     res = stages.get("vq")
     if res is None or not os.path.exists(vq_dir):
-        vq, res = train_vq(foundation(cfg), device, log, seed=r, progress=not quiet)
+        vq, res = train_vq(foundation(cfg), device, log, seed=r)
         res.update(check_vq(vq, cfg, world_job.result()[0], log))
         vq.save(vq_dir)
         res = stages.put("vq", res)
     return ImageTokenizer.load(vq_dir).eval(), res
 
 
-def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs | None = None, encoded: dict | None = None) -> dict:
+def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs, r: int) -> dict:
     """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages).
-    `jobs`: a worker encodes half of the images. `encoded`: codes computed before (by Ahead's process)."""
+    With worker processes, one of them encodes half of the images."""
     data = {"train": load_items(paths["train"]), "val": load_items(paths["val"]),
             "test": load_items(paths["test"]) + load_items(paths["test_comp"]),
-            "captions": load_captions(paths["captions"]), "cache": dict(encoded or {})}
+            "captions": load_captions(paths["captions"]), "cache": {}}
     # how each test edit moves things (Table 3 by motion): changed cells and distance an object moves
     data["motion"] = {it.id: world.motion(world.Scene.from_json(it.extra["src_scene"]),
                                           world.Scene.from_json(it.extra["tgt_scene"]))
@@ -374,37 +411,13 @@ def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs | None = None, enco
     # Half the images in a worker, split at a whole number of encode_images' batches: every batch holds the same
     # images as when one process encodes them all (the batch is part of the arithmetic), so the same codes
     b = max(1, min(64, MAX_PIXELS_PER_PASS // wcfg.image_size**2))  # encode_images' batch at this size
-    half = b * (len(todo) // (2 * b)) if jobs is not None and jobs.pool is not None else 0
-    far = jobs.submit(encode_job, jobs.args[0], todo[:half], wcfg.image_size) if half else None
+    half = b * (len(todo) // (2 * b)) if jobs.pool is not None else 0
+    far = jobs.submit(runner.encode_job, os.path.join(jobs.cfg.out, "tok", "vq"), todo[:half], wcfg.image_size,
+                      jobs.cfg.threads, task=f"rep{r}/encoding (worker)") if half else None
     encode_images(image_tok, todo[half:], wcfg.image_size, cache=data["cache"])
     if far is not None:
         data["cache"].update(unstack_codes(far.result()))
     return data
-
-
-def encode_job(cfg: ReproConfig, paths: list[str], size: int) -> dict:
-    """encode_images in a worker, with the VQGAN of out/rep<r>/tok/vq; returns the codes stacked (stack_codes)."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
-    vq = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval()
-    return stack_codes(encode_images(vq, paths, size), paths)
-
-
-def stack_codes(cache: dict, keys: list[str]) -> dict:
-    """{path: (codes (n,), feats (C, h, w))} -> two tensors and the paths: 2 tensors cross a process boundary
-    cheaply, 80,000 small ones do not."""
-    return {"keys": keys, "codes": torch.stack([cache[k][0] for k in keys]),  # (N, n)
-            "feats": torch.stack([cache[k][1] for k in keys])}  # (N, C, h, w)
-
-
-def unstack_codes(stacked: dict) -> dict:
-    return {k: (c, f) for k, c, f in zip(stacked["keys"], stacked["codes"], stacked["feats"])}
-
-
-def run_here(fn, *args) -> Future:
-    """fn(*args) now, as a finished Future (the pool-less Jobs.submit)."""
-    done = Future()
-    done.set_result(fn(*args))
-    return done
 
 
 def zero_shot(stages: Stages, pretrained, tok, image_tok, data: dict, temperature: float) -> dict:
@@ -440,19 +453,23 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
 
     # Each WM's test evaluation (and, for C-FT and C-FDM, its best-of-N pool) is a job of its own, queued the moment
     # the WM and the DM are trained: it fills a worker that would otherwise idle while the last WM trains. The
-    # same functions on the same data with the same seeds as in this process: the same numbers.
+    # same functions on the same data with the same seeds as in this process: the same numbers. (Not measured on its
+    # own; the laptop preset's main job had 0.8 of its 23.6 min of evaluation left after the last WM.)
     test_codes = {p: cache[p] for it in test for p in (str(it.input_path), str(it.output_path))}
-    evals = {}
+    evals, task = {}, lambda name: f"rep{jobs.stages.replicate}/{name}"
 
     def queue_eval(name: str):
-        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], eval_job, cfg, VARIANTS[name][0], tok, jobs.device,
-                                 test, test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0)
+        folder = VARIANTS[name][0]
+        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], eval_job, cfg, folder, tok, jobs.device, test,
+                                 test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0,
+                                 task=task(f"eval {folder}"))
 
     R = {}
     dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps, seed), dm_examples(data["train"], cache, tok),
                         {**curve, "kind": "dm"} if curve else None)
     # The DM is on the critical path (its labels feed the synthetic-data WMs): with one worker more than cores, the
-    # labelled + weighted WM waits for it rather than sharing its core
+    # labelled + weighted WM waits for it rather than sharing its core (with the extra worker itself: fine-tuning to
+    # the end 31.0 -> 29.9 min on the laptop preset, 2 cores)
     wm_jobs = {name: start_wm(folder, weighting, data["train"], {**curve, "kind": "wm"} if curve and name == "C-FT"
                               else None, [dm_job[0]] if jobs.spare and name != "C-FT" else ())
                for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
@@ -461,7 +478,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     dm, R["dm_train"] = jobs.finish(dm_job)
     done("DM fine-tuning (WMs training beside it)")
     dm.config.mask_image_logits = True
-    with amp:
+    with amp, jobs.clock.task(task("DM evaluation, labelling")):
         R["dm"], dm_items = eval_dm(dm, tok, test, cache)
         # Finding 1 on one footing with the WM: the DM's actions sampled at the WM's temperature, too
         R["dm_sampled"], dm_sampled = eval_dm(dm, tok, test, cache, temperature=cfg.temperature, seed=seed)
@@ -474,7 +491,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     bcfg = BootstrapConfig(videos=paths["videos_dir"], out=syn_path, k=cfg.boot_k, n_samples=cfg.boot_samples,
                            keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=wcfg.image_size, seed=seed,
                            temperature=1.0)
-    with amp:
+    with amp, jobs.clock.task(task("DM evaluation, labelling")):
         records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
     R["pseudo"] = pseudo_label_quality(records, kept, world.MAX_SHIFT * cfg.nuisance)
     done("DM evaluation, labelling the videos")
@@ -500,7 +517,8 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
         log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                for n in ns))
     if grids:  # (outside `amp`: the pictures of the README's run were drawn this way)
-        example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
+        with jobs.clock.task(task("best-of-N tables, pictures")):
+            example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
     R["curves"] = {kind: read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}
     done("WM evaluation, best-of-N search")
@@ -655,25 +673,14 @@ def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
               title=f"'{acts[i]}': C-FDM candidates ranked by log p_DM(action | source, candidate)")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# Caching and worker processes: a stage is skipped when its results exist for the same settings; fine-tuning runs
-# that need nothing from each other train side by side in worker processes
+# Caching and jobs (the machinery is runner.py's): the settings each stage reads, and the stages as jobs
 
 
 # The stage settings that change results; a cached stage is reused only when these match.
 SHARED_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "n_train", "n_videos", "n_val", "n_test",
                "n_comp", "n_captions", "vq_downsample", "vq_codes", "vq_warmup", "vq_images", "vq_batch",
                "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr")
-
-
-def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
-    # the world's generation version and the replicate too: a stage trained on another world is not reused
-    # (--foundation_dtype enters only when it differs from --dtype, so caches made before it existed stay valid)
-    keys = [k for k in keys if k != "foundation_dtype" or cfg.own_foundation_dtype]
-    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "data_version": world.DATA_VERSION,
-                       "replicate": replicate}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # Each stage hashes only the settings it reads. The tokenizer stages depend on fewer settings, so changing e.g. the
@@ -684,55 +691,32 @@ def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
 # reuses a model trained with another one.
 FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature")
 EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
+VQ_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps",
+           "vq_batch", "vq_images", "n_val", "n_test", "n_comp")  # checked on val, whose scenes avoid test's: all 3
+# sizes shape it
 STAGE_KEYS = {
-    # checked on val, whose scenes avoid test's: all 3 sizes shape it
-    "vq": ("threads", "dtype", "foundation_dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps",
-           "vq_batch", "vq_images", "n_val", "n_test", "n_comp"),
+    "vq": VQ_KEYS,
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
     "pretrain": SHARED_KEYS,
+    "locality": VQ_KEYS + ("n_train", "n_videos", "n_captions"),  # the VQ codes of the train pairs
     "eq2_select": FT_KEYS + ("eq2_select",),
     "dm": FT_KEYS,
     **{folder: FT_KEYS + (BOOT_KEYS if syn else ()) + (EQ2_KEYS if loss == "recognition" else ())
        for folder, syn, loss in VARIANTS.values()},  # each WM: the DM's labels if it reads them, the weighting if used
 }
 
-class Stages:
-    """Results cache of one replicate: out/rep<r>/stages/<name>.json holds a stage's results and the hash of the
-    settings it ran with (STAGE_KEYS for the tokenizers, every result-changing setting for the rest, and r)."""
 
-    def __init__(self, root: str, cfg: ReproConfig, replicate: int = 0):
-        self.root, self.cfg, self.replicate = os.path.join(root, "stages"), cfg, replicate
-        os.makedirs(self.root, exist_ok=True)
+class Stages(StageCache):
+    """Results cache of one replicate (runner.StageCache): out/rep<r>/stages/<name>.json, valid for the settings in
+    STAGE_KEYS for the tokenizers, every result-changing setting for the rest, and r."""
 
-    def hash(self, name: str) -> str:
+    def keys(self, name: str) -> tuple:
         keys = FT_KEYS if name.startswith("eq2_select_") else STAGE_KEYS.get(name, FT_KEYS + BOOT_KEYS + EQ2_KEYS)
         if name == "finetune":  # its results include best-of-N and the learning curves
             keys += ("search_n", "curve_every")
-        return settings_hash(self.cfg, keys, self.replicate)
-
-    def get(self, name: str):
-        path = os.path.join(self.root, name + ".json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rec = json.load(f)
-            if rec.get("hash") == self.hash(name):
-                return rec["result"]
-        return None
-
-    def put(self, name: str, result):
-        atomic_write(os.path.join(self.root, name + ".json"), json.dumps({"hash": self.hash(name), "result": result},
-                                                                        indent=1))
-        return result
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (`taskset` / cgroup affinity), not all the machine has."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def log(msg: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        # --foundation_dtype enters only when it differs from --dtype, so caches made before it existed stay valid
+        return tuple(k for k in keys if k != "foundation_dtype" or self.cfg.own_foundation_dtype)
 
 
 def foundation(cfg: ReproConfig) -> ReproConfig:
@@ -740,10 +724,10 @@ def foundation(cfg: ReproConfig) -> ReproConfig:
     return dataclasses.replace(cfg, dtype=cfg.own_foundation_dtype or cfg.dtype)
 
 
-def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, quiet: bool = False, **kw) -> TrainConfig:
+def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
                        lr=cfg.lr, warmup=max(1, steps // 10), seed=seed, eval_every=0, save_every=max(50, steps // 4),
-                       resume=True, quiet=quiet, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype,
+                       resume=True, n_layer=cfg.n_layer, n_embd=cfg.n_embd, dtype=cfg.dtype,
                        threads=cfg.threads, **kw)
 
 
@@ -799,117 +783,31 @@ def read_curve(path: str) -> list[tuple[int, float]]:
     return [(r["step"], r["val_solved"]) for r in recs if "val_solved" in r]
 
 
-def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init=None,
-                 val_examples=None, evaluate=None):
-    """Train (or resume / reuse) one model; returns it. `init` = a model to start from (copied, not modified)."""
-    ckpt = os.path.join(tcfg.out_dir, "ckpt")
-    done = stages.get(name)
-    if done is not None and os.path.exists(os.path.join(ckpt, "meta.json")):
-        return load_model(ckpt, device)[0], done
-    # a checkpoint left by an interrupted run resumes only if it was made with the same settings; a folder that
-    # this script did not write (no stage_hash.txt) is never deleted
-    marker = os.path.join(tcfg.out_dir, "stage_hash.txt")
-    claim_dir(tcfg.out_dir, "reproduce.py", ours=("stage_hash.txt",))
-    if os.path.exists(marker) and open(marker).read() != stages.hash(name):
-        log(f"{name}: {tcfg.out_dir} was trained with other settings: deleting it and training again")
-        shutil.rmtree(tcfg.out_dir)
-        claim_dir(tcfg.out_dir, "reproduce.py")
-    atomic_write(marker, stages.hash(name))
-    t0 = time.time()
-    start = None
-    if init is not None:
-        start = load_model(init, "cpu")[0]  # a fresh copy of the starting point
-    model, hist = train(tcfg, examples, tok, val_examples=val_examples, evaluate=evaluate, model=start)
-    # every step trains on batch_size sequences padded to the longest example (train.collate): the tokens computed
-    T = max(len(x) for x, _ in examples)
-    c = model.config
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)  # lm_head counts
-    result = {"seconds": round(time.time() - t0, 1), "final_loss": hist[-1]["loss"] if hist else None,
-              "examples": len(examples), "dtype": tcfg.dtype,
-              "tokens_per_s": round(len(hist) * tcfg.batch_size * T / max(1e-9, time.time() - t0), 1),
-              # training FLOPs per token: 6 x the matrix parameters + attention scores (as bench.py's MFU)
-              "flops_per_token": 6 * params + 12 * c.n_layer * T * c.n_embd}
-    log(f"{name}: {result}")
-    return model.to(device), stages.put(name, result)
-
-
 STAGES_PER_REPLICATE = 8  # the job's progress bar: data, tokenizers, pre-training, zero-shot, and run_seed's 4 parts
 
 
-class Clock:
-    """The whole job's progress bar (stages done / total, with tqdm's ETA) and the wall seconds of each stage, for
-    the report's time table."""
+class Jobs(runner.Jobs):
+    """runner.Jobs for a replicate's stages: fine-tuning runs start from the checkpoint `init` (train_stage); the
+    number of workers is `workers`; each job's cost is recorded in `clock` as task rep<r>/<name>."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="reproduce", unit="stage", dynamic_ncols=True)
-        self.seconds: dict[str, float] = {}
-        self.last = time.time()
-
-    def done(self, name: str, stages: int = 1):
-        now = time.time()
-        self.seconds[name] = round(now - self.last, 1)
-        self.last = now
-        self.bar.set_postfix_str(name[:40])
-        self.bar.update(stages)
-
-
-class Jobs:
-    """Fine-tuning runs as jobs: side by side in `jobs` worker processes on a CPU ("spawn", so that no worker inherits
-    the parent's torch threads), one after the other otherwise. Each starts from the checkpoint `init`."""
-
-    def __init__(self, cfg: ReproConfig, stages: Stages, tok, device, init: str):
-        self.args, self.device = (cfg, stages), device
-        self.tok, self.init = tok, init
-        cores = max(1, usable_cores() // cfg.threads)
-        n = 1 if device.type != "cpu" else cfg.jobs or min(3, cores + 1)
-        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) if n > 1 else None
-        self.spare = n > cores  # more workers than cores: a job that can wait should not slow the DM (run_seed)
+    def __init__(self, cfg: ReproConfig, stages: Stages, device, clock: Clock, init: str):
+        n = workers(cfg, device)
+        super().__init__(n, clock)
+        self.cfg, self.stages, self.device, self.tok, self.init = cfg, stages, device, None, init
+        self.spare = n > usable_cores() // cfg.threads  # more workers than cores: a job that can wait should not
+        # slow the DM (run_seed)
 
     def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None,
               after: list[Future] = ()) -> tuple[Future, TrainConfig]:
         """train_stage as a job, queued now or once the futures in `after` are done."""
-        args = (*self.args, name, tcfg, examples, self.tok, self.device, self.init, curve)
-        return (self.after(list(after), train_stage, *args) if after else self.submit(train_stage, *args)), tcfg
-
-    def submit(self, fn, *args) -> Future:
-        """fn(*args) in a worker (queued until one is free), or here and now without a pool."""
-        return self.pool.submit(fn, *args) if self.pool is not None else run_here(fn, *args)
-
-    def after(self, deps: list[Future], fn, *args) -> Future:
-        """fn(*args) as a job queued the moment every future in `deps` is done (a failed one fails this one too)."""
-        out, left, lock = Future(), len(deps), threading.Lock()
-
-        def relay(job: Future):  # the job's outcome -> out
-            if job.exception() is not None:
-                out.set_exception(job.exception())
-            else:
-                out.set_result(job.result())
-
-        def ready(_):  # called (in the pool's thread) as each dependency finishes
-            nonlocal left
-            with lock:
-                left -= 1
-                if left:
-                    return
-            failed = [d.exception() for d in deps if d.exception() is not None]
-            try:
-                if failed:
-                    raise failed[0]
-                self.submit(fn, *args).add_done_callback(relay)
-            except BaseException as e:  # a callback's exception would only be logged: the waiter must see it
-                out.set_exception(e)
-
-        for d in deps:
-            d.add_done_callback(ready)
-        return out
+        args = (self.cfg, self.stages, name, tcfg, examples, self.tok, self.device, self.init, curve)
+        task = f"rep{self.stages.replicate}/{name}"
+        return (self.after(list(after), train_stage, *args, task=task) if after
+                else self.submit(train_stage, *args, task=task)), tcfg
 
     def finish(self, job: tuple[Future, TrainConfig]):  # -> (model, stage result)
         result = job[0].result()
         return load_model(os.path.join(job[1].out_dir, "ckpt"), self.device)[0], result
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -337,18 +337,19 @@ def test_a_job_queued_after_others_waits_for_them_and_passes_failures_on():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import reproduce
+    import runner
 
-    jobs = object.__new__(reproduce.Jobs)
-    jobs.pool = ThreadPoolExecutor(2)
+    jobs = runner.Jobs(1, runner.Clock(0))
+    jobs.pool = ThreadPoolExecutor(2)  # threads stand in for the worker processes
     gate, ran = threading.Event(), []
     slow = jobs.submit(lambda: gate.wait(10) and "slow")
     fast = jobs.submit(lambda: "fast")
-    after = jobs.after([slow, fast], lambda a, b: ran.append((a, b)) or "done", 1, 2)
+    after = jobs.after([slow, fast], lambda a, b: ran.append((a, b)) or "done", 1, 2, task="both")
     fast.result()
     assert not after.done() and ran == []  # `slow` holds it back
     gate.set()
     assert after.result(timeout=10) == "done" and ran == [(1, 2)]
+    assert list(jobs.clock.costs) == ["both"]  # a named job's cost is recorded
 
     def boom():
         raise ValueError("training failed")
@@ -398,3 +399,18 @@ def test_an_fp32_foundation_under_bf16_fine_tuning(tmp_path):
     saved, made = load_file(str(out / "rep0" / "tok" / "vq" / "model.safetensors")), vq.state_dict()
     assert saved.keys() == made.keys() and all(torch.equal(saved[k], made[k]) for k in saved)
     assert "bfloat16 autocast (VQGAN and pre-training: float32)" in (out / "report.md").read_text()
+
+
+def test_critical_path_and_list_schedule_on_a_hand_made_graph():
+    """The longest chain of dependent tasks, and a greedy list schedule (longest chain ahead first) on 1-3 cores."""
+    from runner import critical_path, list_schedule
+
+    graph = {"vq": (), "world": (), "pre": ("vq", "world"), "dm": ("pre",), "wm": ("pre",), "wm2": ("pre",),
+             "syn": ("dm",), "end": ("syn", "wm", "wm2")}
+    cost = {"vq": 10, "world": 2, "pre": 5, "dm": 6, "wm": 6, "wm2": 6, "syn": 6, "end": 1}
+    assert critical_path(graph, cost) == (28, ["vq", "pre", "dm", "syn", "end"])
+    assert list_schedule(graph, cost, 1) == sum(cost.values())  # one core: all the work, one task after another
+    # two cores: vq beside world, then dm first (6 s of syn after it), wm beside it, wm2 beside syn
+    assert list_schedule(graph, cost, 2) == 10 + 5 + 6 + 6 + 1
+    assert list_schedule(graph, cost, 3) == 28  # enough cores: the critical path
+    assert critical_path({}, {}) == (0.0, [])
