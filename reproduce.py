@@ -30,12 +30,9 @@ Run:  python reproduce.py [--preset=laptop] [--replicates=3 | --replicate=r | --
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
 import re
 import shutil
-import statistics
 import sys
 import time
 from concurrent.futures import Future
@@ -50,17 +47,17 @@ import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import has_checkpoint, load_model
 from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_dir, compute_dtype, run
-from data import load_captions, load_items, open_image, preprocess_image
+from data import load_captions, load_items, preprocess_image
 from draw import save_grid
-from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
+from eval import baselines, best_of_pool, eval_dm, eval_wm, pseudo_label_quality, token_locality
 from report import provenance, schedule_lines, time_table, write_items, write_report
-from runner import Clock, StageCache, log, run_training, unstack_codes, usable_cores
+from runner import Clock, StageCache, log, run_training, usable_cores
 from search import MAX_N, best_of_n
 from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
 from train import TrainConfig, encode_images, parse_config, pretrain_examples
 from train_dynamics import dm_examples
 from train_tokenizer import check_vq, train_bpe, train_vq
-from train_world import generate_targets, recognition_weights, wm_examples
+from train_world import generate_targets, wm_examples
 
 
 @dataclass
@@ -166,6 +163,11 @@ class ReproConfig:
 
 PRESETS = {
     "laptop": {},
+    # a lab session: ~10 min on 2 cores in fp32 (docs/experiments/class_preset.md: the expected wall per stage, the
+    # findings it has the power to show). vq_downsample 8 (one token per cell): a step ~3.8x cheaper than at 4
+    "class": dict(n_train=4000, n_videos=150, n_val=105, n_test=105, n_comp=70, n_captions=8000, vq_downsample=8,
+                  vq_warmup=200, vq_steps=200, vq_images=2000, pretrain_steps=800, ft_steps=1000, curve_every=250,
+                  boot_k=450, boot_samples=1),
     "smoke": dict(n_train=56, n_videos=24, n_val=28, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
                   vq_images=256,
                   n_layer=2, n_embd=64, pretrain_steps=30, ft_steps=20, batch_size=16, boot_k=60, boot_samples=1,
@@ -237,16 +239,16 @@ def main(argv=None):
     cfg, selection = chosen_eq2(cfg)  # 8. report, from what the replicates stored in out/rep<r>/
     reps = finished_replicates(cfg)
     cfg = dataclasses.replace(cfg, replicates=len(reps))
+    clock = SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]
     report = write_report(cfg, [int(n) for n in cfg.search_n.split(",")], reps, time.time() - t_start,
                           {**provenance(cfg, device, runs), "command": command}, selection,
-                          time_table(cfg, reps, merged_clock(reps), device) + schedule_lines(reps, GRAPH))
+                          time_table(cfg, reps, clock, device) + schedule_lines(reps, GRAPH))
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
 def workers(cfg: ReproConfig, device) -> int:
-    """Worker processes for the runs that need nothing from each other: one per usable core plus one on a CPU (or
-    --jobs); one on a GPU (everything in this process, in order)."""
+    """Worker processes: one per usable core plus one on a CPU (or --jobs); one on a GPU (all here, in order)."""
     return 1 if device.type != "cpu" else cfg.jobs or usable_cores() // cfg.threads + 1
 
 
@@ -256,7 +258,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
     amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
-    t0, seen = time.time(), set(clock.seconds)
+    mark = clock.mark()
     jobs = Jobs(rcfg, stages, device, clock, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
     P = prepare(rcfg, r, device, jobs, done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
@@ -273,11 +275,8 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
     else:
         clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
     jobs.close()
-    rep = f"rep{r}/"
-    atomic_write(os.path.join(rcfg.out, "times.json"), json.dumps(  # this invocation's times (the time table)
-        {"wall": round(time.time() - t0, 1), "cores": usable_cores(), "workers": workers(cfg, device),
-         "seconds": {k: v for k, v in clock.seconds.items() if k not in seen},
-         "costs": {k[len(rep):]: v for k, v in clock.costs.items() if k.startswith(rep)}}, indent=1))
+    clock.save(os.path.join(rcfg.out, "times.json"), mark, f"rep{r}/", cores=usable_cores(),  # the time table
+               workers=workers(cfg, device))
 
 
 def finished_replicates(cfg: ReproConfig) -> list[dict]:
@@ -285,13 +284,10 @@ def finished_replicates(cfg: ReproConfig) -> list[dict]:
     reps = []
     while (rec := replicate_record(cfg, len(reps))) is not None:
         reps.append(rec)
-    found = sorted(int(d[3:]) for d in os.listdir(cfg.out) if re.fullmatch(r"rep\d+", d)) if os.path.isdir(
-        cfg.out) else []
     if not reps:
         raise UserError(f"{cfg.out}: no finished replicate 0 with these settings to report (run it first)")
-    if [r for r in found if r >= len(reps)]:
-        log(f"report: replicates 0-{len(reps) - 1}; rep{len(reps)} is not finished with these settings, so "
-            f"{', '.join(f'rep{r}' for r in found if r >= len(reps))} are left out")
+    if left := [d for d in os.listdir(cfg.out) if re.fullmatch(r"rep\d+", d) and int(d[3:]) >= len(reps)]:
+        log(f"report: rep{len(reps)} is not finished with these settings, so {', '.join(sorted(left))} are left out")
     return reps
 
 
@@ -303,18 +299,10 @@ def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
     got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines", "finetune")}
     if any(v is None for v in got.values()):
         return None
-    path, times = os.path.join(rcfg.out, "times.json"), {}
-    if os.path.exists(path):
-        with open(path) as f:
-            times = json.load(f)
+    times = runner.read_json(os.path.join(rcfg.out, "times.json"), {})
     runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
     return {"tok": {**got["vq"], **got["bpe"], **got["locality"]}, "zs": got["zeroshot"], "base": got["baselines"],
             "R": got["finetune"], "runs": runs, "times": times}
-
-
-def merged_clock(reps: list[dict]):
-    """The replicates' stage seconds as one clock for report.time_table."""
-    return SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})
 
 
 def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
@@ -416,7 +404,7 @@ def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs, r: int) -> dict:
                       jobs.cfg.threads, task=f"rep{r}/encoding (worker)") if half else None
     encode_images(image_tok, todo[half:], wcfg.image_size, cache=data["cache"])
     if far is not None:
-        data["cache"].update(unstack_codes(far.result()))
+        data["cache"].update(runner.unstack_codes(far.result()))
     return data
 
 
@@ -460,7 +448,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
 
     def queue_eval(name: str):
         folder = VARIANTS[name][0]
-        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], eval_job, cfg, folder, tok, jobs.device, test,
+        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], runner.eval_job, cfg, folder, tok, jobs.device, test,
                                  test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0,
                                  task=task(f"eval {folder}"))
 
@@ -509,7 +497,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     for name in VARIANTS:
         R["wm"][name], R["items"]["wm"][name], pool = evals[name].result()
         log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
-        if pool is not None:  # best-of-N for every N in ns, and its controls, from the one pool (eval_job)
+        if pool is not None:  # best-of-N for every N in ns, and its controls, from the one pool (runner.eval_job)
             R["controls"][name], judged = pool
             R["search"][name], R["items"]["search"][name] = best_of_pool(test, R["controls"][name], judged, ns)
     annotate_motion([R], data["motion"])  # the records cached and written carry cells and distance
@@ -519,7 +507,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     if grids:  # (outside `amp`: the pictures of the README's run were drawn this way)
         with jobs.clock.task(task("best-of-N tables, pictures")):
             example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
-    R["curves"] = {kind: read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
+    R["curves"] = {kind: runner.read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}
     done("WM evaluation, best-of-N search")
     return R
@@ -594,56 +582,6 @@ def reuse_winner(cfg: ReproConfig, stages: Stages, res: dict) -> None:
     atomic_write(os.path.join(dst, "stage_hash.txt"), stages.hash(folder))
     stages.put(folder, {**done, "copied_from": os.path.relpath(src, cfg.out)})
     log(f"{folder}: the chosen candidate's checkpoint ({os.path.relpath(src, cfg.out)}), copied, not trained again")
-
-
-def best_of_pool(items, controls: list[dict], judged: list[list[dict]], ns: list[int]) -> tuple[dict, dict]:
-    """Best-of-N for every N in ns from one candidate pool (eval.eval_search_controls with records): per item, the
-    candidate with the highest DM score among the first N (the first on ties, as report.pick). Returns ({N: metrics
-    per task}, {N: per-item records}), keyed by str(N) as the report reads them."""
-    metrics, records = {}, {}
-    for n in ns:
-        best = [cands[c["dm"][:n].index(max(c["dm"][:n]))] for c, cands in zip(controls, judged)]
-        metrics[str(n)], records[str(n)] = score_by_task(items, None, records=best), best
-    return metrics, records
-
-
-def token_locality(items, cache) -> dict:
-    """How local the VQ tokens are, on labelled pairs. An edit changes one or two cells; `unchanged_code_kept` is the
-    fraction of the tokens in the *other* cells whose code stays the same (1.0 = a perfectly
-    local tokenizer: the WM could copy them). `eq2_changed` / `eq2_unchanged`: mean Eq. 2 weight (mean 1 per image,
-    no mix) on tokens of cells whose content changed / did not."""
-    kept = same = 0
-    w_changed, w_unchanged = [], []
-    for it in items:
-        s, t = world.Scene.from_json(it.extra["src_scene"]), world.Scene.from_json(it.extra["tgt_scene"])
-        (cs, fs), (ct, ft) = cache[str(it.input_path)], cache[str(it.output_path)]
-        side, grid = math.isqrt(len(cs)), it.extra.get("grid", world.GRID)  # tokens per image side, cells per side
-        w = recognition_weights(fs, ft)
-        for i in range(len(cs)):
-            r, c = divmod(i, side)
-            cell = (r * grid // side, c * grid // side)  # the grid cell this token lies in
-            if s.at(cell) == t.at(cell):
-                same += 1
-                kept += int(cs[i] == ct[i])
-                w_unchanged.append(float(w[i]))
-            else:
-                w_changed.append(float(w[i]))
-    mean = lambda v: sum(v) / len(v) if v else float("nan")
-    return {"unchanged_code_kept": kept / max(1, same), "eq2_changed": mean(w_changed),
-            "eq2_unchanged": mean(w_unchanged)}
-
-
-def pseudo_label_quality(records: list[dict], kept: list[dict], max_shift: float = 0.0) -> dict:
-    """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
-    labelled action from the source frame (the judge reads both frames back from pixels)."""
-    def correct(r):
-        src, tgt = (world.parse(open_image(r[k]), max_shift=max_shift) for k in ("input", "output"))
-        return world.consistent(src, world.parse_action(r["action"]), tgt)
-
-    ok_all = [correct(r) for r in records]
-    ok_kept = [correct(r) for r in kept]
-    return {"pairs": len(records), "kept": len(kept), "acc_before": sum(ok_all) / max(1, len(ok_all)),
-            "acc_after": sum(ok_kept) / max(1, len(ok_kept))}
 
 
 def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
@@ -731,63 +669,11 @@ def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **k
                        threads=cfg.threads, **kw)
 
 
-def train_stage(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init,
-                curve: dict | None = None) -> dict:
-    """`run_training` as a job (possibly in a worker process): returns the stage result only; the caller loads the
-    model from the checkpoint, so nothing but a small dict crosses the process boundary. `curve` (the validation
-    items, their codes, the VQGAN's folder, temperature, seed, kind "dm" or "wm"): the solved rate on those items
-    every cfg.curve_every steps, written to the run's metrics.jsonl as `val_solved`."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
-    val_ex = evaluate = None
-    if curve is not None:
-        tcfg = dataclasses.replace(tcfg, eval_every=cfg.curve_every, eval_items=len(curve["items"]))
-        items, codes, T, seed = curve["items"], curve["codes"], curve["temperature"], curve["seed"]
-        if curve["kind"] == "dm":
-            val_ex = dm_examples(items, codes, tok)
-            evaluate = lambda m, step: {"val_solved": eval_dm(m, tok, items, codes, T, seed)[0]["action_acc"]}
-        else:
-            val_ex, vq = wm_examples(items, codes, tok), ImageTokenizer.load(curve["vq"]).eval().to(device)
-            evaluate = lambda m, step: {"val_solved": statistics.fmean(
-                float(rec.get("success") == 10) for rec in eval_wm(m, tok, vq, items, codes, seed=seed,
-                                                                   temperature=T)[2])}
-    return run_training(cfg, stages, name, tcfg, examples, tok, device, init=init, val_examples=val_ex,
-                        evaluate=evaluate)[1]
-
-
-def eval_job(cfg: ReproConfig, folder: str, tok, device, items, codes: dict, seed: int, n: int):
-    """A trained WM's test evaluation as a job (possibly in a worker process): (metrics, per-item records, and with
-    n > 0 the DM-scored pool of n candidates per item with its controls, eval.eval_search_controls, else None).
-    Models and the VQGAN are read from out/rep<r>/; nothing but results crosses the process boundary."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
-    wm = load_model(os.path.join(cfg.out, folder, "ckpt"), device)[0]
-    image_tok = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval().to(device)
-    with autocast(cfg.dtype, device.type):
-        metrics, _, records = eval_wm(wm, tok, image_tok, items, codes, seed=seed, temperature=cfg.temperature)
-        if not n:
-            return metrics, records, None
-        # best-of-N and its controls from ONE pool of max(ns) candidates per item: best-of-k is the DM's pick among
-        # the first k (k = 1: the first candidate, a plain WM sample); the controls pick among the same candidates at
-        # random, by the WM's likelihood and by the judge (the ceiling). One pool costs max(ns) samples per item
-        # instead of sum(ns) + max(ns), and every N's table comes from the same draws.
-        dm = load_model(os.path.join(cfg.out, "dm", "ckpt"), device)[0]
-        dm.config.mask_image_logits = True
-        pool = eval_search_controls(wm, dm, tok, image_tok, items, codes, n, seed=seed, temperature=cfg.temperature,
-                                    records=True)
-    return metrics, records, pool
-
-
-def read_curve(path: str) -> list[tuple[int, float]]:
-    """The (step, val_solved) points a run's metrics.jsonl holds."""
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return [(r["step"], r["val_solved"]) for r in recs if "val_solved" in r]
-
-
 STAGES_PER_REPLICATE = 8  # the job's progress bar: data, tokenizers, pre-training, zero-shot, and run_seed's 4 parts
 
 
 class Jobs(runner.Jobs):
-    """runner.Jobs for a replicate's stages: fine-tuning runs start from the checkpoint `init` (train_stage); the
+    """runner.Jobs for a replicate's stages: fine-tuning runs start from the checkpoint `init` (runner.train_stage); the
     number of workers is `workers`; each job's cost is recorded in `clock` as task rep<r>/<name>."""
 
     def __init__(self, cfg: ReproConfig, stages: Stages, device, clock: Clock, init: str):
@@ -799,11 +685,11 @@ class Jobs(runner.Jobs):
 
     def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None,
               after: list[Future] = ()) -> tuple[Future, TrainConfig]:
-        """train_stage as a job, queued now or once the futures in `after` are done."""
+        """runner.train_stage as a job, queued now or once the futures in `after` are done."""
         args = (self.cfg, self.stages, name, tcfg, examples, self.tok, self.device, self.init, curve)
         task = f"rep{self.stages.replicate}/{name}"
-        return (self.after(list(after), train_stage, *args, task=task) if after
-                else self.submit(train_stage, *args, task=task)), tcfg
+        return (self.after(list(after), runner.train_stage, *args, task=task) if after
+                else self.submit(runner.train_stage, *args, task=task)), tcfg
 
     def finish(self, job: tuple[Future, TrainConfig]):  # -> (model, stage result)
         result = job[0].result()

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -26,13 +28,24 @@ from tqdm import tqdm
 
 import world
 from checkpoint import load_model
-from common import atomic_write, claim_dir
+from common import atomic_write, autocast, claim_dir
+from eval import eval_dm, eval_search_controls, eval_wm
 from tokenizer import ImageTokenizer
 from train import encode_images, train
+from train_dynamics import dm_examples
+from train_world import wm_examples
 
 
 def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_json(path: str, default=None):
+    """The JSON in `path`, or `default` when there is no such file."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
 
 
 def usable_cores() -> int:
@@ -136,6 +149,18 @@ class Clock:
         self.bar.set_postfix_str(name[:40])
         self.bar.update(stages)
 
+    def mark(self) -> tuple[float, set]:
+        """Now, for save: (time, the stages done so far)."""
+        return time.time(), set(self.seconds)
+
+    def save(self, path: str, mark: tuple[float, set], prefix: str, **facts):
+        """Since `mark`: the wall, the stages' seconds and the costs of the tasks named prefix..., with `facts`, as
+        JSON in `path`."""
+        atomic_write(path, json.dumps({"wall": round(time.time() - mark[0], 1), **facts,
+                                       "seconds": {k: v for k, v in self.seconds.items() if k not in mark[1]},
+                                       "costs": {k[len(prefix):]: v for k, v in self.costs.items()
+                                                 if k.startswith(prefix)}}, indent=1))
+
     @contextmanager
     def task(self, name: str):
         """Records the cost of the work done in this process inside the `with` block as task `name`."""
@@ -214,6 +239,62 @@ class Jobs:
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
+
+
+# The stages' work in a worker process: a fine-tuning run (with its learning curve), a WM's test evaluation
+
+
+def train_stage(cfg, stages: StageCache, name: str, tcfg, examples, tok, device, init,
+                curve: dict | None = None) -> dict:
+    """`run_training` as a job (possibly in a worker process): returns the stage result only; the caller loads the
+    model from the checkpoint, so nothing but a small dict crosses the process boundary. `curve` (the validation
+    items, their codes, the VQGAN's folder, temperature, seed, kind "dm" or "wm"): the solved rate on those items
+    every cfg.curve_every steps, written to the run's metrics.jsonl as `val_solved`."""
+    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
+    val_ex = evaluate = None
+    if curve is not None:
+        tcfg = dataclasses.replace(tcfg, eval_every=cfg.curve_every, eval_items=len(curve["items"]))
+        items, codes, T, seed = curve["items"], curve["codes"], curve["temperature"], curve["seed"]
+        if curve["kind"] == "dm":
+            val_ex = dm_examples(items, codes, tok)
+            evaluate = lambda m, step: {"val_solved": eval_dm(m, tok, items, codes, T, seed)[0]["action_acc"]}
+        else:
+            val_ex, vq = wm_examples(items, codes, tok), ImageTokenizer.load(curve["vq"]).eval().to(device)
+            evaluate = lambda m, step: {"val_solved": statistics.fmean(
+                float(rec.get("success") == 10) for rec in eval_wm(m, tok, vq, items, codes, seed=seed,
+                                                                   temperature=T)[2])}
+    return run_training(cfg, stages, name, tcfg, examples, tok, device, init=init, val_examples=val_ex,
+                        evaluate=evaluate)[1]
+
+
+def eval_job(cfg, folder: str, tok, device, items, codes: dict, seed: int, n: int):
+    """A trained WM's test evaluation as a job (possibly in a worker process): (metrics, per-item records, and with
+    n > 0 the DM-scored pool of n candidates per item with its controls, eval.eval_search_controls, else None).
+    Models and the VQGAN are read from out/rep<r>/; nothing but results crosses the process boundary."""
+    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
+    wm = load_model(os.path.join(cfg.out, folder, "ckpt"), device)[0]
+    image_tok = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval().to(device)
+    with autocast(cfg.dtype, device.type):
+        metrics, _, records = eval_wm(wm, tok, image_tok, items, codes, seed=seed, temperature=cfg.temperature)
+        if not n:
+            return metrics, records, None
+        # best-of-N and its controls from ONE pool of max(ns) candidates per item: best-of-k is the DM's pick among
+        # the first k (k = 1: the first candidate, a plain WM sample); the controls pick among the same candidates at
+        # random, by the WM's likelihood and by the judge (the ceiling). One pool costs max(ns) samples per item
+        # instead of sum(ns) + max(ns) (8 instead of 23 at N = 1, 2, 4, 8), and every N's table comes from the same
+        # draws.
+        dm = load_model(os.path.join(cfg.out, "dm", "ckpt"), device)[0]
+        dm.config.mask_image_logits = True
+        pool = eval_search_controls(wm, dm, tok, image_tok, items, codes, n, seed=seed, temperature=cfg.temperature,
+                                    records=True)
+    return metrics, records, pool
+
+
+def read_curve(path: str) -> list[tuple[int, float]]:
+    """The (step, val_solved) points a run's metrics.jsonl holds."""
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [(r["step"], r["val_solved"]) for r in recs if "val_solved" in r]
 
 
 def encode_job(vq_dir: str, paths: list[str], size: int, threads: int) -> dict:

@@ -414,3 +414,45 @@ def test_critical_path_and_list_schedule_on_a_hand_made_graph():
     assert list_schedule(graph, cost, 2) == 10 + 5 + 6 + 6 + 1
     assert list_schedule(graph, cost, 3) == 28  # enough cores: the critical path
     assert critical_path({}, {}) == (0.0, [])
+
+
+@pytest.mark.slow
+def test_replicates_run_as_separate_jobs_pool_to_the_same_tables(tmp_path):
+    """Replicates 0 and 1 run as two separate processes at the same time (`--replicate=r`, as a job array runs them;
+    one worker each), then `--pool`, give byte-identical report tables to `--replicates=2` in one process."""
+    import json
+    import subprocess
+    import sys
+
+    import reproduce
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sep, one = tmp_path / "sep", tmp_path / "one"
+    logs = [open(tmp_path / f"rep{r}.log", "w") for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "reproduce.py", "--preset=smoke", f"--replicate={r}", "--jobs=1",
+                               f"--out={sep}"], cwd=repo, stdout=logs[r], stderr=subprocess.STDOUT) for r in (0, 1)]
+    for r, p in enumerate(procs):
+        assert p.wait() == 0, (tmp_path / f"rep{r}.log").read_text()[-3000:]
+    assert not (sep / "report.md").exists()  # a replicate's job writes no report
+    reproduce.main(["--preset=smoke", "--pool", f"--out={sep}"])
+    reproduce.main(["--preset=smoke", "--replicates=2", f"--out={one}"])
+    tables = [json.loads((d / "results.json").read_text())["provenance"]["tables"] for d in (sep, one)]
+    assert tables[0] == tables[1]
+    assert (sep / "report.md").read_text().split("## Setup")[1] == (one / "report.md").read_text().split("## Setup")[1]
+    assert "Critical paths" in (one / "report.md").read_text()
+
+
+def test_replicate_and_pool_flags_fail_before_any_work(tmp_path):
+    """--replicate runs one replicate (not with --replicates or --pool); --pool needs a finished replicate 0;
+    --eq2_select's later replicates need replicate 0's choice. Each a UserError, nothing written."""
+    from common import UserError
+    from reproduce import main
+
+    out = tmp_path / "out"
+    for argv, msg in ((["--replicate=1", "--replicates=2"], "runs one replicate"), (["--replicate=0", "--pool"],
+                                                                                     "runs one replicate"),
+                      (["--pool"], "no finished replicate 0"),
+                      (["--replicate=1", "--eq2_select=image:0.5"], "run --replicate=0 first")):
+        with pytest.raises(UserError, match=msg):
+            main(["--preset=smoke", f"--out={out}", *argv])
+    assert not out.exists()
