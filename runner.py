@@ -2,7 +2,8 @@
 
 - StageCache: a replicate's results cache (a stage is skipped when its results exist for the same settings) and
   run_training, which trains one model or reuses / resumes it;
-- Jobs: runs that need nothing from each other, side by side in one-thread worker processes;
+- Jobs: runs that need nothing from each other, side by side in one-thread worker processes, and what such a
+  worker runs (train_stage: a fine-tuning run with its learning curve; eval_job: a WM's test evaluation);
 - Clock: the job's progress bar, each stage's wall seconds and each task's cost;
 - critical_path and list_schedule: the longest chain of dependent tasks of the stage graph, and the wall a greedy
   schedule of that graph gives on a given number of cores (the report's time table).

@@ -118,8 +118,7 @@ def test_numbers_do_not_depend_on_the_core_count(tmp_path):
     report tables: every stage computes with the same recorded thread count, whatever the machine offers. (With
     torch's default thread count, one per usable core, the VQGAN came out different on 1 and 2 cores.) On one core,
     with --jobs=1, everything runs in order in one process; on two (default jobs), the world and the BPE are built
-    beside the VQGAN, a worker encodes half the images, three workers fine-tune, and replicate 1's stages 1-4 run in
-    the background during replicate 0's fine-tuning: none of it may change a bit."""
+    beside the VQGAN, a worker encodes half the images and three workers fine-tune: none of it may change a bit."""
     import json
     import subprocess
     import sys
