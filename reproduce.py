@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import sys
 import time
@@ -237,7 +236,7 @@ def main(argv=None):
             f"({(time.time() - t_start) / 60:.1f} min); `--pool` with the same flags writes the report")
         return
     cfg, selection = chosen_eq2(cfg)  # 8. report, from what the replicates stored in out/rep<r>/
-    reps = finished_replicates(cfg)
+    reps = finished_replicates(cfg, None if cfg.pool else cfg.replicates)
     cfg = dataclasses.replace(cfg, replicates=len(reps))
     clock = SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]
@@ -279,14 +278,15 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
                workers=workers(cfg, device))
 
 
-def finished_replicates(cfg: ReproConfig) -> list[dict]:
-    """replicate_record of replicates 0, 1, ... up to the first not finished with these settings in --out."""
+def finished_replicates(cfg: ReproConfig, upto: int | None) -> list[dict]:
+    """replicate_record of replicates 0, 1, ... (at most `upto`) up to the first not finished with these settings."""
     reps = []
-    while (rec := replicate_record(cfg, len(reps))) is not None:
+    while len(reps) != upto and (rec := replicate_record(cfg, len(reps))) is not None:
         reps.append(rec)
     if not reps:
         raise UserError(f"{cfg.out}: no finished replicate 0 with these settings to report (run it first)")
-    if left := [d for d in os.listdir(cfg.out) if re.fullmatch(r"rep\d+", d) and int(d[3:]) >= len(reps)]:
+    if upto is None and (left := [d for d in os.listdir(cfg.out) if d[:3] == "rep" and d[3:].isdigit()
+                                  and int(d[3:]) >= len(reps)]):
         log(f"report: rep{len(reps)} is not finished with these settings, so {', '.join(sorted(left))} are left out")
     return reps
 
@@ -394,8 +394,8 @@ def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs, r: int) -> dict:
                                           world.Scene.from_json(it.extra["tgt_scene"]))
                       for it in data["test"] if "tgt_scene" in it.extra}
     items = data["train"] + data["val"] + data["test"]
-    todo = sorted(({str(p) for it in items for p in (it.input_path, it.output_path)}
-                   | {str(it.input_path) for it in data["captions"]}) - set(data["cache"]))
+    todo = sorted({str(p) for it in items for p in (it.input_path, it.output_path)}
+                  | {str(it.input_path) for it in data["captions"]})
     # Half the images in a worker, split at a whole number of encode_images' batches: every batch holds the same
     # images as when one process encodes them all (the batch is part of the arithmetic), so the same codes
     b = max(1, min(64, MAX_PIXELS_PER_PASS // wcfg.image_size**2))  # encode_images' batch at this size

@@ -455,3 +455,25 @@ def test_replicate_and_pool_flags_fail_before_any_work(tmp_path):
         with pytest.raises(UserError, match=msg):
             main(["--preset=smoke", f"--out={out}", *argv])
     assert not out.exists()
+
+
+def test_the_report_reads_replicates_back_up_to_the_first_unfinished(tmp_path, capsys):
+    """--pool pools replicates 0, 1, ... up to the first not finished with these settings and names the folders it
+    leaves out; --replicates=K reads exactly K; a replicate finished with other settings does not count."""
+    import dataclasses
+
+    from common import UserError
+    from reproduce import ReproConfig, Stages, finished_replicates
+
+    cfg = ReproConfig(out=str(tmp_path))
+    for r in (0, 1, 3):
+        rcfg = dataclasses.replace(cfg, out=str(tmp_path / f"rep{r}"))
+        for name in ("vq", "bpe", "locality", "zeroshot", "baselines", "finetune"):
+            Stages(rcfg.out, rcfg, r).put(name, {name: r})
+    (tmp_path / "rep2").mkdir()
+    reps = finished_replicates(cfg, None)
+    assert [rep["R"] for rep in reps] == [{"finetune": 0}, {"finetune": 1}] and reps[0]["times"] == {}
+    assert reps[1]["tok"] == {"vq": 1, "bpe": 1, "locality": 1} and "rep2, rep3 are left out" in capsys.readouterr().out
+    assert len(finished_replicates(cfg, 1)) == 1
+    with pytest.raises(UserError, match="no finished replicate 0"):
+        finished_replicates(dataclasses.replace(cfg, ft_steps=7), None)
