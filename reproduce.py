@@ -15,14 +15,12 @@ Every stage of arXiv 2506.06006 runs on the built-in synthetic world (world.py) 
                 replicates; each finding as a paired difference with a 95% bootstrap interval over test items (and
                 replicates) and a verdict from it (including when an effect does not show or reverses); per-item
                 records in out/rep<r>/items/; PNG grids.
-Stages 1-7 form one replicate, in out/rep<r>/: replicate r has its own world (seed r), tokenizers, pre-trained model
-and fine-tuning seed, so the spread over replicates covers all of them. `--replicates=K` runs K one after the other
-and pools them; `--replicate=r` runs replicate r alone (one job of a job array) and `--pool` pools the replicates
-found in out/ (docs/performance.md). Stages are cached in out/ (a stage is skipped when its results exist for the
-same settings; training resumes from its checkpoint) so an interrupted run continues. Every process computes with
-one thread (--threads), so the work is spread over processes (runner.Jobs, --jobs); none of it changes a bit (a
-slow test compares it with --jobs=1 on one core). `--preset` picks the scale: `laptop` (default, 2 CPU cores),
-`class` (a lab session), `smoke` (a minute; what the tests run), `gpu` (larger world and model).
+Stages 1-7 form one replicate, in out/rep<r>/, with its own world (seed r), tokenizers, pre-trained model and
+fine-tuning seed. `--replicates=K` runs K in turn and pools them; `--replicate=r` runs one (a job array's task) and
+`--pool` pools those in out/ (docs/performance.md). Stages are cached in out/ (skipped when their results exist for
+the same settings; training resumes from its checkpoint). Every process computes with one thread (--threads); the
+work is spread over processes (runner.Jobs, --jobs) without changing a bit (a slow test compares it with --jobs=1 on
+one core). `--preset`: `laptop` (default, 2 CPU cores), `class` (a lab session), `smoke` (a minute; the tests), `gpu`.
 
 Run:  python reproduce.py [--preset=laptop] [--replicates=3 | --replicate=r | --pool] [--jobs=N] [--out=out] ...
 """
@@ -229,14 +227,14 @@ def main(argv=None):
         f"per process, {workers(cfg, device)} worker(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
     clock = Clock(STAGES_PER_REPLICATE * len(todo), wall=device.type != "cpu")  # the bar, each stage's seconds
     for r in todo:  # 1-7. each replicate's stages (replicate 0 chooses the reading of Eq. 2 if asked to)
-        run_replicate(cfg if r == 0 else chosen_eq2(cfg)[0], r, device, clock)
+        run_replicate(cfg, r, device, clock)
     clock.bar.close()
     if cfg.replicate >= 0:
         log(f"replicate {cfg.replicate} -> {os.path.join(cfg.out, f'rep{cfg.replicate}')} "
             f"({(time.time() - t_start) / 60:.1f} min); `--pool` with the same flags writes the report")
         return
-    cfg, selection = chosen_eq2(cfg)  # 8. report, from what the replicates stored in out/rep<r>/
-    reps = finished_replicates(cfg, None if cfg.pool else cfg.replicates)
+    reps = finished_replicates(cfg, None if cfg.pool else cfg.replicates)  # 8. report, from out/rep<r>/
+    cfg, selection = chosen_eq2(cfg)
     cfg = dataclasses.replace(cfg, replicates=len(reps))
     clock = SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})
     runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]
@@ -256,8 +254,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
     seed r. Everything the report reads of it is stored there (replicate_record reads it back)."""
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
-    amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
-    mark = clock.mark()
+    amp, mark = autocast(cfg.dtype, device.type), clock.mark()  # amp: the sampling and scoring done here
     jobs = Jobs(rcfg, stages, device, clock, init=os.path.join(rcfg.out, "pretrain", "ckpt"))
     P = prepare(rcfg, r, device, jobs, done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
@@ -267,6 +264,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
         stages.cfg = jobs.cfg = rcfg  # the weighted WMs' stage hashes carry the chosen reading
         reuse_winner(rcfg, stages, evidence)
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
+    stages.cfg = jobs.cfg = rcfg = dataclasses.replace(chosen_eq2(cfg)[0], out=rcfg.out)  # (replicates > 0 too)
     if stages.get("finetune") is None:  # 5-7. fine-tuning, bootstrapping, search
         R = stages.put("finetune", run_seed(rcfg, r, jobs, P["paths"], P["wcfg"], data, image_tok, tok, r == 0, amp,
                                             lambda name: clock.done(f"rep{r}: {name}")))
@@ -294,15 +292,16 @@ def finished_replicates(cfg: ReproConfig, upto: int | None) -> list[dict]:
 def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
     """What the report reads of replicate r, from out/rep<r>/ (its stage results and times.json); None when it has
     not finished with these settings. A reader: writes nothing."""
-    rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
-    stages = Stages(rcfg.out, rcfg, r)
-    got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines", "finetune")}
-    if any(v is None for v in got.values()):
+    out = os.path.join(cfg.out, f"rep{r}")
+    stages = Stages(out, dataclasses.replace(cfg, out=out), r)  # stages 1-4, and 5-7 with the chosen reading of Eq. 2
+    tuned = Stages(out, dataclasses.replace(chosen_eq2(cfg)[0], out=out), r)
+    got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines")}
+    if any(v is None for v in got.values()) or (R := tuned.get("finetune")) is None:
         return None
-    times = runner.read_json(os.path.join(rcfg.out, "times.json"), {})
-    runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
+    times = runner.read_json(os.path.join(out, "times.json"), {})
+    runs = {name: tuned.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
     return {"tok": {**got["vq"], **got["bpe"], **got["locality"]}, "zs": got["zeroshot"], "base": got["baselines"],
-            "R": got["finetune"], "runs": runs, "times": times}
+            "R": R, "runs": runs, "times": times}
 
 
 def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
