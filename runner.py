@@ -49,6 +49,15 @@ def read_json(path: str, default=None):
         return json.load(f)
 
 
+def claim_shared(path: str, who: str, ours: tuple = ()):
+    """common.claim_dir for a folder that several jobs may claim at the same moment (a job array's replicates, each
+    writing only into its own out/rep<r>/): the loser of the race for the marker's rename finds it there next time."""
+    try:
+        claim_dir(path, who, ours)
+    except FileNotFoundError:  # the other job renamed the shared temporary file first
+        claim_dir(path, who, ours)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (`taskset` / cgroup affinity), not all the machine has."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
