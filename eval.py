@@ -18,6 +18,7 @@ Run:  python eval.py --wm=out/wm/ckpt --data=out/data/test.json [--dm=out/dm/ckp
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,13 +28,13 @@ import torch
 import world
 from checkpoint import inference_device, load_model
 from common import UserError, arg, atomic_write, check_dir, claim_dir, run
-from data import load_items, preprocess_image, to_pil
+from data import load_items, open_image, preprocess_image, to_pil
 from draw import save_triplet_grid
 from metrics import aggregate, bleu, item_scores, judge_items, llm_judge, llm_judge_config, rouge_l, world_judgeable
 from search import MAX_N, best_of_n, scored_candidates
 from train import encode_images, load_tokenizers, parse_config
 from train_dynamics import normalise_action, predict_actions
-from train_world import generate_targets, score_targets
+from train_world import generate_targets, recognition_weights, score_targets
 
 
 def write_jsonl(path: str, records: list[dict]):
@@ -207,6 +208,60 @@ def main(argv=None):
         results = {"wm": res, "baselines": base}
     atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(results, indent=1))
     print(f"results -> {os.path.join(cfg.out, 'results.json')}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reproduce.py's measurements: best-of-N from one pool, the VQ tokens' locality, the DM's pseudo-labels
+
+
+def best_of_pool(items, controls: list[dict], judged: list[list[dict]], ns: list[int]) -> tuple[dict, dict]:
+    """Best-of-N for every N in ns from one candidate pool (eval.eval_search_controls with records): per item, the
+    candidate with the highest DM score among the first N (the first on ties, as report.pick). Returns ({N: metrics
+    per task}, {N: per-item records}), keyed by str(N) as the report reads them."""
+    metrics, records = {}, {}
+    for n in ns:
+        best = [cands[c["dm"][:n].index(max(c["dm"][:n]))] for c, cands in zip(controls, judged)]
+        metrics[str(n)], records[str(n)] = score_by_task(items, None, records=best), best
+    return metrics, records
+
+
+def token_locality(items, cache) -> dict:
+    """How local the VQ tokens are, on labelled pairs. An edit changes one or two cells; `unchanged_code_kept` is the
+    fraction of the tokens in the *other* cells whose code stays the same (1.0 = a perfectly
+    local tokenizer: the WM could copy them). `eq2_changed` / `eq2_unchanged`: mean Eq. 2 weight (mean 1 per image,
+    no mix) on tokens of cells whose content changed / did not."""
+    kept = same = 0
+    w_changed, w_unchanged = [], []
+    for it in items:
+        s, t = world.Scene.from_json(it.extra["src_scene"]), world.Scene.from_json(it.extra["tgt_scene"])
+        (cs, fs), (ct, ft) = cache[str(it.input_path)], cache[str(it.output_path)]
+        side, grid = math.isqrt(len(cs)), it.extra.get("grid", world.GRID)  # tokens per image side, cells per side
+        w = recognition_weights(fs, ft)
+        for i in range(len(cs)):
+            r, c = divmod(i, side)
+            cell = (r * grid // side, c * grid // side)  # the grid cell this token lies in
+            if s.at(cell) == t.at(cell):
+                same += 1
+                kept += int(cs[i] == ct[i])
+                w_unchanged.append(float(w[i]))
+            else:
+                w_changed.append(float(w[i]))
+    mean = lambda v: sum(v) / len(v) if v else float("nan")
+    return {"unchanged_code_kept": kept / max(1, same), "eq2_changed": mean(w_changed),
+            "eq2_unchanged": mean(w_unchanged)}
+
+
+def pseudo_label_quality(records: list[dict], kept: list[dict], max_shift: float = 0.0) -> dict:
+    """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
+    labelled action from the source frame (the judge reads both frames back from pixels)."""
+    def correct(r):
+        src, tgt = (world.parse(open_image(r[k]), max_shift=max_shift) for k in ("input", "output"))
+        return world.consistent(src, world.parse_action(r["action"]), tgt)
+
+    ok_all = [correct(r) for r in records]
+    ok_kept = [correct(r) for r in kept]
+    return {"pairs": len(records), "kept": len(kept), "acc_before": sum(ok_all) / max(1, len(ok_all)),
+            "acc_after": sum(ok_kept) / max(1, len(ok_kept))}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from common import UserError, atomic_write, parse_config, run
 from draw import curve_png
 from eval import write_jsonl
+from runner import critical_path, list_schedule
 
 
 def measured(values: list[float]) -> list[float]:
@@ -260,9 +261,7 @@ def time_table(cfg, reps: list[dict], clock, device: torch.device) -> list[str]:
     peak = peaks[cfg.dtype]
     L = ["## Where the time went (this run)", "",
          f"This invocation, stage by stage (wall seconds; fine-tuning runs side by side in worker processes, so a "
-         f"stage's time includes the models that trained beside it; cached stages take ~0 s; from the second "
-         f"replicate on, stages 1-4 ran in a background process during the previous replicate's fine-tuning, so "
-         f"their rows show only the wait for it). Peak of one "
+         f"stage's time includes the models that trained beside it; cached stages take ~0 s). Peak of one "
          f"{cfg.dtype} matrix product at the model's shape (2240 x 128 x 384, {cfg.threads} thread(s)): "
          f"{peak / 1e9:.1f} GFLOP/s.", "", "| stage | seconds |", "|---|---|"]
     L += [f"| {name} | {sec:.0f} |" for name, sec in clock.seconds.items()]
@@ -276,6 +275,34 @@ def time_table(cfg, reps: list[dict], clock, device: torch.device) -> list[str]:
                 L.append(f"| rep{r}/{name} | {res['seconds']:.0f} | {res['tokens_per_s']:.0f} | {flops / 1e9:.2f} | "
                          f"{100 * flops / peaks[dt]:.0f}%{'' if dt == cfg.dtype else f' ({dt})'} |")
     return L + [""]
+
+
+def schedule_lines(reps: list[dict], graph: dict[str, tuple], cores=(2, 4, 8, 16)) -> list[str]:
+    """Report lines: per replicate, its wall against its stage graph (`graph`: task -> the tasks it needs) at the
+    measured task costs (the CPU seconds of the one-thread process that ran each task, i.e. its time alone on a core,
+    from out/rep<r>/times.json): the critical path (the longest chain of dependent tasks), the floor on the cores it
+    had (the larger of the critical path and the work over the cores), and the wall a greedy list schedule of the
+    graph predicts on 2-16 cores. Tasks outside the graph (--eq2_select's candidates) are left out."""
+    L = ["One replicate's stages as a graph of tasks (reproduce.GRAPH), each costed at the CPU seconds it took in its "
+         "one-thread process: the critical path is the longest chain of dependent tasks; no number of cores runs "
+         "faster. The floor on c cores is the larger of the critical path and all the work over c; the predictions "
+         "are a greedy list schedule of the graph (longest chain first) on c cores as fast as these.", "",
+         "| replicate | wall s | cores (workers) | work, core-s | critical path s | floor s | wall / floor | "
+         + " | ".join(f"predicted, {c} cores" for c in cores) + " |",
+         "|---|---|---|---|---|---|---|" + "---|" * len(cores)]
+    paths = []
+    for r, rep in enumerate(reps):
+        t = rep.get("times", {})
+        if not t.get("costs"):
+            continue
+        cost = {k: v for k, v in t["costs"].items() if k in graph}
+        length, path = critical_path(graph, cost)
+        floor = max(length, sum(cost.values()) / t["cores"])
+        L.append(f"| rep{r} | {t['wall']:.0f} | {t['cores']} ({t['workers']}) | {sum(cost.values()):.0f} | "
+                 f"{length:.0f} | {floor:.0f} | {t['wall'] / max(floor, 1e-9):.2f} | "
+                 + " | ".join(f"{list_schedule(graph, cost, c):.0f}" for c in cores) + " |")
+        paths.append(f"rep{r}: " + " → ".join(f"{p} {cost.get(p, 0):.0f}" for p in path))
+    return L + ["", "Critical paths (task, CPU seconds): " + "; ".join(paths) + ".", ""] if paths else []
 
 
 def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times: list[str] = ()) -> str:

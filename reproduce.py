@@ -15,61 +15,48 @@ Every stage of arXiv 2506.06006 runs on the built-in synthetic world (world.py) 
                 replicates; each finding as a paired difference with a 95% bootstrap interval over test items (and
                 replicates) and a verdict from it (including when an effect does not show or reverses); per-item
                 records in out/rep<r>/items/; PNG grids.
-Stages 1-7 form one replicate, in out/rep<r>/: replicate r has its own world (seed r), tokenizers, pre-trained model
-and fine-tuning seed, so the spread over replicates covers all of them. `--replicates=K` runs K and pools them.
-Stages are cached in out/ (a stage is skipped when its results exist for the same settings; training resumes from
-its checkpoint) so an interrupted run continues. Every process computes with one thread (--threads), so the work is
-spread over processes: the world and the BPE are built beside the VQGAN, a worker encodes half of the images, the
-fine-tuning runs train side by side (--jobs), and replicate r+1's stages 1-4 run in a background process while
-replicate r fine-tunes. None of this changes a bit (a slow test compares it with --jobs=1 on one core).
-`--preset` picks the scale: `laptop` (default, 2 CPU cores), `smoke` (a minute; what the tests run), `gpu` (larger
-world and model).
+Stages 1-7 form one replicate, in out/rep<r>/, with its own world (seed r), tokenizers, pre-trained model and
+fine-tuning seed. `--replicates=K` runs K in turn and pools them; `--replicate=r` runs one (a job array's task) and
+`--pool` pools those in out/ (docs/performance.md). Stages are cached in out/ (skipped when their results exist for
+the same settings; training resumes from its checkpoint). Every process computes with one thread (--threads); the
+work is spread over processes (runner.Jobs, --jobs) without changing a bit (a slow test compares it with --jobs=1 on
+one core). `--preset`: `laptop` (default, 2 CPU cores), `class` (a lab session), `smoke` (a minute; the tests), `gpu`.
 
-Run:  python reproduce.py [--preset=laptop] [--replicates=3] [--jobs=N] [--out=out] [--key=value ...]
+Run:  python reproduce.py [--preset=laptop] [--replicates=3 | --replicate=r | --pool] [--jobs=N] [--out=out] ...
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import multiprocessing
 import os
 import shutil
-import statistics
 import sys
-import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import ClassVar
 
 import torch
-from tqdm import tqdm
 
 import arms
+import runner
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import has_checkpoint, load_model
 from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_dir, compute_dtype, run
-from data import load_captions, load_items, open_image, preprocess_image
+from data import load_captions, load_items, preprocess_image
 from draw import save_grid
-from eval import baselines, eval_dm, eval_search_controls, eval_wm, score_by_task
-from foundation import loss_targets, report_card, trained_fraction
-from report import premise_sections, provenance, time_table, write_items, write_report
+from eval import baselines, best_of_pool, eval_dm, eval_wm, pseudo_label_quality, token_locality
+from foundation import loss_targets, report_card
+from report import premise_sections, provenance, schedule_lines, time_table, write_items, write_report
+from runner import Clock, StageCache, log, run_training, usable_cores
 from search import MAX_N, best_of_n
 from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
-from train import (
-    TrainConfig,
-    encode_images,
-    parse_config,
-    pretrain_examples,
-    train,
-)
+from train import TrainConfig, encode_images, parse_config, pretrain_examples
 from train_dynamics import dm_examples
 from train_tokenizer import check_vq, train_bpe, train_vq
-from train_world import generate_targets, recognition_weights, wm_examples
+from train_world import generate_targets, wm_examples
 from world import parse_withhold
 
 
@@ -80,6 +67,10 @@ class ReproConfig:
     out: str = "out"  # everything is written here; stages found here are reused
     replicates: int = 1  # independent replicates: replicate r (0, 1, ...) builds its own world (seed r), VQGAN, BPE and
     # pre-trained model and fine-tunes with seed r, in out/rep<r>/; the report pools them (K times the time)
+    replicate: int = -1  # run replicate r alone into out/rep<r>/ (one job of a job array; no report: --pool makes it).
+    # -1 = replicates 0 .. --replicates - 1
+    pool: bool = False  # run nothing: pool the replicates 0, 1, ... finished in --out with these settings into
+    # out/report.md (after --replicate=r jobs)
     curve_every: int = 500  # every this many fine-tuning steps, the DM's and C-FT's solved rate on the validation
     # split (the learning curves; 0 = off). Evaluation only: the trained weights do not depend on it
     device: str = "auto"  # "cpu", "cuda" or "auto"
@@ -90,10 +81,9 @@ class ReproConfig:
     # model"): "same" = --dtype; "float32" with a bf16 --dtype trains them in fp32 and fine-tunes, samples and scores
     # in bf16. Kept at "same" with validation evidence (docs/log.md: "Settings chosen on the validation split": over 3
     # replicates an fp32 foundation gave the DM +0.08 on validation, not in every replicate, and C-FT +0.27, not shown)
-    jobs: int = 0  # fine-tuning runs trained side by side in worker processes on a CPU (0 = one per core plus one,
-    # at most 3: the DM, C-FT and labelled + weighted WMs need nothing from each other; the extra worker keeps the
-    # cores busy while this process labels the videos and once the synthetic-data WMs start). Every run is seeded on
-    # its own, so the results do not depend on this; only the wall time does
+    jobs: int = 0  # worker processes on a CPU for the runs that need nothing from each other (0 = one per usable
+    # core plus one: the extra worker keeps the cores busy while this process labels the videos). Every run is seeded
+    # on its own, so the results do not depend on this; only the wall time does
     threads: int = 1  # torch intra-op CPU threads of EVERY stage and job, whatever the machine offers: a kernel's
     # summation order depends on its thread count, so a VQGAN trained with torch's default (one thread per core) came
     # out different on 1 and 2 cores, and every later number with it. Parallelism comes from processes (--jobs).
@@ -178,7 +168,8 @@ class ReproConfig:
 
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
-        preset=("laptop", "smoke", "gpu"), out="required", replicates=">=1", curve_every=">=0",
+        preset=("laptop", "class", "smoke", "gpu"), out="required", replicates=">=1", replicate=">=-1",
+        curve_every=">=0",
         device=("auto", "cpu", "cuda"), dtype=DTYPES, foundation_dtype=("same", *DTYPES),
         jobs=">=0", threads=">=1", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                                                   "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
@@ -198,6 +189,11 @@ class ReproConfig:
 
 PRESETS = {
     "laptop": {},
+    # a lab session: ~10 min on 2 cores in fp32 (docs/experiments/class_preset.md: the expected wall per stage, the
+    # findings it has the power to show). vq_downsample 8 (one token per cell): a step ~3.8x cheaper than at 4
+    "class": dict(n_train=4000, n_videos=150, n_val=105, n_test=105, n_comp=70, n_captions=8000, vq_downsample=8,
+                  vq_warmup=200, vq_steps=200, vq_images=2000, pretrain_steps=800, ft_steps=1000, curve_every=250,
+                  boot_k=450, boot_samples=1),
     "smoke": dict(n_train=56, n_videos=24, n_val=28, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
                   vq_images=256,
                   n_layer=2, n_embd=64, pretrain_steps=30, ft_steps=20, batch_size=16, boot_k=60, boot_samples=1,
@@ -215,6 +211,17 @@ VARIANTS = {  # the WMs of Tables 2-4: report name -> (folder in out/rep<r>/, us
     "C-FDM (labelled + synthetic + weighted)": ("wm_eq2_syn", True, "recognition"),
 }
 C_FDM = "C-FDM (labelled + synthetic + weighted)"
+
+# One replicate's stages as a graph, task -> the tasks it needs: the report's critical path and its predicted walls
+# on 2-16 cores (runner.critical_path, runner.list_schedule). Each task's cost is measured where it runs.
+GRAPH = {
+    "world + BPE": (), "VQGAN": (), "encoding": ("world + BPE", "VQGAN"), "encoding (worker)": ("world + BPE", "VQGAN"),
+    "pre-training": ("encoding", "encoding (worker)"), "zero-shot, baselines": ("pre-training",),
+    "dm": ("pre-training",), "DM evaluation, labelling": ("dm",),
+    **{folder: ("DM evaluation, labelling",) if syn else ("pre-training",) for folder, syn, _ in VARIANTS.values()},
+    **{f"eval {folder}": (folder, "dm") for folder, _, _ in VARIANTS.values()},
+    "best-of-N tables, pictures": ("zero-shot, baselines", *(f"eval {f}" for f, _, _ in VARIANTS.values())),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -235,129 +242,147 @@ def main(argv=None):
                                                                                           device.type)
     if cfg.eq2_select:
         parse_candidates(cfg.eq2_select)  # a bad list fails now, not after the tokenizers
+    if cfg.replicate >= 0 and (cfg.pool or cfg.replicates != 1):
+        raise UserError(f"--replicate={cfg.replicate} runs one replicate: not with --pool or --replicates")
+    todo = [] if cfg.pool else [cfg.replicate] if cfg.replicate >= 0 else list(range(cfg.replicates))
+    if cfg.eq2_select and 0 not in todo and todo and chosen_eq2(cfg)[1] is None:
+        raise UserError(f"--eq2_select: replicate 0 chooses the reading of Eq. 2 and has not yet in {cfg.out} "
+                        "(run --replicate=0 first)")
     t_start = time.time()
-    claim_dir(cfg.out, "reproduce.py", ours=tuple(f"rep{r}" for r in range(cfg.replicates)))
-    log(f"reproduce: preset {cfg.preset}, {cfg.replicates} replicate(s), out {cfg.out}, device {device}, "
-        f"dtype {cfg.dtype} (VQGAN and pre-training {cfg.foundation_dtype}), "
-        f"{cfg.threads} torch thread(s) per process, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    reps, selection, ahead = [], None, None
-    clock = Clock(STAGES_PER_REPLICATE * cfg.replicates)  # the whole job's bar and each stage's seconds
-    for r in range(cfg.replicates):
-        rep, sel, ahead = run_replicate(cfg, r, device, clock, ahead)
-        reps.append(rep)
-        if sel is not None:  # the reading of Eq. 2 chosen on replicate 0's validation split holds for all
-            cfg, selection = dataclasses.replace(cfg, weight_norm=sel["norm"], weight_mix=sel["mix"]), sel["evidence"]
-    runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]  # 8. report
-    ns = [int(n) for n in cfg.search_n.split(",")]
-    report = write_report(cfg, ns, reps, time.time() - t_start,
-                          {**provenance(cfg, device, runs), "command": command}, selection,
-                          time_table(cfg, reps, clock, device) + premise_sections(cfg, reps, ns))
+    if not cfg.pool:
+        runner.claim_shared(cfg.out, "reproduce.py", ours=tuple(f"rep{r}" for r in todo))
+    log(f"reproduce: preset {cfg.preset}, replicate(s) {todo or 'found in ' + cfg.out}, out {cfg.out}, device "
+        f"{device}, dtype {cfg.dtype} (VQGAN and pre-training {cfg.foundation_dtype}), {cfg.threads} torch thread(s) "
+        f"per process, {workers(cfg, device)} worker(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    clock = Clock(STAGES_PER_REPLICATE * len(todo), wall=device.type != "cpu")  # the bar, each stage's seconds
+    for r in todo:  # 1-7. each replicate's stages (replicate 0 chooses the reading of Eq. 2 if asked to)
+        run_replicate(cfg, r, device, clock)
     clock.bar.close()
+    if cfg.replicate >= 0:
+        log(f"replicate {cfg.replicate} -> {os.path.join(cfg.out, f'rep{cfg.replicate}')} "
+            f"({(time.time() - t_start) / 60:.1f} min); `--pool` with the same flags writes the report")
+        return
+    reps = finished_replicates(cfg, None if cfg.pool else cfg.replicates)  # 8. report, from out/rep<r>/
+    cfg, selection = chosen_eq2(cfg)
+    cfg = dataclasses.replace(cfg, replicates=len(reps))
+    clock = SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})
+    runs = ["dm"] + [folder for folder, _, _ in VARIANTS.values()]
+    ns = [int(n) for n in cfg.search_n.split(",")]
+    report = write_report(cfg, ns, reps, time.time() - t_start, {**provenance(cfg, device, runs), "command": command},
+                          selection, time_table(cfg, reps, clock, device) + schedule_lines(reps, GRAPH)
+                          + premise_sections(cfg, reps, ns))
     log(f"report -> {report} ({(time.time() - t_start) / 60:.1f} min)")
 
 
-def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock, ahead: Ahead | None = None):
+def workers(cfg: ReproConfig, device) -> int:
+    """Worker processes: one per usable core plus one on a CPU (or --jobs); one on a GPU (all here, in order)."""
+    return 1 if device.type != "cpu" else cfg.jobs or usable_cores() // cfg.threads + 1
+
+
+def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
     """Stages 1-7 of replicate r in out/rep<r>/: its own world (seed r), tokenizers, pre-trained model, fine-tuning
-    seed r. `ahead`: stages 1-4 of this replicate, run in the background during the previous one's fine-tuning.
-    Returns ({tok, zs, base, R, runs}: what the report reads, the Eq. 2 reading chosen on validation or None, the
-    next replicate's stages 1-4 started in the background or None)."""
+    seed r. Everything the report reads of it is stored there (replicate_record reads it back)."""
     rcfg = dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}"))
     stages = Stages(rcfg.out, rcfg, r)
-    amp = autocast(cfg.dtype, device.type)  # for the sampling and scoring done in this process
-    jobs = Jobs(rcfg, stages, None, device, init=os.path.join(rcfg.out, foundation_folder(cfg), "ckpt"))
-    P = prepare(rcfg, r, device, jobs, ahead.result() if ahead is not None else None,
-                done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
+    amp, mark = autocast(cfg.dtype, device.type), clock.mark()  # amp: the sampling and scoring done here
+    jobs = Jobs(rcfg, stages, device, clock, init=os.path.join(rcfg.out, foundation_folder(cfg), "ckpt"))
+    P = prepare(rcfg, r, device, jobs, done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
     if cfg.withhold:  # the coverage option: the labelled triplets lose what the videos still show
         data = {**data, "train": world.withhold(data["train"], *parse_withhold(cfg.withhold))}
     jobs.tok = tok
-    # The next replicate's stages 1-4 run in one background process while this one fine-tunes. Until then they
-    # would have only one core (one thread per process); from here on they take a share of two. Their results are
-    # stored in out/rep<r+1>/ exactly as if they ran later in this process, so the numbers do not change. Not when
-    # this replicate's fine-tuning is cached: there would be nothing to run beside, and the background process
-    # runs its stages in order, without the pool (measured: 13.8 min against 10.4 in the foreground).
-    R = stages.get("finetune")  # stages 5-7's results when cached, else None
-    nxt = (Ahead(cfg, r + 1, device) if r + 1 < cfg.replicates and device.type == "cpu" and jobs.pool
-           and R is None else None)
-    chosen = None
     if cfg.eq2_select and r == 0:  # the weighted WMs' reading of Eq. 2, chosen on the validation split
         rcfg, evidence = select_eq2(rcfg, stages, jobs, data, tok, image_tok, r, amp)
-        stages.cfg, jobs.args = rcfg, (rcfg, stages)  # the weighted WMs' stage hashes carry the chosen reading
+        stages.cfg = jobs.cfg = rcfg  # the weighted WMs' stage hashes carry the chosen reading
         reuse_winner(rcfg, stages, evidence)
-        chosen = {"norm": rcfg.weight_norm, "mix": rcfg.weight_mix, "evidence": evidence}
         log(f"eq2_select: chosen --weight_norm={rcfg.weight_norm} --weight_mix={rcfg.weight_mix}")
-        R = stages.get("finetune")  # again: its hash now carries the chosen reading
-    if R is None:  # 5-7. fine-tuning, bootstrapping, search
+    stages.cfg = jobs.cfg = rcfg = dataclasses.replace(chosen_eq2(cfg)[0], out=rcfg.out)  # (replicates > 0 too)
+    if stages.get("finetune") is None:  # 5-7. fine-tuning, bootstrapping, search
         R = stages.put("finetune", run_seed(rcfg, r, jobs, P["paths"], P["wcfg"], data, image_tok, tok, r == 0, amp,
                                             lambda name: clock.done(f"rep{r}: {name}")))
         write_items(rcfg.out, R["items"], R["controls"])
     else:
         clock.done(f"rep{r}: fine-tuning, bootstrapping, search (cached)", stages=4)
-    if cfg.label_arms:
-        R = {**R, "arms": stages.get("arms") or stages.put("arms", label_arms(rcfg, r, jobs, P["paths"], data,
-                                                                             image_tok, tok, P["wcfg"]))}
+    if cfg.label_arms and stages.get("arms") is None:  # the synthetic data's parts (replicate_record reads them)
+        stages.put("arms", label_arms(rcfg, r, jobs, P["paths"], data, image_tok, tok, P["wcfg"]))
     jobs.close()
-    runs = {name: stages.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
-    return {"tok": P["tok_res"], "zs": P["zs"], "base": P["base"], "R": R, "runs": runs, "card": P["card"]}, chosen, nxt
+    clock.save(os.path.join(rcfg.out, "times.json"), mark, f"rep{r}/", cores=usable_cores(),  # the time table
+               workers=workers(cfg, device))
 
 
-def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs | None = None, encoded: dict | None = None,
-            done=lambda name, n=1: None, quiet: bool = False) -> dict:
+def finished_replicates(cfg: ReproConfig, upto: int | None) -> list[dict]:
+    """replicate_record of replicates 0, 1, ... (at most `upto`) up to the first not finished with these settings."""
+    reps = []
+    while len(reps) != upto and (rec := replicate_record(cfg, len(reps))) is not None:
+        reps.append(rec)
+    if not reps:
+        raise UserError(f"{cfg.out}: no finished replicate 0 with these settings to report (run it first)")
+    if upto is None and (left := [d for d in os.listdir(cfg.out) if d[:3] == "rep" and d[3:].isdigit()
+                                  and int(d[3:]) >= len(reps)]):
+        log(f"report: rep{len(reps)} is not finished with these settings, so {', '.join(sorted(left))} are left out")
+    return reps
+
+
+def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
+    """What the report reads of replicate r, from out/rep<r>/ (its stage results and times.json); None when it has
+    not finished with these settings. A reader: writes nothing."""
+    out = os.path.join(cfg.out, f"rep{r}")
+    stages = Stages(out, dataclasses.replace(cfg, out=out), r)  # stages 1-4, and 5-7 with the chosen reading of Eq. 2
+    tuned = Stages(out, dataclasses.replace(chosen_eq2(cfg)[0], out=out), r)
+    got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines")}
+    if any(v is None for v in got.values()) or (R := tuned.get("finetune")) is None:
+        return None
+    times = runner.read_json(os.path.join(out, "times.json"), {})
+    runs = {name: tuned.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
+    if cfg.label_arms:
+        R = {**R, "arms": tuned.get("arms")}
+    return {"tok": {**got["vq"], **got["bpe"], **got["locality"]}, "zs": got["zeroshot"], "base": got["baselines"],
+            "R": R, "runs": runs, "times": times, "card": stages.get("card") or {}}
+
+
+def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
+    """With --eq2_select: cfg with the reading of Eq. 2 that replicate 0 chose on its validation split, and the
+    evidence (None while replicate 0 has not chosen yet). Without it: (cfg, None)."""
+    rep0 = dataclasses.replace(cfg, out=os.path.join(cfg.out, "rep0"))
+    res = Stages(rep0.out, rep0, 0).get("eq2_select") if cfg.eq2_select else None
+    if res is None:
+        return cfg, None
+    c = res["candidates"][res["chosen"]]
+    return dataclasses.replace(cfg, weight_norm=c["norm"], weight_mix=c["mix"]), res
+
+
+def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs, done=lambda name, n=1: None) -> dict:
     """Stages 1-4 of replicate r (cfg.out = out/rep<r>): the world, the tokenizers, the VQ codes of every image,
     the pre-trained model, its zero-shot scores and the baselines. `jobs`: worker processes for the parts that can
-    run beside the VQGAN (the world and the BPE) and beside this process's encoding (half the images); None = all
-    here. `encoded`: the VQ codes already computed (by the background process of Ahead). `done(stage, n)`: called
-    after each part (the job's progress bar)."""
-    stages = Stages(cfg.out, cfg, r)
-    world_job = (jobs.submit if jobs else run_here)(build_world_and_bpe, cfg, r)  # 1. data, the BPE ...
-    image_tok, vq_res = build_vq(cfg, stages, device, r, world_job, quiet)  # 2. ... beside the VQGAN
+    run beside the VQGAN (the world and the BPE) and beside this process's encoding (half the images).
+    `done(stage, n)`: called after each part (the job's progress bar)."""
+    stages, task = Stages(cfg.out, cfg, r), lambda name: jobs.clock.task(f"rep{r}/{name}")
+    # The world and the BPE are built beside the VQGAN, and a worker encodes half the images: with the third
+    # fine-tuning worker, 5% of the laptop preset's wall (42.7 -> 40.6 min; these two: stages 1-4 11.5 -> 10.4 min)
+    world_job = jobs.submit(build_world_and_bpe, cfg, r, task=f"rep{r}/world + BPE")  # 1. data, the BPE ...
+    with task("VQGAN"):
+        image_tok, vq_res = build_vq(cfg, stages, device, r, world_job)  # 2. ... beside the VQGAN
     paths, wcfg, bpe_res = world_job.result()
     tok = TextTokenizer.from_file(os.path.join(cfg.out, "tok", "tokenizer.json"))
     image_tok.to(device)
-    data = load_and_encode(paths, wcfg, image_tok, jobs, encoded)
-    tok_res = {**vq_res, **bpe_res,
-               **token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"])}
+    with task("encoding"):
+        data = load_and_encode(paths, wcfg, image_tok, jobs, r)
+        stages.put("locality", token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"]))
     done("data, tokenizers (VQGAN; world and BPE beside it), encoding", 2)
-    pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch",
-                        quiet=quiet)  # 3.
+    pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch")
     texts = world.narrations(wcfg, cfg.narrations) if cfg.narrations else []
     examples = pretrain_examples(data["captions"], data["cache"], tok, cfg.gen_share, texts)
-    pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, examples, tok, device)
-    pretrained, head_tokens = image_head(cfg, stages, pretrained, data, tok, device, r, quiet)
+    with task("pre-training"):  # 3.
+        pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, examples, tok, device)
+        pretrained, head_tokens = image_head(cfg, stages, pretrained, data, tok, device, r)
     done("pre-training")
-    with autocast(cfg.dtype, device.type):
-        zs = zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
-        card = foundation_card(cfg, stages, pretrained, tok, image_tok, data, examples, head_tokens)
-    base = stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
-                                                                        wcfg.image_size))
+    with autocast(cfg.dtype, device.type), task("zero-shot, baselines"):
+        zero_shot(stages, pretrained, tok, image_tok, data, cfg.temperature)  # 4. zero-shot
+        foundation_card(cfg, stages, pretrained, tok, image_tok, data, examples, head_tokens)
+        stages.get("baselines") or stages.put("baselines", baselines(data["test"], data["cache"], image_tok,
+                                                                     wcfg.image_size))
     done("zero-shot evaluation, baselines")
-    return {"paths": paths, "wcfg": wcfg, "image_tok": image_tok, "tok": tok, "tok_res": tok_res, "data": data,
-            "zs": zs, "base": base, "card": card}
-
-
-class Ahead:
-    """The next replicate's stages 1-4 (prepare), started in a background process: they need nothing from this
-    replicate. result() waits for it and returns its VQ codes (the one thing prepare does not store in out/)."""
-
-    def __init__(self, cfg: ReproConfig, r: int, device):
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        self.job = self.pool.submit(prepare_ahead, dataclasses.replace(cfg, out=os.path.join(cfg.out, f"rep{r}")), r,
-                                    device)
-
-    def result(self) -> dict:
-        try:
-            return unstack_codes(self.job.result())
-        finally:
-            self.pool.shutdown()
-
-
-def prepare_ahead(cfg: ReproConfig, r: int, device) -> dict:
-    """prepare() in a background process, without progress bars; returns its VQ codes stacked (stack_codes)."""
-    torch.set_num_threads(cfg.threads)  # a spawned process starts with torch's default (one per core)
-    log(f"rep{r}: stages 1-4 start in the background")
-    cache = prepare(cfg, r, device, quiet=True)["data"]["cache"]
-    log(f"rep{r}: stages 1-4 done in the background")
-    return stack_codes(cache, sorted(cache))
+    return {"paths": paths, "wcfg": wcfg, "image_tok": image_tok, "tok": tok, "data": data}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,67 +407,43 @@ def build_world_and_bpe(cfg: ReproConfig, r: int):
     return paths, wcfg, bpe
 
 
-def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, world_job: Future, quiet: bool = False):
+def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, world_job: Future):
     """The VQGAN (train_tokenizer.train_vq, on freshly rendered world scenes), checked on the validation split's
     images once the world is built (`world_job`); reused from out/tok/vq when its settings are unchanged. Returns
     (ImageTokenizer, results)."""
     vq_dir = os.path.join(cfg.out, "tok", "vq")
     res = stages.get("vq")
     if res is None or not os.path.exists(vq_dir):
-        vq, res = train_vq(foundation(cfg), device, log, seed=r, progress=not quiet)
+        vq, res = train_vq(foundation(cfg), device, log, seed=r)
         res.update(check_vq(vq, cfg, world_job.result()[0], log))
         vq.save(vq_dir)
         res = stages.put("vq", res)
     return ImageTokenizer.load(vq_dir).eval(), res
 
 
-def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs | None = None, encoded: dict | None = None) -> dict:
+def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs, r: int) -> dict:
     """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages).
-    `jobs`: a worker encodes half of the images. `encoded`: codes computed before (by Ahead's process)."""
+    With worker processes, one of them encodes half of the images."""
     data = {"train": load_items(paths["train"]), "val": load_items(paths["val"]),
             "test": load_items(paths["test"]) + load_items(paths["test_comp"]),
-            "captions": load_captions(paths["captions"]), "cache": dict(encoded or {})}
+            "captions": load_captions(paths["captions"]), "cache": {}}
     # how each test edit moves things (Table 3 by motion): changed cells and distance an object moves
     data["motion"] = {it.id: world.motion(world.Scene.from_json(it.extra["src_scene"]),
                                           world.Scene.from_json(it.extra["tgt_scene"]))
                       for it in data["test"] if "tgt_scene" in it.extra}
     items = data["train"] + data["val"] + data["test"]
-    todo = sorted(({str(p) for it in items for p in (it.input_path, it.output_path)}
-                   | {str(it.input_path) for it in data["captions"]}) - set(data["cache"]))
+    todo = sorted({str(p) for it in items for p in (it.input_path, it.output_path)}
+                  | {str(it.input_path) for it in data["captions"]})
     # Half the images in a worker, split at a whole number of encode_images' batches: every batch holds the same
     # images as when one process encodes them all (the batch is part of the arithmetic), so the same codes
     b = max(1, min(64, MAX_PIXELS_PER_PASS // wcfg.image_size**2))  # encode_images' batch at this size
-    half = b * (len(todo) // (2 * b)) if jobs is not None and jobs.pool is not None else 0
-    far = jobs.submit(encode_job, jobs.args[0], todo[:half], wcfg.image_size) if half else None
+    half = b * (len(todo) // (2 * b)) if jobs.pool is not None else 0
+    far = jobs.submit(runner.encode_job, os.path.join(jobs.cfg.out, "tok", "vq"), todo[:half], wcfg.image_size,
+                      jobs.cfg.threads, task=f"rep{r}/encoding (worker)") if half else None
     encode_images(image_tok, todo[half:], wcfg.image_size, cache=data["cache"])
     if far is not None:
-        data["cache"].update(unstack_codes(far.result()))
+        data["cache"].update(runner.unstack_codes(far.result()))
     return data
-
-
-def encode_job(cfg: ReproConfig, paths: list[str], size: int) -> dict:
-    """encode_images in a worker, with the VQGAN of out/rep<r>/tok/vq; returns the codes stacked (stack_codes)."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
-    vq = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval()
-    return stack_codes(encode_images(vq, paths, size), paths)
-
-
-def stack_codes(cache: dict, keys: list[str]) -> dict:
-    """{path: (codes (n,), feats (C, h, w))} -> two tensors and the paths: 2 tensors cross a process boundary
-    cheaply, 80,000 small ones do not."""
-    return {"keys": keys, "codes": torch.stack([cache[k][0] for k in keys]),  # (N, n)
-            "feats": torch.stack([cache[k][1] for k in keys])}  # (N, C, h, w)
-
-
-def unstack_codes(stacked: dict) -> dict:
-    return {k: (c, f) for k, c, f in zip(stacked["keys"], stacked["codes"], stacked["feats"])}
-
-
-def run_here(fn, *args) -> Future:
-    """fn(*args) now, as a finished Future (the pool-less Jobs.submit)."""
-    done = Future()
-    done.set_result(fn(*args))
-    return done
 
 
 def zero_shot(stages: Stages, pretrained, tok, image_tok, data: dict, temperature: float) -> dict:
@@ -462,14 +463,14 @@ def foundation_folder(cfg: ReproConfig) -> str:
     return "image_head" if cfg.image_head_steps else "pretrain"
 
 
-def image_head(cfg: ReproConfig, stages: Stages, pretrained, data: dict, tok, device, r: int, quiet: bool = False):
+def image_head(cfg: ReproConfig, stages: Stages, pretrained, data: dict, tok, device, r: int):
     """3b. --image_head_steps: Anole's repair of image output: only lm_head's image rows train (train.py
     --task=image_head), on the first --image_head_items captions drawn (caption -> image), everything else frozen.
     Returns (the model to fine-tune from, the stage's loss tokens or None)."""
     if not cfg.image_head_steps:
         return pretrained, None
     ex = pretrain_examples(data["captions"][: cfg.image_head_items], data["cache"], tok, 1.0)
-    hcfg = train_cfg(foundation(cfg), "image_head", "image_head", cfg.image_head_steps, seed=2000 + r, quiet=quiet)
+    hcfg = train_cfg(foundation(cfg), "image_head", "image_head", cfg.image_head_steps, seed=2000 + r)
     model, _ = run_training(cfg, stages, "image_head", hcfg, ex, tok, device,
                             init=os.path.join(cfg.out, "pretrain", "ckpt"))
     return model, sum(w for _, w in loss_targets(ex))
@@ -507,7 +508,7 @@ def label_arms(cfg: ReproConfig, r: int, jobs: Jobs, paths: dict, data: dict, im
     out = {}
     for arm, job in started.items():
         jobs.finish(job)
-        metrics, records, _ = eval_job(cfg, f"wm_{arm}", tok, jobs.device, test, test_codes, r, 0)
+        metrics, records, _ = runner.eval_job(cfg, f"wm_{arm}", tok, jobs.device, test, test_codes, r, 0)
         out[arm] = {"wm": metrics, "items": records, "written": written[arm]}
         log(f"rep{r}: WM with {arm} labels: score {metrics['all'].get('score', float('nan')):.2f}")
     return out
@@ -534,20 +535,24 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
 
     # Each WM's test evaluation (and, for C-FT and C-FDM, its best-of-N pool) is a job of its own, queued the moment
     # the WM and the DM are trained: it fills a worker that would otherwise idle while the last WM trains. The
-    # same functions on the same data with the same seeds as in this process: the same numbers.
+    # same functions on the same data with the same seeds as in this process: the same numbers. (Not measured on its
+    # own; the laptop preset's main job had 0.8 of its 23.6 min of evaluation left after the last WM.)
     test_codes = {p: cache[p] for it in test for p in (str(it.input_path), str(it.output_path))}
-    evals = {}
+    evals, task = {}, lambda name: f"rep{jobs.stages.replicate}/{name}"
 
     def queue_eval(name: str):
-        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], eval_job, cfg, VARIANTS[name][0], tok, jobs.device,
-                                 test, test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0)
+        folder = VARIANTS[name][0]
+        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], runner.eval_job, cfg, folder, tok, jobs.device, test,
+                                 test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0,
+                                 task=task(f"eval {folder}"))
 
     R = {}
     dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps // cfg.wm_steps_ratio, seed),
                         dm_examples(data["train"], cache, tok),
                         {**curve, "kind": "dm"} if curve else None)
     # The DM is on the critical path (its labels feed the synthetic-data WMs): with one worker more than cores, the
-    # labelled + weighted WM waits for it rather than sharing its core
+    # labelled + weighted WM waits for it rather than sharing its core (with the extra worker itself: fine-tuning to
+    # the end 31.0 -> 29.9 min on the laptop preset, 2 cores)
     wm_jobs = {name: start_wm(folder, weighting, data["train"], {**curve, "kind": "wm"} if curve and name == "C-FT"
                               else None, [dm_job[0]] if jobs.spare and name != "C-FT" else ())
                for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
@@ -556,7 +561,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     dm, R["dm_train"] = jobs.finish(dm_job)
     done("DM fine-tuning (WMs training beside it)")
     dm.config.mask_image_logits = True
-    with amp:
+    with amp, jobs.clock.task(task("DM evaluation, labelling")):
         R["dm"], dm_items = eval_dm(dm, tok, test, cache)
         # Finding 1 on one footing with the WM: the DM's actions sampled at the WM's temperature, too
         R["dm_sampled"], dm_sampled = eval_dm(dm, tok, test, cache, temperature=cfg.temperature, seed=seed)
@@ -569,7 +574,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     bcfg = BootstrapConfig(videos=paths["videos_dir"], out=syn_path, k=cfg.boot_k, n_samples=cfg.boot_samples,
                            keyframes=wcfg.video_k, spacing=wcfg.video_spacing, image_size=wcfg.image_size, seed=seed,
                            temperature=1.0)
-    with amp:
+    with amp, jobs.clock.task(task("DM evaluation, labelling")):
         records, kept = bootstrap(bcfg, dm=dm, image_tok=image_tok, tok=tok, cache=cache)
     R["pseudo"] = pseudo_label_quality(records, kept, world.MAX_SHIFT * cfg.nuisance)
     done("DM evaluation, labelling the videos")
@@ -587,7 +592,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     for name in VARIANTS:
         R["wm"][name], R["items"]["wm"][name], pool = evals[name].result()
         log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
-        if pool is not None:  # best-of-N for every N in ns, and its controls, from the one pool (eval_job)
+        if pool is not None:  # best-of-N for every N in ns, and its controls, from the one pool (runner.eval_job)
             R["controls"][name], judged = pool
             R["search"][name], R["items"]["search"][name] = best_of_pool(test, R["controls"][name], judged, ns)
     annotate_motion([R], data["motion"])  # the records cached and written carry cells and distance
@@ -595,8 +600,9 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
         log(f"{d}: {name} best-of-N " + ", ".join(f"N={n}: {R['search'][name][str(n)]['all'].get('score', 0):.2f}"
                                                for n in ns))
     if grids:  # (outside `amp`: the pictures of the reference runs were drawn this way)
-        example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
-    R["curves"] = {kind: read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
+        with jobs.clock.task(task("best-of-N tables, pictures")):
+            example_grids(cfg, wms, dm, tok, image_tok, test, cache, seed, max(ns))
+    R["curves"] = {kind: runner.read_curve(os.path.join(cfg.out, folder, "metrics.jsonl"))
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}
     done("WM evaluation, best-of-N search")
     return R
@@ -673,56 +679,6 @@ def reuse_winner(cfg: ReproConfig, stages: Stages, res: dict) -> None:
     log(f"{folder}: the chosen candidate's checkpoint ({os.path.relpath(src, cfg.out)}), copied, not trained again")
 
 
-def best_of_pool(items, controls: list[dict], judged: list[list[dict]], ns: list[int]) -> tuple[dict, dict]:
-    """Best-of-N for every N in ns from one candidate pool (eval.eval_search_controls with records): per item, the
-    candidate with the highest DM score among the first N (the first on ties, as report.pick). Returns ({N: metrics
-    per task}, {N: per-item records}), keyed by str(N) as the report reads them."""
-    metrics, records = {}, {}
-    for n in ns:
-        best = [cands[c["dm"][:n].index(max(c["dm"][:n]))] for c, cands in zip(controls, judged)]
-        metrics[str(n)], records[str(n)] = score_by_task(items, None, records=best), best
-    return metrics, records
-
-
-def token_locality(items, cache) -> dict:
-    """How local the VQ tokens are, on labelled pairs. An edit changes one or two cells; `unchanged_code_kept` is the
-    fraction of the tokens in the *other* cells whose code stays the same (1.0 = a perfectly
-    local tokenizer: the WM could copy them). `eq2_changed` / `eq2_unchanged`: mean Eq. 2 weight (mean 1 per image,
-    no mix) on tokens of cells whose content changed / did not."""
-    kept = same = 0
-    w_changed, w_unchanged = [], []
-    for it in items:
-        s, t = world.Scene.from_json(it.extra["src_scene"]), world.Scene.from_json(it.extra["tgt_scene"])
-        (cs, fs), (ct, ft) = cache[str(it.input_path)], cache[str(it.output_path)]
-        side, grid = math.isqrt(len(cs)), it.extra.get("grid", world.GRID)  # tokens per image side, cells per side
-        w = recognition_weights(fs, ft)
-        for i in range(len(cs)):
-            r, c = divmod(i, side)
-            cell = (r * grid // side, c * grid // side)  # the grid cell this token lies in
-            if s.at(cell) == t.at(cell):
-                same += 1
-                kept += int(cs[i] == ct[i])
-                w_unchanged.append(float(w[i]))
-            else:
-                w_changed.append(float(w[i]))
-    mean = lambda v: sum(v) / len(v) if v else float("nan")
-    return {"unchanged_code_kept": kept / max(1, same), "eq2_changed": mean(w_changed),
-            "eq2_unchanged": mean(w_unchanged)}
-
-
-def pseudo_label_quality(records: list[dict], kept: list[dict], max_shift: float = 0.0) -> dict:
-    """Where the truth exists (our world): a DM label is correct when the target frame is a valid outcome of the
-    labelled action from the source frame (the judge reads both frames back from pixels)."""
-    def correct(r):
-        src, tgt = (world.parse(open_image(r[k]), max_shift=max_shift) for k in ("input", "output"))
-        return world.consistent(src, world.parse_action(r["action"]), tgt)
-
-    ok_all = [correct(r) for r in records]
-    ok_kept = [correct(r) for r in kept]
-    return {"pairs": len(records), "kept": len(kept), "acc_before": sum(ok_all) / max(1, len(ok_all)),
-            "acc_after": sum(ok_kept) / max(1, len(ok_kept))}
-
-
 def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
     """out/examples.png: source | C-FT | C-FDM | C-FDM best-of-n | target for a few test items of each verb, and
     out/search_example.png: the n ranked candidates of one item with their DM scores."""
@@ -750,10 +706,8 @@ def example_grids(cfg, wms, dm, tok, image_tok, items, cache, seed, n):
               title=f"'{acts[i]}': C-FDM candidates ranked by log p_DM(action | source, candidate)")
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
-# Caching and worker processes: a stage is skipped when its results exist for the same settings; fine-tuning runs
-# that need nothing from each other train side by side in worker processes
+# Caching and jobs (the machinery is runner.py's): the settings each stage reads, and the stages as jobs
 
 
 # The stage settings that change results; a cached stage is reused only when these match.
@@ -768,16 +722,6 @@ PREMISE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReproConfig) i
                     + ADAPT_KEYS}
 
 
-def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
-    # the world's generation version and the replicate too: a stage trained on another world is not reused
-    # (--foundation_dtype enters only when it differs from --dtype, so caches made before it existed stay valid)
-    keys = [k for k in keys if (k != "foundation_dtype" or cfg.own_foundation_dtype)
-            and not (k in PREMISE_DEFAULTS and getattr(cfg, k) == PREMISE_DEFAULTS[k])]
-    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, "data_version": world.DATA_VERSION,
-                       "replicate": replicate}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 # Each stage hashes only the settings it reads. The tokenizer stages depend on fewer settings, so changing e.g. the
 # model size does not retrain the VQGAN. Each fine-tuned model hashes only what its training reads, so choosing
 # another reading of Eq. 2 (--eq2_select, --weight_mix, --weight_norm) retrains the weighted WMs alone and reuses the
@@ -786,56 +730,35 @@ def settings_hash(cfg: ReproConfig, keys, replicate: int = 0) -> str:
 # reuses a model trained with another one.
 FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature") + ADAPT_KEYS
 EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
+VQ_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps",
+           "vq_batch", "vq_images", "n_val", "n_test", "n_comp")  # checked on val, whose scenes avoid test's: all 3
+# sizes shape it
 STAGE_KEYS = {
-    # checked on val, whose scenes avoid test's: all 3 sizes shape it
-    "vq": ("threads", "dtype", "foundation_dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps",
-           "vq_batch", "vq_images", "n_val", "n_test", "n_comp"),
+    "vq": VQ_KEYS,
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
     "pretrain": SHARED_KEYS, "image_head": SHARED_KEYS, "card": SHARED_KEYS + ("temperature",),
     **dict.fromkeys(("arms", "wm_oracle", "wm_shuffled"), FT_KEYS + BOOT_KEYS),
+    "locality": VQ_KEYS + ("n_train", "n_videos", "n_captions"),  # the VQ codes of the train pairs
     "eq2_select": FT_KEYS + ("eq2_select",),
     "dm": FT_KEYS,
     **{folder: FT_KEYS + (BOOT_KEYS if syn else ()) + (EQ2_KEYS if loss == "recognition" else ())
        for folder, syn, loss in VARIANTS.values()},  # each WM: the DM's labels if it reads them, the weighting if used
 }
 
-class Stages:
-    """Results cache of one replicate: out/rep<r>/stages/<name>.json holds a stage's results and the hash of the
-    settings it ran with (STAGE_KEYS for the tokenizers, every result-changing setting for the rest, and r)."""
 
-    def __init__(self, root: str, cfg: ReproConfig, replicate: int = 0):
-        self.root, self.cfg, self.replicate = os.path.join(root, "stages"), cfg, replicate
-        os.makedirs(self.root, exist_ok=True)
+class Stages(StageCache):
+    """Results cache of one replicate (runner.StageCache): out/rep<r>/stages/<name>.json, valid for the settings in
+    STAGE_KEYS for the tokenizers, every result-changing setting for the rest, and r."""
 
-    def hash(self, name: str) -> str:
+    def keys(self, name: str) -> tuple:
         keys = FT_KEYS if name.startswith("eq2_select_") else STAGE_KEYS.get(name, FT_KEYS + BOOT_KEYS + EQ2_KEYS)
         if name == "finetune":  # its results include best-of-N and the learning curves
             keys += ("search_n", "curve_every")
-        return settings_hash(self.cfg, keys, self.replicate)
-
-    def get(self, name: str):
-        path = os.path.join(self.root, name + ".json")
-        if os.path.exists(path):
-            with open(path) as f:
-                rec = json.load(f)
-            if rec.get("hash") == self.hash(name):
-                return rec["result"]
-        return None
-
-    def put(self, name: str, result):
-        atomic_write(os.path.join(self.root, name + ".json"), json.dumps({"hash": self.hash(name), "result": result},
-                                                                        indent=1))
-        return result
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (`taskset` / cgroup affinity), not all the machine has."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def log(msg: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        # --foundation_dtype enters only when it differs from --dtype, and the premise's settings only away from their
+        # defaults, so caches made before they existed stay valid
+        return tuple(k for k in keys if (k != "foundation_dtype" or self.cfg.own_foundation_dtype)
+                     and not (k in PREMISE_DEFAULTS and getattr(self.cfg, k) == PREMISE_DEFAULTS[k]))
 
 
 def foundation(cfg: ReproConfig) -> ReproConfig:
@@ -843,180 +766,40 @@ def foundation(cfg: ReproConfig) -> ReproConfig:
     return dataclasses.replace(cfg, dtype=cfg.own_foundation_dtype or cfg.dtype)
 
 
-def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, quiet: bool = False, **kw) -> TrainConfig:
+def train_cfg(cfg: ReproConfig, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha) if cfg.lora_r and task in ("dm", "wm") else {}
     lora_lr = (cfg.lora_lr_wm if task == "wm" else 0.0) or cfg.lora_lr or cfg.lr
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
-                       lr=lora_lr if lora else cfg.lr, warmup=max(1, steps // 10), **lora, seed=seed,
-                       eval_every=0, save_every=max(50, steps // 4), resume=True, quiet=quiet, n_layer=cfg.n_layer,
-                       n_embd=cfg.n_embd, dtype=cfg.dtype, threads=cfg.threads, **kw)
-
-
-def train_stage(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init,
-                curve: dict | None = None) -> dict:
-    """`run_training` as a job (possibly in a worker process): returns the stage result only; the caller loads the
-    model from the checkpoint, so nothing but a small dict crosses the process boundary. `curve` (the validation
-    items, their codes, the VQGAN's folder, temperature, seed, kind "dm" or "wm"): the solved rate on those items
-    every cfg.curve_every steps, written to the run's metrics.jsonl as `val_solved`."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
-    val_ex = evaluate = None
-    if curve is not None:
-        tcfg = dataclasses.replace(tcfg, eval_every=cfg.curve_every, eval_items=len(curve["items"]))
-        items, codes, T, seed = curve["items"], curve["codes"], curve["temperature"], curve["seed"]
-        if curve["kind"] == "dm":
-            val_ex = dm_examples(items, codes, tok)
-            evaluate = lambda m, step: {"val_solved": eval_dm(m, tok, items, codes, T, seed)[0]["action_acc"]}
-        else:
-            val_ex, vq = wm_examples(items, codes, tok), ImageTokenizer.load(curve["vq"]).eval().to(device)
-            evaluate = lambda m, step: {"val_solved": statistics.fmean(
-                float(rec.get("success") == 10) for rec in eval_wm(m, tok, vq, items, codes, seed=seed,
-                                                                   temperature=T)[2])}
-    return run_training(cfg, stages, name, tcfg, examples, tok, device, init=init, val_examples=val_ex,
-                        evaluate=evaluate)[1]
-
-
-def eval_job(cfg: ReproConfig, folder: str, tok, device, items, codes: dict, seed: int, n: int):
-    """A trained WM's test evaluation as a job (possibly in a worker process): (metrics, per-item records, and with
-    n > 0 the DM-scored pool of n candidates per item with its controls, eval.eval_search_controls, else None).
-    Models and the VQGAN are read from out/rep<r>/; nothing but results crosses the process boundary."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
-    wm = load_model(os.path.join(cfg.out, folder, "ckpt"), device)[0]
-    image_tok = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval().to(device)
-    with autocast(cfg.dtype, device.type):
-        metrics, _, records = eval_wm(wm, tok, image_tok, items, codes, seed=seed, temperature=cfg.temperature)
-        if not n:
-            return metrics, records, None
-        # best-of-N and its controls from ONE pool of max(ns) candidates per item: best-of-k is the DM's pick among
-        # the first k (k = 1: the first candidate, a plain WM sample); the controls pick among the same candidates at
-        # random, by the WM's likelihood and by the judge (the ceiling). One pool costs max(ns) samples per item
-        # instead of sum(ns) + max(ns), and every N's table comes from the same draws.
-        dm = load_model(os.path.join(cfg.out, "dm", "ckpt"), device)[0]
-        dm.config.mask_image_logits = True
-        pool = eval_search_controls(wm, dm, tok, image_tok, items, codes, n, seed=seed, temperature=cfg.temperature,
-                                    records=True)
-    return metrics, records, pool
-
-
-def read_curve(path: str) -> list[tuple[int, float]]:
-    """The (step, val_solved) points a run's metrics.jsonl holds."""
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
-    return [(r["step"], r["val_solved"]) for r in recs if "val_solved" in r]
-
-
-def run_training(cfg: ReproConfig, stages: Stages, name: str, tcfg: TrainConfig, examples, tok, device, init=None,
-                 val_examples=None, evaluate=None):
-    """Train (or resume / reuse) one model; returns it. `init` = a model to start from (copied, not modified)."""
-    ckpt = os.path.join(tcfg.out_dir, "ckpt")
-    done = stages.get(name)
-    if done is not None and os.path.exists(os.path.join(ckpt, "meta.json")):
-        return load_model(ckpt, device)[0], done
-    # a checkpoint left by an interrupted run resumes only if it was made with the same settings; a folder that
-    # this script did not write (no stage_hash.txt) is never deleted
-    marker = os.path.join(tcfg.out_dir, "stage_hash.txt")
-    claim_dir(tcfg.out_dir, "reproduce.py", ours=("stage_hash.txt",))
-    if os.path.exists(marker) and open(marker).read() != stages.hash(name):
-        log(f"{name}: {tcfg.out_dir} was trained with other settings: deleting it and training again")
-        shutil.rmtree(tcfg.out_dir)
-        claim_dir(tcfg.out_dir, "reproduce.py")
-    atomic_write(marker, stages.hash(name))
-    t0 = time.time()
-    start = None
-    if init is not None:
-        start = load_model(init, "cpu")[0]  # a fresh copy of the starting point
-    model, hist = train(tcfg, examples, tok, val_examples=val_examples, evaluate=evaluate, model=start)
-    # every step trains on batch_size sequences padded to the longest example (train.collate): the tokens computed
-    T = max(len(x) for x, _ in examples)
-    c = model.config
-    params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)  # lm_head counts
-    result = {"seconds": round(time.time() - t0, 1), "final_loss": hist[-1]["loss"] if hist else None,
-              "examples": len(examples), "dtype": tcfg.dtype,
-              "tokens_per_s": round(len(hist) * tcfg.batch_size * T / max(1e-9, time.time() - t0), 1),
-              # training FLOPs per token: 6 x the matrix parameters + attention scores (as bench.py's MFU)
-              "flops_per_token": 6 * params + 12 * c.n_layer * T * c.n_embd,
-              **({"trained_fraction": trained_fraction(model, tcfg.task)}
-                 if tcfg.lora_r or tcfg.task == "image_head" else {})}
-    log(f"{name}: {result}")
-    return model.to(device), stages.put(name, result)
+                       lr=lora_lr if lora else cfg.lr, warmup=max(1, steps // 10), **lora, seed=seed, eval_every=0,
+                       save_every=max(50, steps // 4), resume=True, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
+                       dtype=cfg.dtype, threads=cfg.threads, **kw)
 
 
 STAGES_PER_REPLICATE = 8  # the job's progress bar: data, tokenizers, pre-training, zero-shot, and run_seed's 4 parts
 
 
-class Clock:
-    """The whole job's progress bar (stages done / total, with tqdm's ETA) and the wall seconds of each stage, for
-    the report's time table."""
+class Jobs(runner.Jobs):
+    """runner.Jobs for a replicate's stages: fine-tuning runs start from the checkpoint `init` (runner.train_stage); the
+    number of workers is `workers`; each job's cost is recorded in `clock` as task rep<r>/<name>."""
 
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="reproduce", unit="stage", dynamic_ncols=True)
-        self.seconds: dict[str, float] = {}
-        self.last = time.time()
-
-    def done(self, name: str, stages: int = 1):
-        now = time.time()
-        self.seconds[name] = round(now - self.last, 1)
-        self.last = now
-        self.bar.set_postfix_str(name[:40])
-        self.bar.update(stages)
-
-
-class Jobs:
-    """Fine-tuning runs as jobs: side by side in `jobs` worker processes on a CPU ("spawn", so that no worker inherits
-    the parent's torch threads), one after the other otherwise. Each starts from the checkpoint `init`."""
-
-    def __init__(self, cfg: ReproConfig, stages: Stages, tok, device, init: str):
-        self.args, self.device = (cfg, stages), device
-        self.tok, self.init = tok, init
-        cores = max(1, usable_cores() // cfg.threads)
-        n = 1 if device.type != "cpu" else cfg.jobs or min(3, cores + 1)
-        self.pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) if n > 1 else None
-        self.spare = n > cores  # more workers than cores: a job that can wait should not slow the DM (run_seed)
+    def __init__(self, cfg: ReproConfig, stages: Stages, device, clock: Clock, init: str):
+        n = workers(cfg, device)
+        super().__init__(n, clock)
+        self.cfg, self.stages, self.device, self.tok, self.init = cfg, stages, device, None, init
+        self.spare = n > usable_cores() // cfg.threads  # more workers than cores: a job that can wait should not
+        # slow the DM (run_seed)
 
     def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None,
               after: list[Future] = ()) -> tuple[Future, TrainConfig]:
-        """train_stage as a job, queued now or once the futures in `after` are done."""
-        args = (*self.args, name, tcfg, examples, self.tok, self.device, self.init, curve)
-        return (self.after(list(after), train_stage, *args) if after else self.submit(train_stage, *args)), tcfg
-
-    def submit(self, fn, *args) -> Future:
-        """fn(*args) in a worker (queued until one is free), or here and now without a pool."""
-        return self.pool.submit(fn, *args) if self.pool is not None else run_here(fn, *args)
-
-    def after(self, deps: list[Future], fn, *args) -> Future:
-        """fn(*args) as a job queued the moment every future in `deps` is done (a failed one fails this one too)."""
-        out, left, lock = Future(), len(deps), threading.Lock()
-
-        def relay(job: Future):  # the job's outcome -> out
-            if job.exception() is not None:
-                out.set_exception(job.exception())
-            else:
-                out.set_result(job.result())
-
-        def ready(_):  # called (in the pool's thread) as each dependency finishes
-            nonlocal left
-            with lock:
-                left -= 1
-                if left:
-                    return
-            failed = [d.exception() for d in deps if d.exception() is not None]
-            try:
-                if failed:
-                    raise failed[0]
-                self.submit(fn, *args).add_done_callback(relay)
-            except BaseException as e:  # a callback's exception would only be logged: the waiter must see it
-                out.set_exception(e)
-
-        for d in deps:
-            d.add_done_callback(ready)
-        return out
+        """runner.train_stage as a job, queued now or once the futures in `after` are done."""
+        args = (self.cfg, self.stages, name, tcfg, examples, self.tok, self.device, self.init, curve)
+        task = f"rep{self.stages.replicate}/{name}"
+        return (self.after(list(after), runner.train_stage, *args, task=task) if after
+                else self.submit(runner.train_stage, *args, task=task)), tcfg
 
     def finish(self, job: tuple[Future, TrainConfig]):  # -> (model, stage result)
         result = job[0].result()
         return load_model(os.path.join(job[1].out_dir, "ckpt"), self.device)[0], result
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
 
 
 if __name__ == "__main__":

@@ -87,5 +87,5 @@ def test_field_help_reads_continuation_lines():
     from reproduce import ReproConfig
 
     h = field_help(ReproConfig)
-    assert h["jobs"].startswith("fine-tuning runs trained side by side") and "only the wall time does" in h["jobs"]
+    assert h["jobs"].startswith("worker processes on a CPU") and h["jobs"].endswith("only the wall time does")
     assert "---" not in h["n_train"] and "the world" not in h["threads"][-40:]

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED_LAZY: set[str] = set()
 # the layers: a module may import only modules before it in this list (the README's file table shows the imports)
 ORDER = ["common", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train", "train_dynamics",
-         "train_world", "train_tokenizer", "foundation", "bootstrap", "arms", "search", "eval", "report", "reproduce",
-         "bench", "rehearse"]
+         "train_world", "train_tokenizer", "foundation", "bootstrap", "arms", "search", "eval", "runner", "report",
+         "reproduce", "bench", "rehearse"]
 
 
 def project_imports() -> tuple[dict[str, set[str]], list[str]]:

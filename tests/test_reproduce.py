@@ -119,8 +119,7 @@ def test_numbers_do_not_depend_on_the_core_count(tmp_path):
     report tables: every stage computes with the same recorded thread count, whatever the machine offers. (With
     torch's default thread count, one per usable core, the VQGAN came out different on 1 and 2 cores.) On one core,
     with --jobs=1, everything runs in order in one process; on two (default jobs), the world and the BPE are built
-    beside the VQGAN, a worker encodes half the images, three workers fine-tune, and replicate 1's stages 1-4 run in
-    the background during replicate 0's fine-tuning: none of it may change a bit."""
+    beside the VQGAN, a worker encodes half the images and three workers fine-tune: none of it may change a bit."""
     import json
     import subprocess
     import sys
@@ -338,18 +337,19 @@ def test_a_job_queued_after_others_waits_for_them_and_passes_failures_on():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    import reproduce
+    import runner
 
-    jobs = object.__new__(reproduce.Jobs)
-    jobs.pool = ThreadPoolExecutor(2)
+    jobs = runner.Jobs(1, runner.Clock(0))
+    jobs.pool = ThreadPoolExecutor(2)  # threads stand in for the worker processes
     gate, ran = threading.Event(), []
     slow = jobs.submit(lambda: gate.wait(10) and "slow")
     fast = jobs.submit(lambda: "fast")
-    after = jobs.after([slow, fast], lambda a, b: ran.append((a, b)) or "done", 1, 2)
+    after = jobs.after([slow, fast], lambda a, b: ran.append((a, b)) or "done", 1, 2, task="both")
     fast.result()
     assert not after.done() and ran == []  # `slow` holds it back
     gate.set()
     assert after.result(timeout=10) == "done" and ran == [(1, 2)]
+    assert list(jobs.clock.costs) == ["both"]  # a named job's cost is recorded
 
     def boom():
         raise ValueError("training failed")
@@ -399,3 +399,82 @@ def test_an_fp32_foundation_under_bf16_fine_tuning(tmp_path):
     saved, made = load_file(str(out / "rep0" / "tok" / "vq" / "model.safetensors")), vq.state_dict()
     assert saved.keys() == made.keys() and all(torch.equal(saved[k], made[k]) for k in saved)
     assert "bfloat16 autocast (VQGAN and pre-training: float32)" in (out / "report.md").read_text()
+
+
+def test_critical_path_and_list_schedule_on_a_hand_made_graph():
+    """The longest chain of dependent tasks, and a greedy list schedule (longest chain ahead first) on 1-3 cores."""
+    from runner import critical_path, list_schedule
+
+    graph = {"vq": (), "world": (), "pre": ("vq", "world"), "dm": ("pre",), "wm": ("pre",), "wm2": ("pre",),
+             "syn": ("dm",), "end": ("syn", "wm", "wm2")}
+    cost = {"vq": 10, "world": 2, "pre": 5, "dm": 6, "wm": 6, "wm2": 6, "syn": 6, "end": 1}
+    assert critical_path(graph, cost) == (28, ["vq", "pre", "dm", "syn", "end"])
+    assert list_schedule(graph, cost, 1) == sum(cost.values())  # one core: all the work, one task after another
+    # two cores: vq beside world, then dm first (6 s of syn after it), wm beside it, wm2 beside syn
+    assert list_schedule(graph, cost, 2) == 10 + 5 + 6 + 6 + 1
+    assert list_schedule(graph, cost, 3) == 28  # enough cores: the critical path
+    assert critical_path({}, {}) == (0.0, [])
+
+
+@pytest.mark.slow
+def test_replicates_run_as_separate_jobs_pool_to_the_same_tables(tmp_path):
+    """Replicates 0 and 1 run as two separate processes at the same time (`--replicate=r`, as a job array runs them;
+    one worker each), then `--pool`, give byte-identical report tables to `--replicates=2` in one process."""
+    import json
+    import subprocess
+    import sys
+
+    import reproduce
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sep, one = tmp_path / "sep", tmp_path / "one"
+    logs = [open(tmp_path / f"rep{r}.log", "w") for r in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "reproduce.py", "--preset=smoke", f"--replicate={r}", "--jobs=1",
+                               f"--out={sep}"], cwd=repo, stdout=logs[r], stderr=subprocess.STDOUT) for r in (0, 1)]
+    for r, p in enumerate(procs):
+        assert p.wait() == 0, (tmp_path / f"rep{r}.log").read_text()[-3000:]
+    assert not (sep / "report.md").exists()  # a replicate's job writes no report
+    reproduce.main(["--preset=smoke", "--pool", f"--out={sep}"])
+    reproduce.main(["--preset=smoke", "--replicates=2", f"--out={one}"])
+    tables = [json.loads((d / "results.json").read_text())["provenance"]["tables"] for d in (sep, one)]
+    assert tables[0] == tables[1]
+    assert (sep / "report.md").read_text().split("## Setup")[1] == (one / "report.md").read_text().split("## Setup")[1]
+    assert "Critical paths" in (one / "report.md").read_text()
+
+
+def test_replicate_and_pool_flags_fail_before_any_work(tmp_path):
+    """--replicate runs one replicate (not with --replicates or --pool); --pool needs a finished replicate 0;
+    --eq2_select's later replicates need replicate 0's choice. Each a UserError, nothing written."""
+    from common import UserError
+    from reproduce import main
+
+    out = tmp_path / "out"
+    for argv, msg in ((["--replicate=1", "--replicates=2"], "runs one replicate"), (["--replicate=0", "--pool"],
+                                                                                     "runs one replicate"),
+                      (["--pool"], "no finished replicate 0"),
+                      (["--replicate=1", "--eq2_select=image:0.5"], "run --replicate=0 first")):
+        with pytest.raises(UserError, match=msg):
+            main(["--preset=smoke", f"--out={out}", *argv])
+    assert not out.exists()
+
+
+def test_the_report_reads_replicates_back_up_to_the_first_unfinished(tmp_path, capsys):
+    """--pool pools replicates 0, 1, ... up to the first not finished with these settings and names the folders it
+    leaves out; --replicates=K reads exactly K; a replicate finished with other settings does not count."""
+    import dataclasses
+
+    from common import UserError
+    from reproduce import ReproConfig, Stages, finished_replicates
+
+    cfg = ReproConfig(out=str(tmp_path))
+    for r in (0, 1, 3):
+        rcfg = dataclasses.replace(cfg, out=str(tmp_path / f"rep{r}"))
+        for name in ("vq", "bpe", "locality", "zeroshot", "baselines", "finetune"):
+            Stages(rcfg.out, rcfg, r).put(name, {name: r})
+    (tmp_path / "rep2").mkdir()
+    reps = finished_replicates(cfg, None)
+    assert [rep["R"] for rep in reps] == [{"finetune": 0}, {"finetune": 1}] and reps[0]["times"] == {}
+    assert reps[1]["tok"] == {"vq": 1, "bpe": 1, "locality": 1} and "rep2, rep3 are left out" in capsys.readouterr().out
+    assert len(finished_replicates(cfg, 1)) == 1
+    with pytest.raises(UserError, match="no finished replicate 0"):
+        finished_replicates(dataclasses.replace(cfg, ft_steps=7), None)
