@@ -674,6 +674,9 @@ def load_reference(name: str) -> dict | None:
         res = json.load(f)
     with open(os.path.join(REFERENCE_DIR, name, "machine.json")) as f:
         res["machine"] = json.load(f)
+    if "seconds" not in res:  # a run from before results.json kept its wall time: its report's first lines say it
+        with open(os.path.join(REFERENCE_DIR, name, "report.md")) as f:
+            res["seconds"] = 60 * float(re.search(r" in ([\d.]+) min", f.read()).group(1))
     return res
 
 
@@ -848,7 +851,8 @@ def stage_time_lines() -> list[str]:
     rows = re.findall(r"^\| ([^|]+) \| (\d+) \|$", text.split("| stage | seconds |")[1].split("\n\n")[0], re.M)
     L = [f"| stage ({short_dtype(name)} reference, {ref['machine']['cpu']}) | minutes |", "|---|---|"]
     L += [f"| {stage} | {int(sec) / 60:.1f} |" for stage, sec in rows]
-    return L + [f"| whole job | {ref['seconds'] / 60:.1f} |"]
+    note = f" ({ref['machine']['wall_note']})" if ref["machine"].get("wall_note") else ""
+    return L + [f"| whole job{note} | {ref['seconds'] / 60:.1f} |"]
 
 
 def results_doc() -> str:
