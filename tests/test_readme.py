@@ -60,7 +60,7 @@ def test_against_reference_compares_verdicts_and_intervals(tmp_path, monkeypatch
                 "per_replicate": [diff], "mean_a": 0.0, "mean_b": 0.0}
 
     config = {"preset": "laptop", "dtype": "float32", "out": "x", "n_train": 10}
-    ref = {"config": {**config, "out": "elsewhere"}, "provenance": {"commit": "abc", "tables": "t1"},
+    ref = {"config": {**config, "out": "elsewhere"}, "provenance": {"commit": "abc", "tables": "t1"}, "seconds": 60,
            "replicates": [{}], "findings": [finding("f1", 0.5, 0.2, 0.8), finding("f2", 0.1, -0.2, 0.4)]}
     (tmp_path / "laptop-float32").mkdir()
     with gzip.open(tmp_path / "laptop-float32" / "results.json.gz", "wt") as f:
