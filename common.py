@@ -493,15 +493,14 @@ def refuse_overwrite(path, force: bool, suffixes: tuple = ()) -> None:
         raise UserError(f"--out={path}: the folder {parent} does not exist")
 
 
-def check_dir(path, ours: tuple = (), force: bool | None = None) -> None:
+def check_dir(path, force: bool | None = None) -> None:
     """What claim_dir refuses, checked without writing anything (a script calls it before its long work): a folder
     that is not ours, a path that is not a folder, a folder another live run holds the lock of."""
     path = os.fspath(path)
     if os.path.isdir(path) and not is_ours(path):
         there = [e for e in os.listdir(path) if not (e.startswith(MARKER) and e.endswith(".tmp"))]  # (a claim
         # killed half-way)
-        foreign = there and not any(os.path.exists(os.path.join(path, p)) for p in ours)
-        if foreign and not force:
+        if there and not force:
             how = "--force=true writes into it anyway, or choose" if force is not None else "choose"
             raise UserError(f"{path} exists and was not written by worldboot (no {MARKER} marker): not writing into "
                             f"it or deleting anything there ({how} another folder)")
@@ -513,12 +512,12 @@ def check_dir(path, ours: tuple = (), force: bool | None = None) -> None:
                         "for it, stop it, or choose another folder")
 
 
-def claim_dir(path, who: str, ours: tuple = (), force: bool | None = None) -> None:
+def claim_dir(path, who: str, force: bool | None = None) -> None:
     """Make `path` a folder that `who` may write into, and take its lock (lock_dir). A folder that exists and is not
     empty must carry our marker, written when worldboot created it; otherwise UserError, and nothing is written or
-    deleted, unless `force` (the script's --force=true; None: it has none) claims it anyway. `ours`: files that
-    only reproduce.py writes, for its caches made before the marker existed."""
-    check_dir(path, ours, force)
+    deleted, unless `force` (the script's --force=true; None: it has none) claims it anyway. No file name makes a
+    folder ours: a cache made before the marker existed is refused like any other folder."""
+    check_dir(path, force)
     os.makedirs(path, exist_ok=True)
     if not is_ours(path):
         atomic_write(os.path.join(path, MARKER), f"written by worldboot ({who}): {' '.join(sys.argv)}\n")

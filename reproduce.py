@@ -250,7 +250,7 @@ def main(argv=None):
                         "(run --replicate=0 first)")
     t_start = time.time()
     if not cfg.pool:
-        runner.claim_shared(cfg.out, "reproduce.py", ours=tuple(f"rep{r}" for r in todo))
+        runner.claim_shared(cfg.out, "reproduce.py")
     log(f"reproduce: preset {cfg.preset}, replicate(s) {todo or 'found in ' + cfg.out}, out {cfg.out}, device "
         f"{device}, dtype {cfg.dtype} (VQGAN and pre-training {cfg.foundation_dtype}), {cfg.threads} torch thread(s) "
         f"per process, {workers(cfg, device)} worker(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")

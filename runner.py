@@ -50,13 +50,13 @@ def read_json(path: str, default=None):
         return json.load(f)
 
 
-def claim_shared(path: str, who: str, ours: tuple = ()):
+def claim_shared(path: str, who: str):
     """common.claim_dir for a folder that several jobs may claim at the same moment (a job array's replicates, each
     writing only into its own out/rep<r>/): the loser of the race for the marker's rename finds it there next time."""
     try:
-        claim_dir(path, who, ours)
+        claim_dir(path, who)
     except FileNotFoundError:  # the other job renamed the shared temporary file first
-        claim_dir(path, who, ours)
+        claim_dir(path, who)
 
 
 def usable_cores() -> int:
@@ -112,9 +112,9 @@ def run_training(cfg, stages: StageCache, name: str, tcfg, examples, tok, device
     if done is not None and os.path.exists(os.path.join(ckpt, "meta.json")):
         return load_model(ckpt, device)[0], done
     # a checkpoint left by an interrupted run resumes only if it was made with the same settings; a folder that
-    # this script did not write (no stage_hash.txt) is never deleted
+    # worldboot did not create (no marker) is never deleted: claim_dir refuses it
     marker = os.path.join(tcfg.out_dir, "stage_hash.txt")
-    claim_dir(tcfg.out_dir, "reproduce.py", ours=("stage_hash.txt",))
+    claim_dir(tcfg.out_dir, "reproduce.py")
     if os.path.exists(marker) and open(marker).read() != stages.hash(name):
         log(f"{name}: {tcfg.out_dir} was trained with other settings: deleting it and training again")
         shutil.rmtree(tcfg.out_dir)

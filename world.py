@@ -1006,9 +1006,7 @@ def build(out_dir, cfg: WorldConfig | None = None, force: bool = False, log=prin
             log(f"world: {out} already holds this config (hash {cfg.hash()}), skipping")
             return paths
     t0 = time.time()
-    # only a folder that build() wrote (its marker, or a manifest.json of ours from before the marker) is rebuilt
-    legacy = man.exists() and isinstance(old := _read_manifest(man), dict) and {"hash", "version"} <= set(old)
-    claim_dir(out, "world.build", ours=("manifest.json",) if legacy else ())
+    claim_dir(out, "world.build")  # only a folder that worldboot created (its marker) is rebuilt
     for sub in ("images", "videos"):  # only the folders this function writes
         shutil.rmtree(out / sub, ignore_errors=True)
     if man.exists():
