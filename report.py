@@ -688,8 +688,9 @@ def against_reference(config: dict, found: list[dict], tables_hash: str) -> list
     ref = load_reference(name)
     L = ["## Your run against the reference", ""]
     if ref is None:
+        held = ", ".join(n for n, _ in references()) or "none"
         return L + [f"No reference run for preset `{config['preset']}` in `{config['dtype']}` is committed "
-                    "(docs/reference/ holds the laptop preset in bfloat16 and float32).", ""]
+                    f"(docs/reference/ holds: {held}).", ""]
     rp = ref["provenance"]
     changed = [k for k in config if k not in NOT_SETTINGS and k in ref["config"] and config[k] != ref["config"][k]]
     L += [f"Reference `docs/reference/{name}/`: `{ref['machine']['command']}` at commit {rp['commit']}, "
