@@ -165,8 +165,11 @@ def test_sigterm_and_sighup_save_at_the_next_step_and_stop(tiny_tok, tmp_path, s
         os.kill(os.getpid(), getattr(signal, sig))
         return {}
 
-    code = exit_code(fork(lambda: train(cfg(tmp_path, eval_every=1, save_every=0), ex, tok, val_examples=ex,
-                                        evaluate=send, model=tiny_model(tok))))
+    def child():  # the signal at its default, as in a terminal (under nohup, say, SIGHUP starts ignored and stays so)
+        signal.signal(getattr(signal, sig), signal.SIG_DFL)
+        train(cfg(tmp_path, eval_every=1, save_every=0), ex, tok, val_examples=ex, evaluate=send, model=tiny_model(tok))
+
+    code = exit_code(fork(child))
     assert code == 130, code  # (before: killed by the signal, -15 / -1, nothing saved)
     assert json.load(open(tmp_path / "ckpt" / "meta.json"))["step"] == 1
     model, _ = train(cfg(tmp_path, resume=True), ex, tok, model=tiny_model(tok, seed=99))
