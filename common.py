@@ -493,7 +493,7 @@ def refuse_overwrite(path, force: bool, suffixes: tuple = ()) -> None:
         raise UserError(f"--out={path}: the folder {parent} does not exist")
 
 
-def check_dir(path, force: bool | None = None) -> None:
+def check_dir(path, force: bool | None = None, lock: bool = True) -> None:
     """What claim_dir refuses, checked without writing anything (a script calls it before its long work): a folder
     that is not ours, a path that is not a folder, a folder another live run holds the lock of."""
     path = os.fspath(path)
@@ -506,22 +506,24 @@ def check_dir(path, force: bool | None = None) -> None:
                             f"it or deleting anything there ({how} another folder)")
     elif os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} exists and is not a folder")
-    pid, job, holder = _lock_pid(os.path.join(path, LOCK))
+    pid, job, holder = _lock_pid(os.path.join(path, LOCK)) if lock else (None, None, None)
     if pid is not None and pid != os.getpid() and _alive(pid) and not (job and job == _job()):
         raise UserError(f"{path} is being written by another run (PID {pid}: {holder}): one writer per folder; wait "
                         "for it, stop it, or choose another folder")
 
 
-def claim_dir(path, who: str, force: bool | None = None) -> None:
+def claim_dir(path, who: str, force: bool | None = None, lock: bool = True) -> None:
     """Make `path` a folder that `who` may write into, and take its lock (lock_dir). A folder that exists and is not
     empty must carry our marker, written when worldboot created it; otherwise UserError, and nothing is written or
     deleted, unless `force` (the script's --force=true; None: it has none) claims it anyway. No file name makes a
-    folder ours: a cache made before the marker existed is refused like any other folder."""
-    check_dir(path, force)
+    folder ours: a cache made before the marker existed is refused like any other folder. `lock` False: a folder
+    that several runs share, each writing only into a sub-folder it claims itself (reproduce.py --replicate)."""
+    check_dir(path, force, lock)
     os.makedirs(path, exist_ok=True)
     if not is_ours(path):
         atomic_write(os.path.join(path, MARKER), f"written by worldboot ({who}): {' '.join(sys.argv)}\n")
-    lock_dir(path, who)
+    if lock:
+        lock_dir(path, who)
 
 
 # One writer per folder: a lock file made with O_EXCL holds the writer's PID; a lock whose process is gone (killed)

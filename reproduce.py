@@ -249,8 +249,11 @@ def main(argv=None):
         raise UserError(f"--eq2_select: replicate 0 chooses the reading of Eq. 2 and has not yet in {cfg.out} "
                         "(run --replicate=0 first)")
     t_start = time.time()
-    if not cfg.pool:
+    if cfg.replicate >= 0:  # one job of several: out/ is shared, out/rep<r>/ is this job's alone (one writer each)
         runner.claim_shared(cfg.out, "reproduce.py")
+        claim_dir(os.path.join(cfg.out, f"rep{cfg.replicate}"), "reproduce.py")
+    elif not cfg.pool:
+        claim_dir(cfg.out, "reproduce.py")
     log(f"reproduce: preset {cfg.preset}, replicate(s) {todo or 'found in ' + cfg.out}, out {cfg.out}, device "
         f"{device}, dtype {cfg.dtype} (VQGAN and pre-training {cfg.foundation_dtype}), {cfg.threads} torch thread(s) "
         f"per process, {workers(cfg, device)} worker(s), CPU capability {torch.backends.cpu.get_cpu_capability()}")
@@ -263,6 +266,8 @@ def main(argv=None):
             f"({(time.time() - t_start) / 60:.1f} min); `--pool` with the same flags writes the report")
         return
     reps = finished_replicates(cfg, None if cfg.pool else cfg.replicates)  # 8. report, from out/rep<r>/
+    if cfg.pool:  # the report's writer: alone in out/ while it writes
+        claim_dir(cfg.out, "reproduce.py")
     cfg, selection = chosen_eq2(cfg)
     cfg = dataclasses.replace(cfg, replicates=len(reps))
     clock = SimpleNamespace(seconds={k: v for rep in reps for k, v in rep["times"].get("seconds", {}).items()})

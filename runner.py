@@ -51,12 +51,13 @@ def read_json(path: str, default=None):
 
 
 def claim_shared(path: str, who: str):
-    """common.claim_dir for a folder that several jobs may claim at the same moment (a job array's replicates, each
-    writing only into its own out/rep<r>/): the loser of the race for the marker's rename finds it there next time."""
+    """common.claim_dir, without its lock, for a folder that several jobs may claim at the same moment (a job array's
+    replicates, each writing only into its own out/rep<r>/, which it claims and locks): the loser of the race for the
+    marker's rename finds it there next time."""
     try:
-        claim_dir(path, who)
+        claim_dir(path, who, lock=False)
     except FileNotFoundError:  # the other job renamed the shared temporary file first
-        claim_dir(path, who)
+        claim_dir(path, who, lock=False)
 
 
 def usable_cores() -> int:
