@@ -354,10 +354,15 @@ def is_ours(path) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MARKER))
 
 
+def _marker_text(who: str) -> str:
+    """What the marker says: which part of worldboot created the folder, and the command line."""
+    return f"written by worldboot ({who}): {' '.join(sys.argv)}\n"
+
+
 def _mark(path, who: str) -> None:
     """Write the marker into a folder that worldboot has just created (naming the command that created it)."""
     with open(os.path.join(path, MARKER), "w") as f:
-        f.write(f"written by worldboot ({who}): {' '.join(sys.argv)}\n")
+        f.write(_marker_text(who))
 
 
 @contextmanager
@@ -521,7 +526,7 @@ def claim_dir(path, who: str, force: bool | None = None, lock: bool = True) -> N
     check_dir(path, force, lock)
     os.makedirs(path, exist_ok=True)
     if not is_ours(path):
-        atomic_write(os.path.join(path, MARKER), f"written by worldboot ({who}): {' '.join(sys.argv)}\n")
+        atomic_write(os.path.join(path, MARKER), _marker_text(who))  # (atomic: jobs may claim one folder at once)
     if lock:
         lock_dir(path, who)
 

@@ -34,6 +34,8 @@ from draw import curve_png
 from eval import write_jsonl
 from runner import critical_path, list_schedule
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the repository: git, docs/reference/, README.md
+
 
 def measured(values: list[float]) -> list[float]:
     """The per-seed values that exist (a stage may report None or NaN)."""
@@ -203,8 +205,7 @@ def provenance(cfg, device: torch.device, runs: list[str]) -> dict:
     """What determines the numbers, for the report header: two runs whose entries all match should give the same
     report byte for byte; a different CPU capability (other kernels, other rounding) may not. `runs`: the fine-tuned
     models' folders in out/rep<r>/."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True)
     try:
         commit = git("rev-parse", "--short=12", "HEAD").stdout.strip() or "unknown"
         commit += " (uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no").stdout else ""
@@ -656,7 +657,7 @@ def dose_response(outs: list[str], png: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Your run against the reference run of its arithmetic (committed under docs/reference/)
 
-REFERENCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "reference")
+REFERENCE_DIR = os.path.join(HERE, "docs", "reference")
 NOT_SETTINGS = ("out", "jobs", "threads", "replicates", "device", "curve_every")  # change the wall time, not numbers
 
 
@@ -723,7 +724,6 @@ def against_reference(config: dict, found: list[dict], tables_hash: str) -> list
 # ----------------------------------------------------------------------------------------------------------------
 # The README's generated blocks and docs/results.md (python report.py)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METHOD = ("tokenizer", "model", "train", "train_dynamics", "train_world", "bootstrap", "search", "eval")
 CODE_MAP = (  # (paper, object "module.name[.method]", what to read there), in reading order
     ("Sec. 3: the VQ image tokenizer (Chameleon's VQGAN)", "tokenizer.ImageTokenizer", "encode, quantise, decode"),

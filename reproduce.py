@@ -44,7 +44,7 @@ import runner
 import world
 from bootstrap import BootstrapConfig, bootstrap
 from checkpoint import has_checkpoint, load_model
-from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_dir, compute_dtype, run
+from common import DTYPES, UserError, atomic_dir, atomic_write, autocast, claim_dir, compute_dtype, read_json, run
 from data import load_captions, load_items, preprocess_image
 from draw import save_grid
 from eval import baselines, best_of_pool, eval_dm, eval_wm, pseudo_label_quality, token_locality
@@ -337,7 +337,7 @@ def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
     got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines")}
     if any(v is None for v in got.values()) or (R := tuned.get("finetune")) is None:
         return None
-    times = runner.read_json(os.path.join(out, "times.json"), {})
+    times = read_json(os.path.join(out, "times.json")) if os.path.exists(os.path.join(out, "times.json")) else {}
     runs = {name: tuned.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
     if cfg.label_arms:
         R = {**R, "arms": tuned.get("arms")}

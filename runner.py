@@ -42,14 +42,6 @@ def log(msg: str):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def read_json(path: str, default=None):
-    """The JSON in `path`, or `default` when there is no such file."""
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
 def claim_shared(path: str, who: str):
     """common.claim_dir, without its lock, for a folder that several jobs may claim at the same moment (a job array's
     replicates, each writing only into its own out/rep<r>/, which it claims and locks): the loser of the race for the
