@@ -11,7 +11,7 @@ ALLOWED_LAZY: set[str] = set()
 # the layers: a module may import only modules before it in this list (the README's file table shows the imports)
 ORDER = ["common", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train", "train_dynamics",
          "train_world", "train_tokenizer", "foundation", "bootstrap", "arms", "search", "eval", "runner", "report",
-         "reproduce", "bench", "rehearse"]
+         "experiments", "reproduce", "bench", "rehearse"]
 
 
 def project_imports() -> tuple[dict[str, set[str]], list[str]]:
@@ -80,3 +80,10 @@ def test_imports_follow_the_readme_layers():
     assert not (new := sorted(set(edges) - set(ORDER))), f"add {new} to ORDER"
     upward = [f"{m} imports {n}" for m in ORDER for n in sorted(edges.get(m, ())) if ORDER.index(n) > ORDER.index(m)]
     assert not upward, "imports against the layers: " + "; ".join(upward)
+
+
+def test_reproduce_reads_as_one_pipeline():
+    """reproduce.py is the paper's pipeline in order (STYLE.md: like nanochat's speedrun.sh); the stages beside it live
+    in experiments.py and the machinery in runner.py, so it stays at most 700 lines."""
+    n = (ROOT / "reproduce.py").read_text().count("\n")
+    assert n <= 700, f"reproduce.py has {n} lines (at most 700: move harness groups to experiments.py or runner.py)"

@@ -145,7 +145,8 @@ def test_premise_flags_change_only_the_hashes_they_should(tmp_path):
 def test_lora_and_step_ratio_reach_the_fine_tuning_configs():
     import dataclasses
 
-    from reproduce import ReproConfig, train_cfg
+    from experiments import train_cfg
+    from reproduce import ReproConfig
 
     cfg = dataclasses.replace(ReproConfig(), lora_r=1, lora_alpha=2.0, lora_lr=1e-2)
     dm, pre = train_cfg(cfg, "dm", "dm", 100, 0), train_cfg(cfg, "pretrain", "pretrain", 100, 0)

@@ -168,7 +168,8 @@ def test_a_stage_folder_is_deleted_only_when_ours_and_stale(tmp_path, capsys, ti
     import torch
 
     from common import MARKER, UserError
-    from reproduce import ReproConfig, Stages, run_training, train_cfg
+    from experiments import train_cfg
+    from reproduce import ReproConfig, Stages, run_training
 
     cfg = ReproConfig(out=str(tmp_path))
     stages = Stages(str(tmp_path), cfg)
@@ -234,7 +235,7 @@ def test_eq2_by_motion_on_hand_made_records():
     """Table "Eq. 2 by motion": items grouped by changed cells and distance moved, weighted − standard per group,
     success and minimal apart, paired over items and replicates; an empty group gives no row."""
     from report import EQ2_PAIRS, by_motion
-    from reproduce import annotate_motion
+    from experiments import annotate_motion
 
     motion = {"a": {"cells": 1, "distance": 0}, "b": {"cells": 2, "distance": 1}, "c": {"cells": 2, "distance": 1},
               "d": {"cells": 2, "distance": 3}}
@@ -263,7 +264,8 @@ def test_new_settings_separate_worlds_and_readings():
     import dataclasses
 
     from common import UserError
-    from reproduce import ReproConfig, Stages, parse_candidates
+    from experiments import parse_candidates
+    from reproduce import ReproConfig, Stages
 
     def hashes(**kw):
         st = Stages.__new__(Stages)
