@@ -61,7 +61,7 @@ from experiments import (
 from report import premise_sections, provenance, schedule_lines, time_table, write_items, write_report
 from runner import Clock, StageCache, log, run_training, usable_cores
 from search import MAX_N
-from tokenizer import MAX_PIXELS_PER_PASS, ImageTokenizer, TextTokenizer
+from tokenizer import ImageTokenizer, TextTokenizer
 from train import TrainConfig, encode_images, parse_config, pretrain_examples
 from train_dynamics import dm_examples
 from train_tokenizer import check_vq, train_bpe, train_vq
@@ -90,9 +90,8 @@ class ReproConfig:
     # model"): "same" = --dtype; "float32" with a bf16 --dtype trains them in fp32 and fine-tunes, samples and scores
     # in bf16. Kept at "same" with validation evidence (docs/log.md: "Settings chosen on the validation split": over 3
     # replicates an fp32 foundation gave the DM +0.08 on validation, not in every replicate, and C-FT +0.27, not shown)
-    jobs: int = 0  # worker processes on a CPU for the runs that need nothing from each other (0 = one per usable
-    # core plus one: the extra worker keeps the cores busy while this process labels the videos). Every run is seeded
-    # on its own, so the results do not depend on this; only the wall time does
+    jobs: int = 0  # worker processes on a CPU for the fine-tuning runs, which need nothing from each other (0 = one
+    # per usable core). Every run is seeded on its own, so the results do not depend on this; only the wall time does
     threads: int = 1  # torch intra-op CPU threads of EVERY stage and job, whatever the machine offers: a kernel's
     # summation order depends on its thread count, so a VQGAN trained with torch's default (one thread per core) came
     # out different on 1 and 2 cores, and every later number with it. Parallelism comes from processes (--jobs).
@@ -222,14 +221,16 @@ VARIANTS = {  # the WMs of Tables 2-4: report name -> (folder in out/rep<r>/, us
 C_FDM = "C-FDM (labelled + synthetic + weighted)"
 
 # One replicate's stages as a graph, task -> the tasks it needs: the report's critical path and its predicted walls
-# on 2-16 cores (runner.critical_path, runner.list_schedule). Each task's cost is measured where it runs.
+# on 2-16 cores (runner.critical_path, runner.list_schedule). Each task's cost is measured where it runs. Stages 1-4
+# run one after the other, the DM and the WMs side by side, then each WM's evaluation one after the other.
+EVALS = [f"eval {folder}" for folder, _, _ in VARIANTS.values()]
 GRAPH = {
-    "world + BPE": (), "VQGAN": (), "encoding": ("world + BPE", "VQGAN"), "encoding (worker)": ("world + BPE", "VQGAN"),
-    "pre-training": ("encoding", "encoding (worker)"), "zero-shot, baselines": ("pre-training",),
-    "dm": ("pre-training",), "DM evaluation, labelling": ("dm",),
+    "world + BPE": (), "VQGAN": ("world + BPE",), "encoding": ("VQGAN",), "pre-training": ("encoding",),
+    "zero-shot, baselines": ("pre-training",), "dm": ("pre-training",), "DM evaluation, labelling": ("dm",),
     **{folder: ("DM evaluation, labelling",) if syn else ("pre-training",) for folder, syn, _ in VARIANTS.values()},
-    **{f"eval {folder}": (folder, "dm") for folder, _, _ in VARIANTS.values()},
-    "best-of-N tables, pictures": ("zero-shot, baselines", *(f"eval {f}" for f, _, _ in VARIANTS.values())),
+    # the first evaluation waits for every WM, each next one for the one before
+    **dict(zip(EVALS, [tuple(folder for folder, _, _ in VARIANTS.values())] + [(e,) for e in EVALS[:-1]])),
+    "best-of-N tables, pictures": ("zero-shot, baselines", EVALS[-1]),
 }
 
 
@@ -289,8 +290,10 @@ def main(argv=None):
 
 
 def workers(cfg: ReproConfig, device) -> int:
-    """Worker processes: one per usable core plus one on a CPU (or --jobs); one on a GPU (all here, in order)."""
-    return 1 if device.type != "cpu" else cfg.jobs or usable_cores() // cfg.threads + 1
+    """Worker processes: one per usable core on a CPU (or --jobs); one on a GPU (all here, in order). (One more than
+    the cores, with the labelled + weighted WM waiting for the DM, saved 1.1 min, fine-tuning to the end 31.0 -> 29.9
+    min of a 40.6 min laptop-preset wall, 3%, on a 2-core AMD EPYC in bf16: removed, as every trick under 5%.)"""
+    return 1 if device.type != "cpu" else cfg.jobs or max(1, usable_cores() // cfg.threads)
 
 
 def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
@@ -300,7 +303,7 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
     stages = Stages(rcfg.out, rcfg, r)
     amp, mark = autocast(cfg.dtype, device.type), clock.mark()  # amp: the sampling and scoring done here
     jobs = Jobs(rcfg, stages, device, clock, init=os.path.join(rcfg.out, foundation_folder(cfg), "ckpt"))
-    P = prepare(rcfg, r, device, jobs, done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
+    P = prepare(rcfg, r, device, clock, done=lambda name, n=1: clock.done(f"rep{r}: {name}", stages=n))  # 1-4
     data, tok, image_tok = P["data"], P["tok"], P["image_tok"]
     if cfg.withhold:  # the coverage option: the labelled triplets lose what the videos still show
         data = {**data, "train": world.withhold(data["train"], *parse_withhold(cfg.withhold))}
@@ -365,24 +368,24 @@ def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
     return dataclasses.replace(cfg, weight_norm=c["norm"], weight_mix=c["mix"]), res
 
 
-def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs, done=lambda name, n=1: None) -> dict:
-    """Stages 1-4 of replicate r (cfg.out = out/rep<r>): the world, the tokenizers, the VQ codes of every image,
-    the pre-trained model, its zero-shot scores and the baselines. `jobs`: worker processes for the parts that can
-    run beside the VQGAN (the world and the BPE) and beside this process's encoding (half the images).
-    `done(stage, n)`: called after each part (the job's progress bar)."""
-    stages, task = Stages(cfg.out, cfg, r), lambda name: jobs.clock.task(f"rep{r}/{name}")
-    # The world and the BPE are built beside the VQGAN, and a worker encodes half the images: with the third
-    # fine-tuning worker, 5% of the laptop preset's wall (42.7 -> 40.6 min; these two: stages 1-4 11.5 -> 10.4 min)
-    world_job = jobs.submit(build_world_and_bpe, cfg, r, task=f"rep{r}/world + BPE")  # 1. data, the BPE ...
+def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=1: None) -> dict:
+    """Stages 1-4 of replicate r (cfg.out = out/rep<r>), one after the other in this process: the world, the
+    tokenizers, the VQ codes of every image, the pre-trained model, its zero-shot scores and the baselines. `clock`:
+    records each task's cost; `done(stage, n)`: called after each part (the job's progress bar)."""
+    stages, task = Stages(cfg.out, cfg, r), lambda name: clock.task(f"rep{r}/{name}")
+    # (Building the world and the BPE beside the VQGAN and encoding half the images in a worker saved 1.1 min,
+    # stages 1-4 11.5 -> 10.4 min of a 40.6 min laptop-preset wall, 3%, on a 2-core AMD EPYC in bf16: removed, as
+    # the team removes every trick that saves under 5% of the wall)
+    with task("world + BPE"):
+        paths, wcfg, bpe_res = build_world_and_bpe(cfg, r)  # 1. data, the BPE
     with task("VQGAN"):
-        image_tok, vq_res = build_vq(cfg, stages, device, r, world_job)  # 2. ... beside the VQGAN
-    paths, wcfg, bpe_res = world_job.result()
+        image_tok, vq_res = build_vq(cfg, stages, device, r, paths)  # 2. the VQGAN
     tok = TextTokenizer.from_file(os.path.join(cfg.out, "tok", "tokenizer.json"))
     image_tok.to(device)
     with task("encoding"):
-        data = load_and_encode(paths, wcfg, image_tok, jobs, r)
+        data = load_and_encode(paths, wcfg, image_tok)
         stages.put("locality", token_locality([it for it in data["train"] if "src_scene" in it.extra], data["cache"]))
-    done("data, tokenizers (VQGAN; world and BPE beside it), encoding", 2)
+    done("data, tokenizers (world, BPE, VQGAN), encoding", 2)
     pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch")
     texts = world.narrations(wcfg, cfg.narrations) if cfg.narrations else []
     examples = pretrain_examples(data["captions"], data["cache"], tok, cfg.gen_share, texts)
@@ -406,8 +409,7 @@ def prepare(cfg: ReproConfig, r: int, device, jobs: Jobs, done=lambda name, n=1:
 def build_world_and_bpe(cfg: ReproConfig, r: int):
     """The world's data (world.py; reused when built with the same settings) and the BPE trained on its text
     (train_tokenizer.train_bpe; reused from out/tok when its settings are unchanged). Returns (paths, world config,
-    BPE results); the tokenizer is in out/tok/tokenizer.json. Runs beside the VQGAN, which reads none of it."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
+    BPE results); the tokenizer is in out/tok/tokenizer.json."""
     wcfg = world.WorldConfig(seed=r, n_train=cfg.n_train, n_videos=cfg.n_videos, n_val=cfg.n_val, n_test=cfg.n_test,
                              n_comp=cfg.n_comp, n_captions=cfg.n_captions, nuisance=cfg.nuisance)
     paths = world.build(os.path.join(cfg.out, "data"), wcfg, log=log)
@@ -421,23 +423,22 @@ def build_world_and_bpe(cfg: ReproConfig, r: int):
     return paths, wcfg, bpe
 
 
-def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, world_job: Future):
+def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, paths: dict):
     """The VQGAN (train_tokenizer.train_vq, on freshly rendered world scenes), checked on the validation split's
-    images once the world is built (`world_job`); reused from out/tok/vq when its settings are unchanged. Returns
+    images (the world's files: `paths`); reused from out/tok/vq when its settings are unchanged. Returns
     (ImageTokenizer, results)."""
     vq_dir = os.path.join(cfg.out, "tok", "vq")
     res = stages.get("vq")
     if res is None or not os.path.exists(vq_dir):
         vq, res = train_vq(foundation(cfg), device, log, seed=r)
-        res.update(check_vq(vq, cfg, world_job.result()[0], log))
+        res.update(check_vq(vq, cfg, paths, log))
         vq.save(vq_dir)
         res = stages.put("vq", res)
     return ImageTokenizer.load(vq_dir).eval(), res
 
 
-def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs, r: int) -> dict:
-    """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages).
-    With worker processes, one of them encodes half of the images."""
+def load_and_encode(paths: dict, wcfg, image_tok) -> dict:
+    """The splits as Items, and the VQ codes and features of every image they use (one cache for all stages)."""
     data = {"train": load_items(paths["train"]), "val": load_items(paths["val"]),
             "test": load_items(paths["test"]) + load_items(paths["test_comp"]),
             "captions": load_captions(paths["captions"]), "cache": {}}
@@ -448,15 +449,7 @@ def load_and_encode(paths: dict, wcfg, image_tok, jobs: Jobs, r: int) -> dict:
     items = data["train"] + data["val"] + data["test"]
     todo = sorted({str(p) for it in items for p in (it.input_path, it.output_path)}
                   | {str(it.input_path) for it in data["captions"]})
-    # Half the images in a worker, split at a whole number of encode_images' batches: every batch holds the same
-    # images as when one process encodes them all (the batch is part of the arithmetic), so the same codes
-    b = max(1, min(64, MAX_PIXELS_PER_PASS // wcfg.image_size**2))  # encode_images' batch at this size
-    half = b * (len(todo) // (2 * b)) if jobs.pool is not None else 0
-    far = jobs.submit(runner.encode_job, os.path.join(jobs.cfg.out, "tok", "vq"), todo[:half], wcfg.image_size,
-                      jobs.cfg.threads, task=f"rep{r}/encoding (worker)") if half else None
-    encode_images(image_tok, todo[half:], wcfg.image_size, cache=data["cache"])
-    if far is not None:
-        data["cache"].update(runner.unstack_codes(far.result()))
+    encode_images(image_tok, todo, wcfg.image_size, cache=data["cache"])
     return data
 
 
@@ -485,37 +478,18 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
              "vq": os.path.join(cfg.out, "tok", "vq"), "temperature": cfg.temperature, "seed": seed} \
         if cfg.curve_every else None
 
-    def start_wm(folder: str, weighting: str, items, curve=None, after=()):
+    def start_wm(folder: str, weighting: str, items, curve=None):
         ex = wm_examples(items, cache, tok, weighting=weighting, mix=cfg.weight_mix, seed=seed, norm=cfg.weight_norm)
         tcfg = train_cfg(cfg, folder, "wm", cfg.ft_steps, seed, weighting=weighting, weight_mix=cfg.weight_mix,
                          weight_norm=cfg.weight_norm)
-        return jobs.start(folder, tcfg, ex, curve, after)
+        return jobs.start(folder, tcfg, ex, curve)
 
-    # Each WM's test evaluation (and, for C-FT and C-FDM, its best-of-N pool) is a job of its own, queued the moment
-    # the WM and the DM are trained: it fills a worker that would otherwise idle while the last WM trains. The
-    # same functions on the same data with the same seeds as in this process: the same numbers. (Not measured on its
-    # own; the laptop preset's main job had 0.8 of its 23.6 min of evaluation left after the last WM.)
-    test_codes = {p: cache[p] for it in test for p in (str(it.input_path), str(it.output_path))}
-    evals, task = {}, lambda name: f"rep{jobs.stages.replicate}/{name}"
-
-    def queue_eval(name: str):
-        folder = VARIANTS[name][0]
-        evals[name] = jobs.after([wm_jobs[name][0], dm_job[0]], runner.eval_job, cfg, folder, tok, jobs.device, test,
-                                 test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0,
-                                 task=task(f"eval {folder}"))
-
-    R = {}
+    R, task = {}, lambda name: f"rep{jobs.stages.replicate}/{name}"
     dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps // cfg.wm_steps_ratio, seed),
                         dm_examples(data["train"], cache, tok),
                         {**curve, "kind": "dm"} if curve else None)
-    # The DM is on the critical path (its labels feed the synthetic-data WMs): with one worker more than cores, the
-    # labelled + weighted WM waits for it rather than sharing its core (with the extra worker itself: fine-tuning to
-    # the end 31.0 -> 29.9 min on the laptop preset, 2 cores)
     wm_jobs = {name: start_wm(folder, weighting, data["train"], {**curve, "kind": "wm"} if curve and name == "C-FT"
-                              else None, [dm_job[0]] if jobs.spare and name != "C-FT" else ())
-               for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
-    for name in wm_jobs:
-        queue_eval(name)
+                              else None) for name, (folder, syn, weighting) in VARIANTS.items() if not syn}
     dm, R["dm_train"] = jobs.finish(dm_job)
     done("DM fine-tuning (WMs training beside it)")
     dm.config.mask_image_logits = True
@@ -541,14 +515,20 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
     for name, (folder, syn, weighting) in VARIANTS.items():
         if syn:
             wm_jobs[name] = start_wm(folder, weighting, data["train"] + syn_items)
-            queue_eval(name)
     wms = {}
     for name, (folder, _, _) in VARIANTS.items():
         wms[name], R[f"wm_train_{folder}"] = jobs.finish(wm_jobs[name])
     done("WM fine-tuning (the rest)")
+    # Each WM's test evaluation (and, for C-FT and C-FDM, its best-of-N pool), here after the last WM. (As jobs
+    # queued the moment each WM and the DM were trained they saved 2.5 min, 2.3% of the laptop preset's wall,
+    # predicted by runner.list_schedule on 2 cores from the measured task times of the bf16 reference run, a 2-core
+    # Intel Xeon with AMX: removed, as every trick saving under 5% of the wall. The same numbers.)
     R["wm"], R["search"], R["controls"] = {}, {}, {}
-    for name in VARIANTS:
-        R["wm"][name], R["items"]["wm"][name], pool = evals[name].result()
+    test_codes = {p: cache[p] for it in test for p in (str(it.input_path), str(it.output_path))}
+    for name, (folder, _, _) in VARIANTS.items():
+        with jobs.clock.task(task(f"eval {folder}")):
+            R["wm"][name], R["items"]["wm"][name], pool = runner.eval_job(
+                cfg, folder, tok, jobs.device, test, test_codes, seed, max(ns) if name in ("C-FT", C_FDM) else 0)
         log(f"{d}: {name}: score {R['wm'][name]['all'].get('score', float('nan')):.2f}")
         if pool is not None:  # best-of-N for every N in ns, and its controls, from the one pool (runner.eval_job)
             R["controls"][name], judged = pool
@@ -626,22 +606,18 @@ STAGES_PER_REPLICATE = 8  # the job's progress bar: data, tokenizers, pre-traini
 
 class Jobs(runner.Jobs):
     """runner.Jobs for a replicate's stages: fine-tuning runs start from the checkpoint `init` (runner.train_stage); the
-    number of workers is `workers`; each job's cost is recorded in `clock` as task rep<r>/<name>."""
+    number of workers is `workers`; each job's cost is recorded in `clock` as task rep<r>/<name>. The DM and the WMs
+    side by side on 2 cores instead of one after the other: 185 -> 113 min, 39% of the laptop preset's wall (predicted
+    by runner.list_schedule from the measured task times of the bf16 reference run, a 2-core Intel Xeon with AMX)."""
 
     def __init__(self, cfg: ReproConfig, stages: Stages, device, clock: Clock, init: str):
-        n = workers(cfg, device)
-        super().__init__(n, clock)
+        super().__init__(workers(cfg, device), clock)
         self.cfg, self.stages, self.device, self.tok, self.init = cfg, stages, device, None, init
-        self.spare = n > usable_cores() // cfg.threads  # more workers than cores: a job that can wait should not
-        # slow the DM (run_seed)
 
-    def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None,
-              after: list[Future] = ()) -> tuple[Future, TrainConfig]:
-        """runner.train_stage as a job, queued now or once the futures in `after` are done."""
+    def start(self, name: str, tcfg: TrainConfig, examples, curve: dict | None = None) -> tuple[Future, TrainConfig]:
+        """runner.train_stage as a job, queued until a worker is free."""
         args = (self.cfg, self.stages, name, tcfg, examples, self.tok, self.device, self.init, curve)
-        task = f"rep{self.stages.replicate}/{name}"
-        return (self.after(list(after), runner.train_stage, *args, task=task) if after
-                else self.submit(runner.train_stage, *args, task=task)), tcfg
+        return self.submit(runner.train_stage, *args, task=f"rep{self.stages.replicate}/{name}"), tcfg
 
     def finish(self, job: tuple[Future, TrainConfig]):  # -> (model, stage result)
         result = job[0].result()

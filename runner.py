@@ -3,7 +3,7 @@
 - StageCache: a replicate's results cache (a stage is skipped when its results exist for the same settings) and
   run_training, which trains one model or reuses / resumes it;
 - Jobs: runs that need nothing from each other, side by side in one-thread worker processes, and what such a
-  worker runs (train_stage: a fine-tuning run with its learning curve; eval_job: a WM's test evaluation);
+  worker runs (train_stage: a fine-tuning run with its learning curve); eval_job: a saved WM's test evaluation;
 - Clock: the job's progress bar, each stage's wall seconds and each task's cost;
 - critical_path and list_schedule: the longest chain of dependent tasks of the stage graph, and the wall a greedy
   schedule of that graph gives on a given number of cores (the report's time table).
@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -33,7 +32,7 @@ from common import atomic_write, autocast, claim_dir
 from eval import eval_dm, eval_search_controls, eval_wm
 from foundation import trained_fraction
 from tokenizer import ImageTokenizer
-from train import encode_images, train
+from train import train
 from train_dynamics import dm_examples
 from train_world import wm_examples
 
@@ -214,40 +213,13 @@ class Jobs:
         self.pool.submit(timed, fn, *args).add_done_callback(unwrap)
         return out
 
-    def after(self, deps: list[Future], fn, *args, task: str = "") -> Future:
-        """fn(*args) as a job queued the moment every future in `deps` is done (a failed one fails this one too)."""
-        out, left, lock = Future(), len(deps), threading.Lock()
-
-        def relay(job: Future):  # the job's outcome -> out
-            if job.exception() is not None:
-                out.set_exception(job.exception())
-            else:
-                out.set_result(job.result())
-
-        def ready(_):  # called (in the pool's thread) as each dependency finishes
-            nonlocal left
-            with lock:
-                left -= 1
-                if left:
-                    return
-            failed = [d.exception() for d in deps if d.exception() is not None]
-            try:
-                if failed:
-                    raise failed[0]
-                self.submit(fn, *args, task=task).add_done_callback(relay)
-            except BaseException as e:  # a callback's exception would only be logged: the waiter must see it
-                out.set_exception(e)
-
-        for d in deps:
-            d.add_done_callback(ready)
-        return out
-
     def close(self):
         if self.pool is not None:
             self.pool.shutdown()
 
 
-# The stages' work in a worker process: a fine-tuning run (with its learning curve), a WM's test evaluation
+# The stages' work from what is saved in out/rep<r>/: a fine-tuning run (with its learning curve) as a worker's job,
+# a WM's test evaluation
 
 
 def train_stage(cfg, stages: StageCache, name: str, tcfg, examples, tok, device, init,
@@ -274,10 +246,9 @@ def train_stage(cfg, stages: StageCache, name: str, tcfg, examples, tok, device,
 
 
 def eval_job(cfg, folder: str, tok, device, items, codes: dict, seed: int, n: int):
-    """A trained WM's test evaluation as a job (possibly in a worker process): (metrics, per-item records, and with
-    n > 0 the DM-scored pool of n candidates per item with its controls, eval.eval_search_controls, else None).
-    Models and the VQGAN are read from out/rep<r>/; nothing but results crosses the process boundary."""
-    torch.set_num_threads(cfg.threads)  # a spawned worker starts with torch's default (one per core)
+    """A trained WM's test evaluation: (metrics, per-item records, and with n > 0 the DM-scored pool of n candidates
+    per item with its controls, eval.eval_search_controls, else None). Models and the VQGAN are read from
+    out/rep<r>/."""
     wm = load_model(os.path.join(cfg.out, folder, "ckpt"), device)[0]
     image_tok = ImageTokenizer.load(os.path.join(cfg.out, "tok", "vq")).eval().to(device)
     with autocast(cfg.dtype, device.type):
@@ -301,24 +272,6 @@ def read_curve(path: str) -> list[tuple[int, float]]:
     with open(path) as f:
         recs = [json.loads(line) for line in f if line.strip()]
     return [(r["step"], r["val_solved"]) for r in recs if "val_solved" in r]
-
-
-def encode_job(vq_dir: str, paths: list[str], size: int, threads: int) -> dict:
-    """encode_images in a worker with the VQGAN saved in `vq_dir`; returns the codes stacked (stack_codes)."""
-    torch.set_num_threads(threads)  # a spawned worker starts with torch's default (one per core)
-    vq = ImageTokenizer.load(vq_dir).eval()
-    return stack_codes(encode_images(vq, paths, size), paths)
-
-
-def stack_codes(cache: dict, keys: list[str]) -> dict:
-    """{path: (codes (n,), feats (C, h, w))} -> two tensors and the paths: 2 tensors cross a process boundary
-    cheaply, 80,000 small ones do not."""
-    return {"keys": keys, "codes": torch.stack([cache[k][0] for k in keys]),  # (N, n)
-            "feats": torch.stack([cache[k][1] for k in keys])}  # (N, C, h, w)
-
-
-def unstack_codes(stacked: dict) -> dict:
-    return {k: (c, f) for k, c, f in zip(stacked["keys"], stacked["codes"], stacked["feats"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------

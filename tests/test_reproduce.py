@@ -118,8 +118,8 @@ def test_numbers_do_not_depend_on_the_core_count(tmp_path):
     """The smoke pipeline on one core and on two (`taskset`-style affinity) gives byte-identical stage outputs and
     report tables: every stage computes with the same recorded thread count, whatever the machine offers. (With
     torch's default thread count, one per usable core, the VQGAN came out different on 1 and 2 cores.) On one core,
-    with --jobs=1, everything runs in order in one process; on two (default jobs), the world and the BPE are built
-    beside the VQGAN, a worker encodes half the images and three workers fine-tune: none of it may change a bit."""
+    with --jobs=1, everything runs in order in one process; on two (default jobs), two worker processes fine-tune the
+    DM and the WMs side by side: none of it may change a bit."""
     import json
     import subprocess
     import sys
@@ -234,8 +234,8 @@ def test_bpe_learns_only_captions_and_train_instructions(tmp_path):
 def test_eq2_by_motion_on_hand_made_records():
     """Table "Eq. 2 by motion": items grouped by changed cells and distance moved, weighted − standard per group,
     success and minimal apart, paired over items and replicates; an empty group gives no row."""
-    from report import EQ2_PAIRS, by_motion
     from experiments import annotate_motion
+    from report import EQ2_PAIRS, by_motion
 
     motion = {"a": {"cells": 1, "distance": 0}, "b": {"cells": 2, "distance": 1}, "c": {"cells": 2, "distance": 1},
               "d": {"cells": 2, "distance": 3}}
@@ -331,38 +331,6 @@ def test_paired_interval_with_each_replicate_its_own_items():
     assert 0 < iv["lo"] <= iv["hi"] <= 1 and verdict(iv) == "not shown"  # replicate 1 does not agree in sign
     one = paired_interval(a[:1], b[:1], n_boot=2000)
     assert one["lo"] == one["hi"] == 1.0 and verdict(one) == "shown"
-
-
-def test_a_job_queued_after_others_waits_for_them_and_passes_failures_on():
-    """Jobs.after (how each WM's evaluation is queued): the job is submitted only once every dependency is done;
-    a failed dependency, or a failing job, fails the returned future (the waiter sees the error, nothing hangs)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import runner
-
-    jobs = runner.Jobs(1, runner.Clock(0))
-    jobs.pool = ThreadPoolExecutor(2)  # threads stand in for the worker processes
-    gate, ran = threading.Event(), []
-    slow = jobs.submit(lambda: gate.wait(10) and "slow")
-    fast = jobs.submit(lambda: "fast")
-    after = jobs.after([slow, fast], lambda a, b: ran.append((a, b)) or "done", 1, 2, task="both")
-    fast.result()
-    assert not after.done() and ran == []  # `slow` holds it back
-    gate.set()
-    assert after.result(timeout=10) == "done" and ran == [(1, 2)]
-    assert list(jobs.clock.costs) == ["both"]  # a named job's cost is recorded
-
-    def boom():
-        raise ValueError("training failed")
-
-    failed = jobs.submit(boom)
-    with pytest.raises(ValueError, match="training failed"):
-        jobs.after([failed, fast], ran.append, "never").result(timeout=10)
-    with pytest.raises(ValueError, match="training failed"):
-        jobs.after([fast], boom).result(timeout=10)
-    assert ran == [(1, 2)]
-    jobs.pool.shutdown()
 
 
 def test_foundation_dtype_changes_only_the_hashes_it_should(tmp_path):
