@@ -327,47 +327,6 @@ def run_replicate(cfg: ReproConfig, r: int, device, clock: Clock):
                workers=workers(cfg, device))
 
 
-def finished_replicates(cfg: ReproConfig, upto: int | None) -> list[dict]:
-    """replicate_record of replicates 0, 1, ... (at most `upto`) up to the first not finished with these settings."""
-    reps = []
-    while len(reps) != upto and (rec := replicate_record(cfg, len(reps))) is not None:
-        reps.append(rec)
-    if not reps:
-        raise UserError(f"{cfg.out}: no finished replicate 0 with these settings to report (run it first)")
-    if upto is None and (left := [d for d in os.listdir(cfg.out) if d[:3] == "rep" and d[3:].isdigit()
-                                  and int(d[3:]) >= len(reps)]):
-        log(f"report: rep{len(reps)} is not finished with these settings, so {', '.join(sorted(left))} are left out")
-    return reps
-
-
-def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
-    """What the report reads of replicate r, from out/rep<r>/ (its stage results and times.json); None when it has
-    not finished with these settings. A reader: writes nothing."""
-    out = os.path.join(cfg.out, f"rep{r}")
-    stages = Stages(out, dataclasses.replace(cfg, out=out), r)  # stages 1-4, and 5-7 with the chosen reading of Eq. 2
-    tuned = Stages(out, dataclasses.replace(chosen_eq2(cfg)[0], out=out), r)
-    got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines")}
-    if any(v is None for v in got.values()) or (R := tuned.get("finetune")) is None:
-        return None
-    times = read_json(os.path.join(out, "times.json")) if os.path.exists(os.path.join(out, "times.json")) else {}
-    runs = {name: tuned.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
-    if cfg.label_arms:
-        R = {**R, "arms": tuned.get("arms")}
-    return {"tok": {**got["vq"], **got["bpe"], **got["locality"]}, "zs": got["zeroshot"], "base": got["baselines"],
-            "R": R, "runs": runs, "times": times, "card": stages.get("card") or {}}
-
-
-def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
-    """With --eq2_select: cfg with the reading of Eq. 2 that replicate 0 chose on its validation split, and the
-    evidence (None while replicate 0 has not chosen yet). Without it: (cfg, None)."""
-    rep0 = dataclasses.replace(cfg, out=os.path.join(cfg.out, "rep0"))
-    res = Stages(rep0.out, rep0, 0).get("eq2_select") if cfg.eq2_select else None
-    if res is None:
-        return cfg, None
-    c = res["candidates"][res["chosen"]]
-    return dataclasses.replace(cfg, weight_norm=c["norm"], weight_mix=c["mix"]), res
-
-
 def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=1: None) -> dict:
     """Stages 1-4 of replicate r (cfg.out = out/rep<r>), one after the other in this process: the world, the
     tokenizers, the VQ codes of every image, the pre-trained model, its zero-shot scores and the baselines. `clock`:
@@ -403,7 +362,7 @@ def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The stages
+# The stages 1-4 (prepare) and 5-7 (run_seed)
 
 
 def build_world_and_bpe(cfg: ReproConfig, r: int):
@@ -544,6 +503,51 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
                    for kind, folder in (("dm", "dm"), ("wm", VARIANTS["C-FT"][0]))} if curve else {}
     done("WM evaluation, best-of-N search")
     return R
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. The report's reading of the finished replicates
+
+
+def finished_replicates(cfg: ReproConfig, upto: int | None) -> list[dict]:
+    """replicate_record of replicates 0, 1, ... (at most `upto`) up to the first not finished with these settings."""
+    reps = []
+    while len(reps) != upto and (rec := replicate_record(cfg, len(reps))) is not None:
+        reps.append(rec)
+    if not reps:
+        raise UserError(f"{cfg.out}: no finished replicate 0 with these settings to report (run it first)")
+    if upto is None and (left := [d for d in os.listdir(cfg.out) if d[:3] == "rep" and d[3:].isdigit()
+                                  and int(d[3:]) >= len(reps)]):
+        log(f"report: rep{len(reps)} is not finished with these settings, so {', '.join(sorted(left))} are left out")
+    return reps
+
+
+def replicate_record(cfg: ReproConfig, r: int) -> dict | None:
+    """What the report reads of replicate r, from out/rep<r>/ (its stage results and times.json); None when it has
+    not finished with these settings. A reader: writes nothing."""
+    out = os.path.join(cfg.out, f"rep{r}")
+    stages = Stages(out, dataclasses.replace(cfg, out=out), r)  # stages 1-4, and 5-7 with the chosen reading of Eq. 2
+    tuned = Stages(out, dataclasses.replace(chosen_eq2(cfg)[0], out=out), r)
+    got = {name: stages.get(name) for name in ("vq", "bpe", "locality", "zeroshot", "baselines")}
+    if any(v is None for v in got.values()) or (R := tuned.get("finetune")) is None:
+        return None
+    times = read_json(os.path.join(out, "times.json")) if os.path.exists(os.path.join(out, "times.json")) else {}
+    runs = {name: tuned.get(name) or {} for name in ["pretrain", "dm"] + [f for f, _, _ in VARIANTS.values()]}
+    if cfg.label_arms:
+        R = {**R, "arms": tuned.get("arms")}
+    return {"tok": {**got["vq"], **got["bpe"], **got["locality"]}, "zs": got["zeroshot"], "base": got["baselines"],
+            "R": R, "runs": runs, "times": times, "card": stages.get("card") or {}}
+
+
+def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
+    """With --eq2_select: cfg with the reading of Eq. 2 that replicate 0 chose on its validation split, and the
+    evidence (None while replicate 0 has not chosen yet). Without it: (cfg, None)."""
+    rep0 = dataclasses.replace(cfg, out=os.path.join(cfg.out, "rep0"))
+    res = Stages(rep0.out, rep0, 0).get("eq2_select") if cfg.eq2_select else None
+    if res is None:
+        return cfg, None
+    c = res["candidates"][res["chosen"]]
+    return dataclasses.replace(cfg, weight_norm=c["norm"], weight_mix=c["mix"]), res
 
 
 # ----------------------------------------------------------------------------------------------------------------
