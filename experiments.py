@@ -44,6 +44,8 @@ def foundation(cfg):
 
 
 def train_cfg(cfg, name: str, task: str, steps: int, seed: int, **kw) -> TrainConfig:
+    """train.TrainConfig of the run `name` (its folder in cfg.out) under reproduce.py's settings: with --lora_r, the DM
+    and the WMs train LoRA adapters at their own learning rate; `kw`: the task's own fields (weighting, init, ...)."""
     lora = dict(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha) if cfg.lora_r and task in ("dm", "wm") else {}
     lora_lr = (cfg.lora_lr_wm if task == "wm" else 0.0) or cfg.lora_lr or cfg.lr
     return TrainConfig(task=task, out_dir=os.path.join(cfg.out, name), steps=steps, batch_size=cfg.batch_size,
