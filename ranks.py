@@ -100,6 +100,7 @@ def launch(fn, n: int, processes: bool, folder: str, *args, threads: int = 1, **
 def _rank(rank: int, n: int, tmp: str, threads: int):
     """One rank process of `launch`."""
     torch.set_num_threads(threads)  # a spawned process starts with torch's default (one per core)
+    os.environ["LOCAL_RANK"] = str(rank)  # torchrun's variable: the folder locks of the launcher are this rank's too
     fn, args, kw = torch.load(os.path.join(tmp, "args.pt"), weights_only=False)
     dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), n), rank=rank, world_size=n)
     try:
