@@ -512,7 +512,7 @@ def check_dir(path, force: bool | None = None, lock: bool = True) -> None:
     elif os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{path} exists and is not a folder")
     pid, job, holder = _lock_pid(os.path.join(path, LOCK)) if lock else (None, None, None)
-    if pid is not None and pid != os.getpid() and _alive(pid) and not (job and job == _job()):
+    if pid is not None and pid not in (os.getpid(), _job()) and _alive(pid) and not (job and job == _job()):
         raise UserError(f"{path} is being written by another run (PID {pid}: {holder}): one writer per folder; wait "
                         "for it, stop it, or choose another folder")
 
@@ -538,8 +538,9 @@ _HELD: dict = {}  # lock file -> our PID
 
 def lock_dir(path, who: str) -> None:
     lock = os.path.join(os.path.abspath(os.fspath(path)), LOCK)
-    if _HELD.get(lock) == os.getpid() and _lock_pid(lock)[0] == os.getpid():
-        return  # this process holds it already (reproduce.py, then train.py, on the same folder)
+    holder = _lock_pid(lock)[0]
+    if holder == os.getpid() and _HELD.get(lock) == os.getpid() or holder == _job():
+        return  # this process holds it already (reproduce.py, then train.py, on the same folder), or its launcher
     for _ in range(3):  # a stale lock taken over, then retried
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -571,7 +572,7 @@ def _lock_pid(lock) -> tuple:
 
 def _job() -> int:
     """The ranks of one torchrun job are one writer (rank 0 writes, the others read its folder): they share the
-    launching agent, their parent process. 0 outside torchrun."""
+    launching agent, their parent process, which may hold the lock itself (ranks.launch). 0 outside torchrun."""
     return os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ else 0
 
 

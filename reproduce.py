@@ -58,8 +58,9 @@ from experiments import (
     select_eq2,
     train_cfg,
 )
+from ranks import launch
 from report import premise_sections, provenance, schedule_lines, time_table, write_items, write_report
-from runner import Clock, StageCache, log, run_training, usable_cores
+from runner import Clock, StageCache, log, rank_processes, run_training, usable_cores
 from search import MAX_N
 from tokenizer import ImageTokenizer, TextTokenizer
 from train import TrainConfig, encode_images, parse_config, pretrain_examples
@@ -96,6 +97,10 @@ class ReproConfig:
     # summation order depends on its thread count, so a VQGAN trained with torch's default (one thread per core) came
     # out different on 1 and 2 cores, and every later number with it. Parallelism comes from processes (--jobs).
     # One thread: the tiny transformers' small matrix products ran ~2x faster on one thread than on two (2 cores)
+    foundation_ranks: int = 1  # R: each step of the VQGAN and the pre-training sums the gradients of R contiguous
+    # chunks of its batch, in order: run by R processes where R cores are usable, else one after another in one
+    # process, with the same bits (docs/performance.md). 1 or 2 (DDP adds 2 ranks' gradients exactly as
+    # accumulation does). The laptop preset keeps 1 until its reference runs are re-run with 2
     # --- the world (world.WorldConfig)
     n_train: int = 10000  # labelled triplets (the supervised data of DM and WM). Kept with validation evidence
     # (docs/log.md, "n_train"): trained on a seeded half (5,000) from replicate 0's pre-trained model,
@@ -177,7 +182,7 @@ class ReproConfig:
     # allowed values of the flags above (common.validate); best-of-N sizes are bounded to keep memory bounded
     RULES: ClassVar[dict] = dict(
         preset=("laptop", "class", "smoke", "gpu"), out="required", replicates=">=1", replicate=">=-1",
-        curve_every=">=0",
+        curve_every=">=0", foundation_ranks=(1, 2),
         device=("auto", "cpu", "cuda"), dtype=DTYPES, foundation_dtype=("same", *DTYPES),
         jobs=">=0", threads=">=1", **dict.fromkeys(("n_train", "n_videos", "n_val", "n_test", "n_comp", "n_captions",
                                                   "vq_steps", "vq_batch", "vq_images", "bpe_vocab", "n_layer",
@@ -201,7 +206,7 @@ PRESETS = {
     # findings it has the power to show). vq_downsample 8 (one token per cell): a step ~3.8x cheaper than at 4
     "class": dict(n_train=4000, n_videos=150, n_val=105, n_test=105, n_comp=70, n_captions=8000, vq_downsample=8,
                   vq_warmup=200, vq_steps=200, vq_images=2000, pretrain_steps=800, ft_steps=1000, curve_every=250,
-                  boot_k=450, boot_samples=1),
+                  boot_k=450, boot_samples=1, foundation_ranks=2),
     "smoke": dict(n_train=56, n_videos=24, n_val=28, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
                   vq_images=256,
                   n_layer=2, n_embd=64, pretrain_steps=30, ft_steps=20, batch_size=16, boot_k=60, boot_samples=1,
@@ -349,7 +354,8 @@ def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=
     texts = world.narrations(wcfg, cfg.narrations) if cfg.narrations else []
     examples = pretrain_examples(data["captions"], data["cache"], tok, cfg.gen_share, texts)
     with task("pre-training"):  # 3.
-        pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, examples, tok, device)
+        pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, examples, tok, device,
+                                     ranks=cfg.foundation_ranks)
         pretrained, head_tokens = image_head(cfg, stages, pretrained, data, tok, device, r)
     done("pre-training")
     with autocast(cfg.dtype, device.type), task("zero-shot, baselines"):
@@ -389,7 +395,8 @@ def build_vq(cfg: ReproConfig, stages: Stages, device: torch.device, r: int, pat
     vq_dir = os.path.join(cfg.out, "tok", "vq")
     res = stages.get("vq")
     if res is None or not os.path.exists(vq_dir):
-        vq, res = train_vq(foundation(cfg), device, log, seed=r)
+        vq, res = launch(train_vq, cfg.foundation_ranks, rank_processes(cfg.foundation_ranks, device),
+                         os.path.dirname(vq_dir), foundation(cfg), device, log, seed=r, threads=cfg.threads)
         res.update(check_vq(vq, cfg, paths, log))
         vq.save(vq_dir)
         res = stages.put("vq", res)
@@ -557,13 +564,14 @@ def chosen_eq2(cfg: ReproConfig) -> tuple[ReproConfig, dict | None]:
 # The stage settings that change results; a cached stage is reused only when these match.
 SHARED_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "n_train", "n_videos", "n_val", "n_test",
                "n_comp", "n_captions", "vq_downsample", "vq_codes", "vq_warmup", "vq_images", "vq_batch",
-               "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr",
+               "vq_steps", "bpe_vocab", "n_layer", "n_embd", "pretrain_steps", "batch_size", "lr", "foundation_ranks",
                "gen_share", "narrations", "image_head_steps", "image_head_items")  # (the last: the foundation)
 # how DM and WMs are fine-tuned
 ADAPT_KEYS = ("lora_r", "lora_alpha", "lora_lr", "lora_lr_wm", "wm_steps_ratio", "withhold")
-# The premise's settings enter a hash only away from their defaults, so the caches made before they existed stay valid
+# The premise's settings (and --foundation_ranks) enter a hash only away from their defaults, so the caches made
+# before they existed stay valid
 PREMISE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReproConfig) if f.name in SHARED_KEYS[-4:]
-                    + ADAPT_KEYS}
+                    + ADAPT_KEYS + ("foundation_ranks",)}
 
 
 # Each stage hashes only the settings it reads. The tokenizer stages depend on fewer settings, so changing e.g. the
@@ -575,8 +583,8 @@ PREMISE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ReproConfig) i
 FT_KEYS = SHARED_KEYS + ("ft_steps", "temperature") + ADAPT_KEYS
 EQ2_KEYS, BOOT_KEYS = ("weight_mix", "weight_norm"), ("boot_k", "boot_samples")  # the weighting; the DM's labels
 VQ_KEYS = ("threads", "dtype", "foundation_dtype", "nuisance", "vq_downsample", "vq_codes", "vq_warmup", "vq_steps",
-           "vq_batch", "vq_images", "n_val", "n_test", "n_comp")  # checked on val, whose scenes avoid test's: all 3
-# sizes shape it
+           "vq_batch", "vq_images", "n_val", "n_test", "n_comp", "foundation_ranks")  # checked on val, whose scenes
+# avoid test's: all 3 sizes shape it
 STAGE_KEYS = {
     "vq": VQ_KEYS,
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions

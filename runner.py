@@ -31,6 +31,7 @@ from checkpoint import load_model
 from common import atomic_write, autocast, claim_dir
 from eval import eval_dm, eval_search_controls, eval_wm
 from foundation import trained_fraction
+from ranks import Chunks, launch
 from tokenizer import ImageTokenizer
 from train import train
 from train_dynamics import dm_examples
@@ -97,8 +98,10 @@ class StageCache:
 
 
 def run_training(cfg, stages: StageCache, name: str, tcfg, examples, tok, device, init=None, val_examples=None,
-                 evaluate=None):
-    """Train (or resume / reuse) one model; returns (model, stage result). `init` = a checkpoint to start from."""
+                 evaluate=None, ranks: int = 1):
+    """Train (or resume / reuse) one model; returns (model, stage result). `init` = a checkpoint to start from.
+    `ranks`: each step's gradient as the sum of this many batch chunks (train_chunked; ranks.launch runs them as
+    processes where the cores allow)."""
     ckpt = os.path.join(tcfg.out_dir, "ckpt")
     done = stages.get(name)
     if done is not None and os.path.exists(os.path.join(ckpt, "meta.json")):
@@ -116,7 +119,8 @@ def run_training(cfg, stages: StageCache, name: str, tcfg, examples, tok, device
     start = None
     if init is not None:
         start = load_model(init, "cpu")[0]  # a fresh copy of the starting point
-    model, hist = train(tcfg, examples, tok, val_examples=val_examples, evaluate=evaluate, model=start)
+    model, hist = launch(train_chunked, ranks, rank_processes(ranks, device), tcfg.out_dir, tcfg, examples, tok,
+                         threads=tcfg.threads, val_examples=val_examples, evaluate=evaluate, model=start)
     # every step trains on batch_size sequences padded to the longest example (train.collate): the tokens computed
     T = max(len(x) for x, _ in examples)
     c = model.config
@@ -130,6 +134,19 @@ def run_training(cfg, stages: StageCache, name: str, tcfg, examples, tok, device
                  if tcfg.lora_r or tcfg.task == "image_head" else {})}
     log(f"{name}: {result}")
     return model.to(device), stages.put(name, result)
+
+
+def rank_processes(ranks: int, device) -> bool:
+    """Whether ranks.launch runs `ranks` chunks as processes: on a CPU with that many usable cores (else one process
+    computes them in turn: the same numbers, slower)."""
+    return torch.device(device).type == "cpu" and usable_cores() >= ranks
+
+
+def train_chunked(tcfg, examples, tok, chunks: Chunks, **kw):
+    """train.train with each global batch in chunks.n contiguous chunks: one per DDP rank process, or all in this
+    process as gradient accumulation (grad_accum). For 2 chunks the two add the same numbers: DDP all-reduces
+    2 g0 + 2 g1 and halves it (exact: powers of two), accumulation adds g0 + g1 (IEEE addition commutes)."""
+    return train(dataclasses.replace(tcfg, grad_accum=tcfg.grad_accum * chunks.n // chunks.world), examples, tok, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------

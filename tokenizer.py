@@ -49,6 +49,7 @@ from common import (
     run,
     safetensors_files,
 )
+from ranks import ONE_CHUNK, Chunks
 
 # Images per VQ encoder or decoder pass are bounded by their pixels: 4 M is 16 images at 512 px (~0.67 GB each to
 # encode, ~0.69 GB to decode, measured), while 32 px batches of up to 4,096 go through in one pass
@@ -622,7 +623,7 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
                 betas: tuple[float, float] = (0.5, 0.9), dead_code_window: int = 25, ae_warmup: int = 0,
                 log: Callable[[str], None] | None = None, log_every: int = 100,
                 device: str | torch.device = "cpu", progress: bool = True,
-                dtype: str = "float32") -> tuple[ImageTokenizer, dict]:
+                dtype: str = "float32", chunks: Chunks = ONE_CHUNK) -> tuple[ImageTokenizer, dict]:
     """Train an ImageTokenizer from scratch. Returns (model in eval mode, history).
 
     images: a tensor (N, 3, H, W) in [-1, 1] (batches are drawn from it at random), or a callable
@@ -631,7 +632,9 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     codebook + beta * commitment. history: lists "step", "loss", "recon", "codebook", "commitment", "usage",
     "perplexity", "restarted" (per logged window) and "recon_init" (recon loss of the untrained model on the first
     batch). dtype "bfloat16" (common.compute_dtype) runs the encoder and decoder under autocast; the quantiser's
-    nearest-code search, the losses, the weights and Adam's state stay fp32.
+    nearest-code search, the losses, the weights and Adam's state stay fp32. `chunks` (ranks.Chunks): each step's
+    gradient is the sum of chunks.n chunk gradients; every process draws the whole batch and sees all chunks'
+    codes and encoder outputs, so the codebook's bookkeeping (init, dead codes, restarts) is the same everywhere.
 
     Codebook health: the codebook is initialised from encoder outputs of the first batch, and every
     `dead_code_window` steps codes that no position chose during the window are re-initialised to encoder outputs
@@ -667,7 +670,7 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     emb = model.quantize.embedding.weight
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)  # default: taming's betas
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
-    log = log or (lambda s: None)
+    log = log if log and chunks.rank == 0 else (lambda s: None)
     hist = {k: [] for k in ("step", "loss", "recon", "codebook", "commitment", "usage", "perplexity", "restarted")}
 
     @torch.no_grad()
@@ -701,15 +704,19 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     # images, then the codebook starts from k-means centroids of the warmed-up encoder outputs. On sparse images
     # (small objects on a large background) training with the quantiser from step 0 tends to settle on
     # "background everywhere" for a long time; the warm-up avoids that local minimum.
+    progress = progress and chunks.rank == 0
     wbar = tqdm(range(ae_warmup), disable=not progress or not ae_warmup, desc="vqgan warm-up", leave=False)
     for _ in wbar:
-        x = batch()
-        with amp:
-            recon = model.decode_latents(model.encode_features(x)).float()
-        rec = model.recon_loss(recon, x)
+        x, recs = batch(), []
         opt.zero_grad(set_to_none=True)
-        rec.backward()
+        for xc in chunks.split(x):
+            with amp:
+                recon = model.decode_latents(model.encode_features(xc)).float()
+            recs.append(model.recon_loss(recon, xc) / chunks.n)
+            recs[-1].backward()
+        chunks.sum_grads(model.parameters())
         opt.step()
+        rec = chunks.total([r.detach() for r in recs])
         wbar.set_postfix(recon=f"{rec.item():.4f}")
     if ae_warmup:
         with torch.no_grad():
@@ -723,28 +730,32 @@ def train_vqgan(images: torch.Tensor | Callable[[int, torch.Generator], torch.Te
     acc, n_acc, restarted = {}, 0, 0
     bar = tqdm(range(1, steps + 1), disable=not progress, desc="vqgan", leave=False)
     for step in bar:
-        x = batch()
-        with amp:
-            z = model.encode_features(x).float()  # (B, D, h, w)
-        z_q, losses, codes = model.quantize(z)  # fp32: bf16 distances would blur near-ties between codes
-        with amp:
-            recon = model.decode_latents(z_q).float()
-        rec = model.recon_loss(recon, x)
-        loss = rec + losses["vq"]
+        x, zs, codes, vals = batch(), [], [], []
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for xc in chunks.split(x):
+            with amp:
+                z = model.encode_features(xc).float()  # (B / chunks.n, D, h, w)
+            z_q, losses, c = model.quantize(z)  # fp32: bf16 distances would blur near-ties between codes
+            with amp:
+                recon = model.decode_latents(z_q).float()
+            rec = model.recon_loss(recon, xc)
+            loss = rec + losses["vq"]
+            (loss / chunks.n).backward()
+            vals.append(torch.stack([loss, rec, losses["codebook"], losses["commitment"]]).detach() / chunks.n)
+            zs.append(z.detach())
+            codes.append(c)
+        chunks.sum_grads(model.parameters())
         opt.step()
         sched.step()
 
-        c = torch.bincount(codes.reshape(-1), minlength=cfg.num_embeddings)
+        c = torch.bincount(chunks.gather(codes).reshape(-1), minlength=cfg.num_embeddings)
         window_counts += c
         log_counts += c
-        for k, v in (("loss", loss), ("recon", rec), ("codebook", losses["codebook"]),
-                     ("commitment", losses["commitment"])):
-            acc[k] = acc.get(k, 0.0) + v.item()
+        for k, v in zip(("loss", "recon", "codebook", "commitment"), chunks.total(vals).tolist()):
+            acc[k] = acc.get(k, 0.0) + v
         n_acc += 1
         if dead_code_window and step % dead_code_window == 0 and step < steps:
-            flat = z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)  # (B*h*w, D)
+            flat = chunks.gather(zs).permute(0, 2, 3, 1).reshape(-1, cfg.embed_dim)  # (B*h*w, D)
             restarted += restart(window_counts == 0, flat)
             window_counts.zero_()
         if step % log_every == 0 or step == steps:

@@ -25,6 +25,7 @@ import torch
 import world
 from common import DTYPES, UserError, arg, claim_dir, compute_dtype, parse_config, run
 from data import load_captions, load_items, preprocess_image, to_pil
+from ranks import ONE_CHUNK, Chunks
 from tokenizer import TextTokenizer, VQConfig, codebook_usage, train_vqgan
 from train import CAPTION_PROMPT, DRAW_PROMPT
 from train_dynamics import DM_PROMPT
@@ -55,10 +56,11 @@ def world_paths(data_dir: str) -> dict:
     return {n: os.path.join(data_dir, n + ".json") for n in ("train", "val", "captions")}
 
 
-def train_vq(cfg, device, log=print, seed: int = 0, progress: bool = True):
+def train_vq(cfg, device, log=print, seed: int = 0, progress: bool = True, chunks: Chunks = ONE_CHUNK):
     """The VQGAN of the synthetic world, trained (check it with check_vq). `cfg`: a TokenizerConfig (or reproduce's
     ReproConfig: the same vq_* fields). `seed`: the training images and the VQGAN's initialisation and batches
     (reproduce.py: the replicate). It reads no file of the world's data, so it can train while the data is built.
+    `chunks`: one rank's part of a step's gradient (ranks.launch runs this per rank; reproduce.py --foundation_ranks).
     Returns (ImageTokenizer on the CPU, results: seconds, final reconstruction loss)."""
     # The VQGAN sees freshly rendered world scenes with 4-8 objects: denser than the task scenes (2-4 objects), so
     # objects are not a rare sliver of pixels next to the background. In a video-like world (--nuisance) they are
@@ -69,12 +71,13 @@ def train_vq(cfg, device, log=print, seed: int = 0, progress: bool = True):
     levels = int(math.log2(cfg.vq_downsample)) + 1
     vcfg = dataclasses.replace(VQConfig.world(), num_embeddings=cfg.vq_codes, recon_loss="mse",
                                channel_multiplier=(1, 1, 2, 2, 4)[:levels])
+    log = log if chunks.rank == 0 else (lambda s: None)
     log(f"tokenizers: VQGAN {vcfg.resolution}px -> {32 // cfg.vq_downsample}^2 tokens, {cfg.vq_codes} codes, "
         f"{cfg.vq_warmup} autoencoder warm-up + {cfg.vq_steps} steps")
     t0 = time.time()
     vq, hist = train_vqgan(images, vcfg, steps=cfg.vq_steps, batch_size=cfg.vq_batch, lr=3e-3, betas=(0.9, 0.99),
                            ae_warmup=cfg.vq_warmup, seed=seed, device=device, dtype=cfg.dtype,
-                           progress=progress)
+                           progress=progress, chunks=chunks)
     vq = vq.cpu()  # trained on the GPU when there is one (the GPU check found it on the CPU: 3 steps/s)
     return vq, {"vq_seconds": round(time.time() - t0, 1), "final_recon": hist["recon"][-1]}
 

@@ -9,9 +9,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # optional dependency, and say which in a comment at the import)
 ALLOWED_LAZY: set[str] = set()
 # the layers: a module may import only modules before it in this list (the README's file table shows the imports)
-ORDER = ["common", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train", "train_dynamics",
-         "train_world", "train_tokenizer", "foundation", "bootstrap", "arms", "search", "eval", "runner", "report",
-         "experiments", "reproduce", "bench", "rehearse"]
+ORDER = ["common", "ranks", "data", "world", "tokenizer", "model", "checkpoint", "draw", "metrics", "train",
+         "train_dynamics", "train_world", "train_tokenizer", "foundation", "bootstrap", "arms", "search", "eval",
+         "runner", "report", "experiments", "reproduce", "bench", "rehearse"]
 
 
 def project_imports() -> tuple[dict[str, set[str]], list[str]]:

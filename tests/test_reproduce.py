@@ -114,12 +114,14 @@ def test_token_locality_on_a_hand_made_pair():
 
 
 @pytest.mark.slow
-def test_numbers_do_not_depend_on_the_core_count(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_numbers_do_not_depend_on_the_core_count(tmp_path, ranks):
     """The smoke pipeline on one core and on two (`taskset`-style affinity) gives byte-identical stage outputs and
     report tables: every stage computes with the same recorded thread count, whatever the machine offers. (With
     torch's default thread count, one per usable core, the VQGAN came out different on 1 and 2 cores.) On one core,
     with --jobs=1, everything runs in order in one process; on two (default jobs), two worker processes fine-tune the
-    DM and the WMs side by side: none of it may change a bit."""
+    DM and the WMs side by side: none of it may change a bit. With --foundation_ranks=2 (one replicate), the VQGAN
+    and the pre-training run as 2 rank processes on two cores and as 2 chunks in turn on one."""
     import json
     import subprocess
     import sys
@@ -132,7 +134,8 @@ def test_numbers_do_not_depend_on_the_core_count(tmp_path):
     for n in (1, 2):
         out = tmp_path / f"cores{n}"
         jobs = ["--jobs=1"] if n == 1 else []
-        subprocess.run([sys.executable, "reproduce.py", "--preset=smoke", "--replicates=2", f"--out={out}", *jobs],
+        jobs += ["--replicates=2"] if ranks == 1 else ["--replicates=1", f"--foundation_ranks={ranks}"]
+        subprocess.run([sys.executable, "reproduce.py", "--preset=smoke", f"--out={out}", *jobs],
                        cwd=repo, check=True, capture_output=True,
                        preexec_fn=lambda n=n: os.sched_setaffinity(0, cores[:n]))
         prov = json.loads((out / "results.json").read_text())["provenance"]
