@@ -205,7 +205,7 @@ PRESETS = {
     # a lab session: ~10 min on 2 cores in fp32 (docs/experiments/class_preset.md: the expected wall per stage, the
     # findings it has the power to show). vq_downsample 8 (one token per cell): a step ~3.8x cheaper than at 4
     "class": dict(n_train=4000, n_videos=150, n_val=105, n_test=105, n_comp=70, n_captions=8000, vq_downsample=8,
-                  vq_warmup=200, vq_steps=200, vq_images=2000, pretrain_steps=800, ft_steps=1000, curve_every=250,
+                  vq_warmup=800, vq_steps=800, vq_images=2000, pretrain_steps=800, ft_steps=1000, curve_every=250,
                   boot_k=450, boot_samples=1, foundation_ranks=2),
     "smoke": dict(n_train=56, n_videos=24, n_val=28, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
                   vq_images=256,
