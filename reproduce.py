@@ -336,13 +336,15 @@ def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=
     """Stages 1-4 of replicate r (cfg.out = out/rep<r>), one after the other in this process: the world, the
     tokenizers, the VQ codes of every image, the pre-trained model, its zero-shot scores and the baselines. `clock`:
     records each task's cost; `done(stage, n)`: called after each part (the job's progress bar)."""
-    stages, task = Stages(cfg.out, cfg, r), lambda name: clock.task(f"rep{r}/{name}")
+    stages, task = Stages(cfg.out, cfg, r), lambda name, wall=False: clock.task(f"rep{r}/{name}", wall)
+    # the VQGAN and the pre-training in rank processes: their cost is the wall (nothing runs beside them)
+    ranked = cfg.foundation_ranks > 1 and rank_processes(cfg.foundation_ranks, device)
     # (Building the world and the BPE beside the VQGAN and encoding half the images in a worker saved 1.1 min,
     # stages 1-4 11.5 -> 10.4 min of a 40.6 min laptop-preset wall, 3%, on a 2-core AMD EPYC in bf16: removed, as
     # the team removes every trick that saves under 5% of the wall)
     with task("world + BPE"):
         paths, wcfg, bpe_res = build_world_and_bpe(cfg, r)  # 1. data, the BPE
-    with task("VQGAN"):
+    with task("VQGAN", ranked):
         image_tok, vq_res = build_vq(cfg, stages, device, r, paths)  # 2. the VQGAN
     tok = TextTokenizer.from_file(os.path.join(cfg.out, "tok", "tokenizer.json"))
     image_tok.to(device)
@@ -353,7 +355,7 @@ def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=
     pre_cfg = train_cfg(foundation(cfg), "pretrain", "pretrain", cfg.pretrain_steps, seed=1000 + r, init="scratch")
     texts = world.narrations(wcfg, cfg.narrations) if cfg.narrations else []
     examples = pretrain_examples(data["captions"], data["cache"], tok, cfg.gen_share, texts)
-    with task("pre-training"):  # 3.
+    with task("pre-training", ranked):  # 3.
         pretrained, _ = run_training(cfg, stages, "pretrain", pre_cfg, examples, tok, device,
                                      ranks=cfg.foundation_ranks)
         pretrained, head_tokens = image_head(cfg, stages, pretrained, data, tok, device, r)

@@ -184,11 +184,13 @@ class Clock:
                                                  if k.startswith(prefix)}}, indent=1))
 
     @contextmanager
-    def task(self, name: str):
-        """Records the cost of the work done in this process inside the `with` block as task `name`."""
+    def task(self, name: str, wall: bool = False):
+        """Records the cost of the work done in this process inside the `with` block as task `name`. `wall`: its wall
+        seconds instead, for a task whose work runs in rank processes (ranks.launch) that hold the cores it needs
+        while nothing else runs: this process's own CPU time would leave their work out."""
         t, c = time.time(), time.process_time()
         yield
-        self.add(name, time.time() - t if self.wall else time.process_time() - c)
+        self.add(name, time.time() - t if self.wall or wall else time.process_time() - c)
 
     def add(self, name: str, seconds: float):
         """`seconds` more of task `name`'s cost (a task may run in parts)."""
