@@ -343,8 +343,10 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
           f"{fmt([100 * v for v in tok['unchanged_code_kept']], 0)}% of the tokens of unchanged cells keep their code "
           f"(the encoder sees beyond its cell); Eq. 2 weights average {fmt(tok['eq2_changed'])} on tokens of changed "
           f"cells and {fmt(tok['eq2_unchanged'])} on those of unchanged ones",
-          f"- model: {cfg.n_layer} layers x {cfg.n_embd} wide; pre-training {cfg.pretrain_steps} steps; every DM and "
-          f"WM fine-tuned for {cfg.ft_steps} steps of batch {cfg.batch_size} from the same pre-trained model",
+          f"- model: {cfg.n_layer} layers x {cfg.n_embd} wide; pre-training {cfg.pretrain_steps} steps; "
+          + (f"every DM and WM fine-tuned for {cfg.ft_steps}" if cfg.wm_steps_ratio == 1 else  # (as before)
+             f"the DM fine-tuned for {cfg.dm_steps} steps, every WM for "
+             f"{cfg.ft_steps}") + f" steps of batch {cfg.batch_size} from the same pre-trained model",
           f"- bootstrapping: the DM labels {fmt([r['pseudo']['pairs'] for r in S], 0)} video pairs, stratified "
           f"top-K keeps {fmt([r['pseudo']['kept'] for r in S], 0)}", ""]
 
@@ -372,9 +374,9 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
                   title="share of validation items solved vs fine-tuning step")
         L += ["Learning curves on the validation split (same sampling as above):", "",
               "| step | " + " | ".join(series) + " |", "|---|" + "---|" * len(series)]
-        for st, *_ in series["DM"]:
-            L.append(f"| {st} | " + " | ".join(fmt([dict(r["curves"][k]).get(st) for r in S])
-                                               for k in ("dm", "wm")) + " |")
+        for st in sorted({p[0] for r in S for k in ("dm", "wm") for p in r["curves"][k]}):  # the DM may train longer
+            vals = {k: [dict(r["curves"][k]).get(st) for r in S] for k in ("dm", "wm")}
+            L.append(f"| {st} | " + " | ".join("" if None in v else fmt(v) for v in vals.values()) + " |")
         L += ["", "![learning curves](learning_curves.png)", ""]
 
     # Table 2: WM per subset
@@ -618,7 +620,7 @@ def criteria_rows(cfg, reps: list[dict]) -> list[tuple[str, str, str, bool]]:
             ("C5 image-head stage small", "no stage" if math.isnan(head) else f"{head / mean('loss_tokens'):.2f}",
              "<= 0.10 of pre-training's loss tokens", not math.isnan(head) and head <= 0.10 * mean("loss_tokens")),
             ("C6 trained share of the DM's weights", f"{100 * lora:.2f}%", "0.28% .. 1.14%", 0.0028 <= lora <= 0.0114),
-            ("C7 WM steps over DM steps", str(cfg.wm_steps_ratio), "4", cfg.wm_steps_ratio == 4)]
+            ("C7 WM steps over DM steps", f"{cfg.wm_steps_ratio:g}", "4", cfg.wm_steps_ratio == 4)]
 
 
 def premise_sections(cfg, reps: list[dict], ns: list[int]) -> list[str]:

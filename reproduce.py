@@ -171,8 +171,8 @@ class ReproConfig:
     lora_lr: float = 0.0  # peak learning rate of LoRA fine-tuning (0 = --lr)
     lora_lr_wm: float = 0.0  # the WMs' own LoRA learning rate (0 = --lora_lr): each model's is chosen on its own
     # validation loss
-    wm_steps_ratio: int = 1  # the WM's steps over the DM's (paper: 4, 40 epochs against 10): every WM trains
-    # ft_steps, the DM ft_steps / this
+    wm_steps_ratio: float = 1.0  # the WM's steps over the DM's (paper: 4, 40 epochs against 10): every WM trains
+    # ft_steps, the DM ft_steps / this (below 1: the DM trains longer, as in the class preset)
     withhold: str = ""  # coverage option: object types ("green circle,red square") that no labelled triplet changes
     # or names, and verbs ("swap": every verb of its change class) none shows, though the test asks about them and
     # the videos show them (world.withhold); "" = off
@@ -192,7 +192,12 @@ class ReproConfig:
         search_n=f"ints1..{MAX_N}", temperature=">=0", weight_mix="0..1", weight_norm=("image", "batch"),
         nuisance="0..1", gen_share=lambda v: None if v == -1 or 0 <= v < 1 else "-1 or in [0, 1)",
         narrations=">=0", image_head_steps=">=0", image_head_items=">=1", lora_r=">=0", lora_alpha=">0",
-        lora_lr=">=0", lora_lr_wm=">=0", wm_steps_ratio=">=1", withhold=lambda v: parse_withhold(v, check=True))
+        lora_lr=">=0", lora_lr_wm=">=0", wm_steps_ratio=">0", withhold=lambda v: parse_withhold(v, check=True))
+
+    @property
+    def dm_steps(self) -> int:
+        """The DM's fine-tuning steps: --ft_steps / --wm_steps_ratio (every WM trains --ft_steps)."""
+        return max(1, round(self.ft_steps / self.wm_steps_ratio))
 
     @property
     def own_foundation_dtype(self) -> str | None:
@@ -206,7 +211,8 @@ PRESETS = {
     # findings it has the power to show). vq_downsample 8 (one token per cell): a step ~3.8x cheaper than at 4
     "class": dict(n_train=4000, n_videos=150, n_val=105, n_test=105, n_comp=70, n_captions=8000, vq_downsample=8,
                   vq_warmup=800, vq_steps=800, vq_images=2000, pretrain_steps=800, ft_steps=1000, curve_every=250,
-                  boot_k=450, boot_samples=1, foundation_ranks=2),
+                  boot_k=450, boot_samples=1, foundation_ranks=2, wm_steps_ratio=0.5),  # the DM: 2,000 steps (chosen
+    # on its validation accuracy: 1,000 steps at any of three learning rates reached 0.03-0.06, 2,000 reached 0.15)
     "smoke": dict(n_train=56, n_videos=24, n_val=28, n_test=28, n_comp=14, n_captions=120, vq_steps=40, vq_warmup=40,
                   vq_images=256,
                   n_layer=2, n_embd=64, pretrain_steps=30, ft_steps=20, batch_size=16, boot_k=60, boot_samples=1,
@@ -453,7 +459,7 @@ def run_seed(cfg: ReproConfig, seed: int, jobs: Jobs, paths: dict, wcfg, data: d
         return jobs.start(folder, tcfg, ex, curve)
 
     R, task = {}, lambda name: f"rep{jobs.stages.replicate}/{name}"
-    dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.ft_steps // cfg.wm_steps_ratio, seed),
+    dm_job = jobs.start("dm", train_cfg(cfg, "dm", "dm", cfg.dm_steps, seed),
                         dm_examples(data["train"], cache, tok),
                         {**curve, "kind": "dm"} if curve else None)
     wm_jobs = {name: start_wm(folder, weighting, data["train"], {**curve, "kind": "wm"} if curve and name == "C-FT"

@@ -146,7 +146,7 @@ def test_lora_and_step_ratio_reach_the_fine_tuning_configs():
     import dataclasses
 
     from experiments import train_cfg
-    from reproduce import ReproConfig
+    from reproduce import PRESETS, ReproConfig
 
     cfg = dataclasses.replace(ReproConfig(), lora_r=1, lora_alpha=2.0, lora_lr=1e-2)
     dm, pre = train_cfg(cfg, "dm", "dm", 100, 0), train_cfg(cfg, "pretrain", "pretrain", 100, 0)
@@ -155,6 +155,11 @@ def test_lora_and_step_ratio_reach_the_fine_tuning_configs():
     assert train_cfg(dataclasses.replace(cfg, lora_lr_wm=3e-2), "wm_ce", "wm", 100, 0).lr == 3e-2
     plain = train_cfg(ReproConfig(), "dm", "dm", 100, 0)  # the default: the checkpoints' recorded config as before
     assert (plain.lora_r, plain.lora_alpha, plain.lr) == (0, TrainConfig.lora_alpha, ReproConfig.lr)
+    # the DM's steps: --ft_steps over the ratio (the paper's 4: a quarter; the class preset's 0.5: twice the WM's)
+    steps = [dataclasses.replace(ReproConfig(), ft_steps=n, wm_steps_ratio=q).dm_steps
+             for n, q in ((3000, 1), (3000, 4), (1000, 0.5), (20, 4))]
+    assert steps == [3000, 750, 2000, 5]
+    assert PRESETS["class"]["wm_steps_ratio"] == 0.5
 
 
 @pytest.mark.slow
