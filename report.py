@@ -285,9 +285,10 @@ def schedule_lines(reps: list[dict], graph: dict[str, tuple], cores=(2, 4, 8, 16
     had (the larger of the critical path and the work over the cores), and the wall a greedy list schedule of the
     graph predicts on 2-16 cores. Tasks outside the graph (--eq2_select's candidates) are left out."""
     L = ["One replicate's stages as a graph of tasks (reproduce.GRAPH), each costed at the CPU seconds it took in its "
-         "one-thread process: the critical path is the longest chain of dependent tasks; no number of cores runs "
-         "faster. The floor on c cores is the larger of the critical path and all the work over c; the predictions "
-         "are a greedy list schedule of the graph (longest chain first) on c cores as fast as these.", "",
+         "one-thread process (a stage run as rank processes, --foundation_ranks: its wall, on as many cores): the "
+         "critical path is the longest chain of dependent tasks; no number of cores runs faster. The floor on c "
+         "cores is the larger of the critical path and all the work over c; the predictions are a greedy list "
+         "schedule of the graph (longest chain first) on c cores as fast as these.", "",
          "| replicate | wall s | cores (workers) | work, core-s | critical path s | floor s | wall / floor | "
          + " | ".join(f"predicted, {c} cores" for c in cores) + " |",
          "|---|---|---|---|---|---|---|" + "---|" * len(cores)]
@@ -296,12 +297,13 @@ def schedule_lines(reps: list[dict], graph: dict[str, tuple], cores=(2, 4, 8, 16
         t = rep.get("times", {})
         if not t.get("costs"):
             continue
-        cost = {k: v for k, v in t["costs"].items() if k in graph}
+        cost, width = {k: v for k, v in t["costs"].items() if k in graph}, t.get("widths", {})
         length, path = critical_path(graph, cost)
-        floor = max(length, sum(cost.values()) / t["cores"])
-        L.append(f"| rep{r} | {t['wall']:.0f} | {t['cores']} ({t['workers']}) | {sum(cost.values()):.0f} | "
+        work = sum(v * width.get(k, 1) for k, v in cost.items())  # core-seconds: a rank stage holds its cores
+        floor = max(length, work / t["cores"])
+        L.append(f"| rep{r} | {t['wall']:.0f} | {t['cores']} ({t['workers']}) | {work:.0f} | "
                  f"{length:.0f} | {floor:.0f} | {t['wall'] / max(floor, 1e-9):.2f} | "
-                 + " | ".join(f"{list_schedule(graph, cost, c):.0f}" for c in cores) + " |")
+                 + " | ".join(f"{list_schedule(graph, cost, c, width):.0f}" for c in cores) + " |")
         paths.append(f"rep{r}: " + " → ".join(f"{p} {cost.get(p, 0):.0f}" for p in path))
     return L + ["", "Critical paths (task, CPU seconds): " + "; ".join(paths) + ".", ""] if paths else []
 
@@ -361,7 +363,9 @@ def write_report(cfg, ns, reps: list[dict], seconds, prov, selection=None, times
                  f"{fmt([r[key]['rougeL'] for r in S])} |")
     dm_acc = [r["dm_sampled"]["action_acc"] for r in S]
     wm_solved = [statistics.fmean(float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"]) for r in S]
-    L += ["", f"Same labelled triplets, same steps and batch, both sampled at temperature {cfg.temperature}: the share "
+    same = "same steps and batch" if cfg.wm_steps_ratio == 1 else \
+        f"the DM {cfg.dm_steps} steps and the WM {cfg.ft_steps} of the same batch"
+    L += ["", f"Same labelled triplets, {same}, both sampled at temperature {cfg.temperature}: the share "
           "of test items the fine-tuned DM solves (its action is valid) and the share the fine-tuned WM (C-FT) solves "
           "(the judge's success is 10):", "",
           "| | DM solved | WM solved |", "|---|---|---|", f"| fine-tuned | {fmt(dm_acc)} | {fmt(wm_solved)} |", ""]

@@ -342,9 +342,9 @@ def prepare(cfg: ReproConfig, r: int, device, clock: Clock, done=lambda name, n=
     """Stages 1-4 of replicate r (cfg.out = out/rep<r>), one after the other in this process: the world, the
     tokenizers, the VQ codes of every image, the pre-trained model, its zero-shot scores and the baselines. `clock`:
     records each task's cost; `done(stage, n)`: called after each part (the job's progress bar)."""
-    stages, task = Stages(cfg.out, cfg, r), lambda name, wall=False: clock.task(f"rep{r}/{name}", wall)
-    # the VQGAN and the pre-training in rank processes: their cost is the wall (nothing runs beside them)
-    ranked = cfg.foundation_ranks > 1 and rank_processes(cfg.foundation_ranks, device)
+    stages, task = Stages(cfg.out, cfg, r), lambda name, cores=1: clock.task(f"rep{r}/{name}", cores)
+    # the VQGAN and the pre-training in rank processes hold that many cores (nothing runs beside them)
+    ranked = cfg.foundation_ranks if rank_processes(cfg.foundation_ranks, device) else 1
     # (Building the world and the BPE beside the VQGAN and encoding half the images in a worker saved 1.1 min,
     # stages 1-4 11.5 -> 10.4 min of a 40.6 min laptop-preset wall, 3%, on a 2-core AMD EPYC in bf16: removed, as
     # the team removes every trick that saves under 5% of the wall)

@@ -162,6 +162,7 @@ class Clock:
         self.bar = tqdm(total=total, desc="reproduce", unit="stage", dynamic_ncols=True)
         self.seconds: dict[str, float] = {}
         self.costs: dict[str, float] = {}
+        self.widths: dict[str, int] = {}  # the tasks that hold more than one core: how many
         self.last, self.wall = time.time(), wall
 
     def done(self, name: str, stages: int = 1):
@@ -181,16 +182,20 @@ class Clock:
         atomic_write(path, json.dumps({"wall": round(time.time() - mark[0], 1), **facts,
                                        "seconds": {k: v for k, v in self.seconds.items() if k not in mark[1]},
                                        "costs": {k[len(prefix):]: v for k, v in self.costs.items()
-                                                 if k.startswith(prefix)}}, indent=1))
+                                                 if k.startswith(prefix)},
+                                       "widths": {k[len(prefix):]: v for k, v in self.widths.items()
+                                                  if k.startswith(prefix)}}, indent=1))
 
     @contextmanager
-    def task(self, name: str, wall: bool = False):
-        """Records the cost of the work done in this process inside the `with` block as task `name`. `wall`: its wall
-        seconds instead, for a task whose work runs in rank processes (ranks.launch) that hold the cores it needs
-        while nothing else runs: this process's own CPU time would leave their work out."""
+    def task(self, name: str, cores: int = 1):
+        """Records the cost of the work done in this process inside the `with` block as task `name`. `cores` > 1: the
+        work runs in that many rank processes (ranks.launch), one core each, while nothing else runs; the task then
+        costs its wall seconds on that many cores (this process's own CPU time would leave their work out)."""
         t, c = time.time(), time.process_time()
         yield
-        self.add(name, time.time() - t if self.wall or wall else time.process_time() - c)
+        self.add(name, time.time() - t if self.wall or cores > 1 else time.process_time() - c)
+        if cores > 1:
+            self.widths[name] = cores
 
     def add(self, name: str, seconds: float):
         """`seconds` more of task `name`'s cost (a task may run in parts)."""
@@ -307,10 +312,13 @@ def critical_path(graph: dict[str, tuple], cost: dict[str, float]) -> tuple[floa
     return max(best.values(), key=lambda x: x[0], default=(0.0, []))
 
 
-def list_schedule(graph: dict[str, tuple], cost: dict[str, float], cores: int) -> float:
-    """The wall of a greedy list schedule on `cores` cores, one task per core: whenever a core is free it takes the
-    ready task with the longest chain still ahead of it (critical path first). A prediction from the measured costs,
-    for a machine whose cores are as fast as the ones measured."""
+def list_schedule(graph: dict[str, tuple], cost: dict[str, float], cores: int, width: dict | None = None) -> float:
+    """The wall of a greedy list schedule on `cores` cores: whenever cores are free they take the ready task with the
+    longest chain still ahead of it (critical path first) that fits. A task holds one core, or width[t] (rank
+    processes; on fewer cores than that its chunks run in turn, as ranks.launch does, for width[t] / cores as long). A
+    prediction from the measured costs, for a machine whose cores are as fast as the ones measured."""
+    need = {t: min((width or {}).get(t, 1), cores) for t in graph}
+    cost = {t: cost.get(t, 0.0) * (width or {}).get(t, 1) / need[t] for t in graph}
     users = {t: [u for u in graph if t in graph[u]] for t in graph}
     ahead: dict[str, float] = {}
     for t in reversed(order(graph)):  # the longest chain from t to the end, t included
@@ -319,12 +327,13 @@ def list_schedule(graph: dict[str, tuple], cost: dict[str, float], cores: int) -
     ready, running, now, free = [t for t in graph if not graph[t]], [], 0.0, cores
     while ready or running:
         ready.sort(key=lambda t: -ahead[t])
-        while free and ready:
-            t = ready.pop(0)
-            heapq.heappush(running, (now + cost.get(t, 0.0), t))
-            free -= 1
+        for t in list(ready):
+            if need[t] <= free:
+                ready.remove(t)
+                heapq.heappush(running, (now + cost[t], t))
+                free -= need[t]
         now, t = heapq.heappop(running)
-        free += 1
+        free += need[t]
         for u in users[t]:
             left[u] -= 1
             if not left[u]:

@@ -386,6 +386,12 @@ def test_critical_path_and_list_schedule_on_a_hand_made_graph():
     # two cores: vq beside world, then dm first (6 s of syn after it), wm beside it, wm2 beside syn
     assert list_schedule(graph, cost, 2) == 10 + 5 + 6 + 6 + 1
     assert list_schedule(graph, cost, 3) == 28  # enough cores: the critical path
+    # vq as 2 rank processes (its cost: the wall on 2 cores): on 2 cores nothing runs beside it, world after it; on one
+    # core its 2 chunks run in turn, twice as long
+    width = {"vq": 2}
+    assert list_schedule(graph, cost, 2, width) == 10 + 2 + 5 + 6 + 6 + 1
+    assert list_schedule(graph, cost, 1, width) == sum(cost.values()) + 10
+    assert list_schedule(graph, cost, 4, width) == 28
     assert critical_path({}, {}) == (0.0, [])
 
 
@@ -402,9 +408,9 @@ def test_clock_counts_work_done_in_rank_processes():
     clock = Clock(total=2)
     with clock.task("own CPU"):
         subprocess.run(busy, check=True)
-    with clock.task("ranks", wall=True):
+    with clock.task("ranks", cores=2):
         subprocess.run(busy, check=True)
-    assert clock.costs["own CPU"] < 0.2 and clock.costs["ranks"] >= 0.5
+    assert clock.costs["own CPU"] < 0.2 and clock.costs["ranks"] >= 0.5 and clock.widths == {"ranks": 2}
 
 
 @pytest.mark.slow
