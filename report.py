@@ -664,7 +664,8 @@ def dose_response(outs: list[str], png: str) -> list[str]:
 # Your run against the reference run of its arithmetic (committed under docs/reference/)
 
 REFERENCE_DIR = os.path.join(HERE, "docs", "reference")
-NOT_SETTINGS = ("out", "jobs", "threads", "replicates", "device", "curve_every")  # change the wall time, not numbers
+NOT_SETTINGS = ("out", "jobs", "threads", "replicates", "replicate", "pool", "device", "curve_every")  # change the
+# wall time, or which replicates one invocation runs or pools, not numbers
 
 
 def reference_name(config: dict) -> str:
@@ -809,11 +810,11 @@ def file_lines() -> list[str]:
     return L + ["", f"Method files: {totals['method']:,} lines; harness files: {totals['harness']:,} lines."]
 
 
-def references() -> list[tuple[str, dict]]:
-    """The committed reference runs, bf16 before fp32."""
+def references(preset: str = "") -> list[tuple[str, dict]]:
+    """The committed reference runs (of `preset` only, when given), bf16 before fp32."""
     names = sorted(os.listdir(REFERENCE_DIR)) if os.path.isdir(REFERENCE_DIR) else []
     return [(n, load_reference(n)) for n in sorted(names, key=lambda n: ("float32" in n, n))
-            if os.path.exists(os.path.join(REFERENCE_DIR, n, "results.json.gz"))]
+            if os.path.exists(os.path.join(REFERENCE_DIR, n, "results.json.gz")) and n.startswith(preset)]
 
 
 def short_dtype(name: str) -> str:
@@ -821,7 +822,7 @@ def short_dtype(name: str) -> str:
 
 
 def results_lines() -> list[str]:
-    refs = references()
+    refs = references("laptop-")
     if not refs:
         return ["No reference run is committed yet (docs/reference/)."]
     head = "| | " + " | ".join(f"{short_dtype(n)} reference" for n, _ in refs) + " |"
@@ -850,7 +851,7 @@ def results_lines() -> list[str]:
 
 def stage_time_lines() -> list[str]:
     """The bf16 reference's stage table (from its report.md), in minutes."""
-    refs = references()
+    refs = references("laptop-")
     if not refs:
         return ["No reference run is committed yet (docs/reference/)."]
     name, ref = refs[0]
@@ -860,6 +861,25 @@ def stage_time_lines() -> list[str]:
     L += [f"| {stage} | {int(sec) / 60:.1f} |" for stage, sec in rows]
     note = f" ({ref['machine']['wall_note']})" if ref["machine"].get("wall_note") else ""
     return L + [f"| whole job{note} | {ref['seconds'] / 60:.1f} |"]
+
+
+def class_lines() -> list[str]:
+    """The class preset's reference run, in brief: what a lab session's run takes and shows."""
+    refs = references("class-")
+    if not refs:
+        return ["No reference run of the class preset is committed yet (docs/reference/)."]
+    name, r = refs[0]
+    R, find = r["replicates"][0]["R"], {(f["what"], f["a"]): f for f in r["findings"]}
+    cell = lambda f: f"{f['diff']:+.2f} [{f['lo']:+.2f}, {f['hi']:+.2f}], **{verdict(f)}**"
+    rows = [("run", f"`{r['machine']['command']}`, {r['machine']['cpu']}, {r['seconds'] / 60:.1f} min"
+                    + (f" ({r['machine']['wall_note']})" if r["machine"].get("wall_note") else "")),
+            ("the DM's action accuracy on test (greedy)", f"{R['dm']['action_acc']:.2f}"),
+            ("DM-verified best-of-8 over N = 1 (C-FT, score)",
+             cell(find[("DM-verified best-of-8 improves C-FT over N=1", "C-FT, N=8")])),
+            ("the DM's pick over a random pick of the same 8 (C-FT, score)",
+             cell(find[("the DM picks better than chance among 8 candidates (C-FT)", "DM pick of 8")]))]
+    return [f"| class preset reference (`docs/reference/{name}/`) | |", "|---|---|",
+            *[f"| {a} | {b} |" for a, b in rows]]
 
 
 def results_doc() -> str:
@@ -877,7 +897,7 @@ def results_doc() -> str:
 def render_readme(text: str) -> str:
     """README.md with every generated block between its BEGIN and END markers replaced by the current render."""
     blocks = {"code-map": code_map_lines, "results": results_lines, "stage-times": stage_time_lines,
-              "files": file_lines}
+              "class-preset": class_lines, "files": file_lines}
     for name, fn in blocks.items():
         pat = re.compile(rf"(<!-- BEGIN {name}[^\n]*-->\n)(.*?)(<!-- END {name} -->)", re.S)
         if not pat.search(text):
