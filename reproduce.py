@@ -597,7 +597,9 @@ STAGE_KEYS = {
     "vq": VQ_KEYS,
     "bpe": ("n_train", "n_val", "n_test", "n_comp", "n_captions", "bpe_vocab", "vq_codes"),  # train and captions
     # avoid the evaluation splits' scenes, so those sizes shape its text too
-    "pretrain": SHARED_KEYS, "image_head": SHARED_KEYS, "card": SHARED_KEYS + ("temperature",),
+    # pre-training does not read the image-head stage's settings: cells differing only there share it
+    "pretrain": tuple(k for k in SHARED_KEYS if not k.startswith("image_head_")), "image_head": SHARED_KEYS,
+    "card": SHARED_KEYS + ("temperature",),
     **dict.fromkeys(("arms", "wm_oracle", "wm_shuffled"), FT_KEYS + BOOT_KEYS),
     "locality": VQ_KEYS + ("n_train", "n_videos", "n_captions"),  # the VQ codes of the train pairs
     "eq2_select": FT_KEYS + ("eq2_select",),

@@ -134,8 +134,10 @@ def test_premise_flags_change_only_the_hashes_they_should(tmp_path):
     assert {n: base.hash(n) for n in before} == before
     for kw in (dict(gen_share=0.1), dict(narrations=100), dict(image_head_steps=10)):
         s = Stages(tmp_path, dataclasses.replace(ReproConfig(), **kw))
-        assert all(s.hash(n) != base.hash(n) for n in ("pretrain", "dm", "wm_ce", "finetune", "card"))
+        assert all(s.hash(n) != base.hash(n) for n in ("image_head", "dm", "wm_ce", "finetune", "card"))
         assert all(s.hash(n) == base.hash(n) for n in ("vq", "bpe")), kw
+        # pre-training reads the share and the narrations, not the image-head stage's settings
+        assert (s.hash("pretrain") == base.hash("pretrain")) == ("image_head_steps" in kw), kw
     for kw in (dict(lora_r=1), dict(wm_steps_ratio=4), dict(withhold="green circle")):
         s = Stages(tmp_path, dataclasses.replace(ReproConfig(), **kw))
         assert all(s.hash(n) != base.hash(n) for n in ("dm", "wm_ce", "finetune")), kw
