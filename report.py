@@ -88,6 +88,18 @@ def verdict(iv: dict) -> str:
     return "not shown"
 
 
+def solved(S: list[dict]) -> tuple[list[list[float]], list[list[float]]]:
+    """Finding 1 on one footing: the share of items each model solves (DM: its action is valid; WM: judge success
+    10), both sampled at the same temperature, on the same items (the DM is scored on items with a target, which all
+    test items have). Returns (DM, C-FT), each [replicate][item] in the test order."""
+    dm = [[float(rec["correct"]) for rec in r["items"]["dm_sampled"]] for r in S]
+    wm = []
+    for r in S:
+        ids = {rec["id"] for rec in r["items"]["dm_sampled"]}
+        wm.append([float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in ids])
+    return dm, wm
+
+
 def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
     """The report's contrasts, paired item by item over the test items and the replicates: (what, metric, arm A,
     arm B, their per-replicate per-item values)."""
@@ -97,14 +109,7 @@ def contrasts(S: list[dict], ns: list[int]) -> list[dict]:
         return [[rec.get(metric, float("nan")) for rec in (r["items"]["wm"][name] if n is None else
                                                            r["items"]["search"][name][n])] for r in S]
 
-    # Finding 1 on one footing: the share of items each model solves (DM: its action is valid; WM: judge success
-    # 10), both sampled at the same temperature, on the same items (the DM is scored on items with a target, which
-    # all test items have)
-    dm = [[float(rec["correct"]) for rec in r["items"]["dm_sampled"]] for r in S]
-    wm_solved = []
-    for r in S:
-        ids = {rec["id"] for rec in r["items"]["dm_sampled"]}
-        wm_solved.append([float(rec.get("success") == 10) for rec in r["items"]["wm"]["C-FT"] if rec["id"] in ids])
+    dm, wm_solved = solved(S)
     rows = [("the DM solves more items than the WM (C-FT) learns to", "solved", "DM", "WM (C-FT)", dm, wm_solved),
             ("synthetic data (CE loss) improves the WM", "score", "labelled + synthetic", "C-FT",
              wm("labelled + synthetic"), wm("C-FT")),
@@ -639,25 +644,68 @@ def premise_sections(cfg, reps: list[dict], ns: list[int]) -> list[str]:
     return L + power_section(S, ns) + (arms_section(S) if all("arms" in r for r in S) else [])
 
 
-def dose_response(outs: list[str], png: str) -> list[str]:
-    """Finding 1 as a dose-response (docs/experiments/premise_criteria.md): one reproduce.py output folder per cell
-    (a generation share x an adaptation), read from its results.json; returns a Markdown table of the DM - WM gap in
-    solved test items per cell (paired interval, verdict, the measured generation share from the foundation cards)
-    and draws the gap against the measured share, one line per adaptation, to `png` (bands: +- one standard error)."""
-    rows, series = [], {}
-    for out in outs:
-        with open(os.path.join(out, "results.json")) as f:
-            res = json.load(f)
+def read_results(path: str) -> dict:
+    """A run's results.json, or a committed one (results.json.gz); a folder means its results.json."""
+    path = os.path.join(path, "results.json") if os.path.isdir(path) else path
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def stage_hash(res: dict, r: int, stage: str) -> str | None:
+    """Replicate r's sha256 of a stage's output, from the provenance ("data 69b3... pretrain b163... ...")."""
+    words = res.get("provenance", {}).get("stage_hashes", {}).get(f"rep{r}", "").split()
+    return dict(zip(words[::2], words[1::2])).get(stage)
+
+
+def dose_response(cells: list[str], png: str | None) -> list[str]:
+    """Finding 1 as a dose-response (docs/experiments/premise_criteria.md): one reproduce.py run per cell (a
+    generation share x an adaptation; its folder or results.json[.gz]). Returns Markdown: the DM - WM gap in solved
+    test items per cell (paired interval, verdict, the measured generation share from the foundation cards), then the
+    differences between cells' gaps that the design's expectations name (within an adaptation, each share against the
+    next higher one; at a share, LoRA against full fine-tuning), paired item by item where the cells share their
+    worlds (the same test items), with the smallest difference they could show (MDE). Draws the gap against the
+    measured share, one line per adaptation, to `png` if given (bands: +- one standard error). A run made before the
+    card existed takes the generation share of a cell whose pre-trained model is the same file (the same sha256)."""
+    runs = [read_results(c) for c in cells]
+    shares = {stage_hash(res, r, "pretrain"): rep["card"]["gen_share"] for res in runs
+              for r, rep in enumerate(res["replicates"]) if rep.get("card")}
+    rows, series, gaps = [], {}, []
+    for cell, res in zip(cells, runs):
         cfg, (c,) = res["config"], [c for c in res["findings"] if c["metric"] == "solved"][:1]
-        share = statistics.fmean(rep["card"]["gen_share"] for rep in res["replicates"])
+        share = statistics.fmean(rep["card"]["gen_share"] if rep.get("card") else
+                                 shares.get(stage_hash(res, r, "pretrain"), math.nan)
+                                 for r, rep in enumerate(res["replicates"]))  # nan: no card tells it
         adapt = f"LoRA r={cfg['lora_r']}" if cfg.get("lora_r") else "full fine-tuning"
-        rows.append(f"| {out} | {share:.2f} | {adapt} | {len(res['replicates'])} | {c['mean_a']:.2f} | "
-                    f"{c['mean_b']:.2f} | {c['diff']:+.2f} | [{c['lo']:+.2f}, {c['hi']:+.2f}] | {verdict(c)} |")
+        rows.append(f"| {cell} | {'unknown' if math.isnan(share) else f'{share:.2f}'} | {adapt} | "
+                    f"{len(res['replicates'])} | {c['mean_a']:.2f} | {c['mean_b']:.2f} | {c['diff']:+.2f} | "
+                    f"[{c['lo']:+.2f}, {c['hi']:+.2f}] | {verdict(c)} |")
+        if math.isnan(share):
+            continue  # neither drawn nor paired
         series.setdefault(adapt, []).append((round(100 * share), c["diff"], (c["hi"] - c["lo"]) / (2 * Z95)))
-    curve_png({k: sorted(v) for k, v in series.items()}, png, "DM - WM solved", xlog=False,
-              title="finding 1: DM - WM solved (test) vs generation share of pre-training (%)")
-    return ["| cell | generation share | adaptation | replicates | DM solved | WM solved | DM − WM | 95% interval "
-            "| verdict |", "|---|---|---|---|---|---|---|---|---|", *rows, "", f"![dose-response]({png})", ""]
+        S = [rep["R"] for rep in res["replicates"] if "R" in rep]  # per-item records (absent: no paired differences)
+        worlds = [stage_hash(res, r, "data") for r in range(len(res["replicates"]))]
+        gaps.append((round(share, 2), adapt, worlds, [[x - y for x, y in zip(*p)] for p in zip(*solved(S))]
+                     if S else None))
+    if png and series:
+        curve_png({k: sorted(v) for k, v in series.items()}, png, "DM - WM solved", xlog=False,
+                  title="finding 1: DM - WM solved (test) vs generation share of pre-training (%)")
+    pairs = [(a, b) for a in gaps for b in gaps if a[1] == b[1] and a[0] < b[0]
+             and not any(a[1] == c[1] and a[0] < c[0] < b[0] for c in gaps)]  # adjacent shares, one adaptation
+    pairs += [(a, b) for a in gaps for b in gaps if a[0] == b[0] and a[1] != b[1] and b[1] == "full fine-tuning"]
+    diffs = []
+    for a, b in pairs:
+        if a[3] is None or b[3] is None or a[2] != b[2] or None in a[2]:  # not on the same worlds' items
+            continue
+        iv = paired_interval(a[3], b[3])
+        diffs.append(f"| gap({a[0]:.2f}, {a[1]}) − gap({b[0]:.2f}, {b[1]}) | {len(a[3])} | {iv['diff']:+.2f} | "
+                     f"[{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {POWER80 * (iv['hi'] - iv['lo']) / (2 * Z95):.2f} | "
+                     f"{verdict(iv)} |")
+    L = ["| cell | generation share | adaptation | replicates | DM solved | WM solved | DM − WM | 95% interval "
+         "| verdict |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    if diffs:
+        L += ["| difference of gaps | replicates | A − B | 95% interval | MDE | verdict |",
+              "|---|---|---|---|---|---|", *diffs, ""]
+    return L
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -678,8 +726,7 @@ def load_reference(name: str) -> dict | None:
     path = os.path.join(REFERENCE_DIR, name, "results.json.gz")
     if not os.path.exists(path):
         return None
-    with gzip.open(path, "rt") as f:
-        res = json.load(f)
+    res = read_results(path)
     with open(os.path.join(REFERENCE_DIR, name, "machine.json")) as f:
         res["machine"] = json.load(f)
     if "seconds" not in res:  # a run from before results.json kept its wall time: its report's first lines say it
@@ -894,16 +941,49 @@ def results_doc() -> str:
     return "\n".join(L)
 
 
-def render_readme(text: str) -> str:
-    """README.md with every generated block between its BEGIN and END markers replaced by the current render."""
-    blocks = {"code-map": code_map_lines, "results": results_lines, "stage-times": stage_time_lines,
-              "class-preset": class_lines, "files": file_lines}
+def render_blocks(text: str, blocks: dict, where: str) -> str:
+    """`text` (the file `where`) with every generated block between its BEGIN and END markers replaced by the current
+    render: blocks, name -> the function giving its lines."""
     for name, fn in blocks.items():
         pat = re.compile(rf"(<!-- BEGIN {name}[^\n]*-->\n)(.*?)(<!-- END {name} -->)", re.S)
         if not pat.search(text):
-            raise UserError(f"README.md: no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
+            raise UserError(f"{where}: no <!-- BEGIN {name} --> ... <!-- END {name} --> block")
         text = pat.sub(lambda m, fn=fn: m.group(1) + "\n".join(fn()) + "\n" + m.group(3), text)
     return text
+
+
+def render_readme(text: str) -> str:
+    """README.md with its generated blocks rendered."""
+    return render_blocks(text, {"code-map": code_map_lines, "results": results_lines, "stage-times": stage_time_lines,
+                                "class-preset": class_lines, "files": file_lines}, "README.md")
+
+
+# The dose-response's cells run so far (docs/experiments/premise_criteria.md, addendum 3): each run's results.json,
+# committed compressed with its per-item records; today's share with full fine-tuning is the bf16 reference run
+DOSE_CELLS = ("docs/experiments/dose/share10_lora.json.gz", "docs/experiments/dose/share40_lora.json.gz",
+              "docs/experiments/dose/share69_lora.json.gz", "docs/reference/laptop-bfloat16/results.json.gz")
+DOSE_PNG = "docs/experiments/dose/dose_response.png"
+
+
+def dose_lines(png: str | None = None) -> list[str]:
+    """docs/premise.md's dose-response block: report.dose_response over the committed cells (the PNG drawn to `png`
+    when given: python report.py draws it, --check does not)."""
+    cells = [c for c in DOSE_CELLS if os.path.exists(os.path.join(HERE, c))]
+    if not cells:
+        return ["No cell of the dose-response is committed yet."]
+    cwd = os.getcwd()
+    os.chdir(HERE)  # the table names each cell by its path in the repository
+    try:
+        L = dose_response(cells, png)
+    finally:
+        os.chdir(cwd)
+    drawn = os.path.exists(os.path.join(HERE, DOSE_PNG))
+    return L + ([f"![dose-response]({os.path.relpath(DOSE_PNG, 'docs')})"] if drawn else [])
+
+
+def render_premise(text: str, png: str | None = None) -> str:
+    """docs/premise.md with its generated block rendered."""
+    return render_blocks(text, {"dose-response": lambda: dose_lines(png)}, "docs/premise.md")
 
 
 @dataclass
@@ -913,8 +993,10 @@ class RenderConfig:
 
 def main(argv=None):
     cfg = parse_config(RenderConfig, argv, description="Render the README's generated blocks and docs/results.md.")
+    premise = os.path.join(HERE, "docs", "premise.md")
     targets = {os.path.join(HERE, "README.md"): render_readme(open(os.path.join(HERE, "README.md")).read()),
-               os.path.join(HERE, "docs", "results.md"): results_doc()}
+               os.path.join(HERE, "docs", "results.md"): results_doc(),
+               premise: render_premise(open(premise).read(), None if cfg.check else DOSE_PNG)}
     stale = [p for p, new in targets.items() if not os.path.exists(p) or open(p).read() != new]
     if cfg.check:
         print("up to date" if not stale else "differs from its render: " + ", ".join(stale))

@@ -1,6 +1,7 @@
 """Tests of the premise machinery: the pre-training's generation share and text corpus, the image-head stage, the
 foundation report card's measurements, the label arms' writers and the power lines (docs/premise.md)."""
 
+import gzip
 import json
 import os
 import random
@@ -204,6 +205,36 @@ def test_dose_response_reads_cells_and_draws(tmp_path):
     assert len([row for row in lines if row.startswith(f"| {tmp_path}")]) == 4
     assert "| 0.10 | LoRA r=1 | 3 |" in lines[5] and lines[5].endswith("| shown |")
     assert os.path.getsize(tmp_path / "dose.png") > 0
+
+
+def test_dose_response_pairs_cells_on_the_same_items(tmp_path):
+    """The differences of gaps the design names (within an adaptation, the next share; at a share, LoRA against full
+    fine-tuning), paired item by item; a run without a card takes the share of the cell with its pre-trained model."""
+    from report import dose_response
+
+    def cell(name, share, lora, dm, wm, card=True):  # dm, wm: per-item solved (0/1) on 100 shared test items
+        rep = {"R": {"items": {"dm_sampled": [{"id": f"t{i}", "correct": x} for i, x in enumerate(dm)],
+                               "wm": {"C-FT": [{"id": f"t{i}", "success": 10 * x} for i, x in enumerate(wm)]}}}}
+        if card:
+            rep["card"] = {"gen_share": share}
+        c = {"what": "the DM solves ...", "metric": "solved", "diff": 0.0, "lo": -0.1, "hi": 0.1,
+             "per_replicate": [0.0], "mean_a": 0.5, "mean_b": 0.5}
+        prov = {"stage_hashes": {"rep0": f"data w0 vqgan v0 pretrain p{share}"}}
+        path = tmp_path / f"{name}.json.gz"
+        with gzip.open(path, "wt") as f:
+            json.dump({"config": {"lora_r": lora}, "replicates": [rep], "findings": [c], "provenance": prov}, f)
+        return str(path)
+
+    half = [1] * 50 + [0] * 50
+    cells = [cell("low_lora", 0.1, 1, [1] * 100, [0] * 100), cell("today_lora", 0.69, 1, half, [0] * 100),
+             cell("today_full", 0.69, 0, [0] * 100, [0] * 100, card=False)]
+    lines = dose_response(cells, str(tmp_path / "dose.png"))
+    assert "| 0.69 | full fine-tuning | 1 |" in next(row for row in lines if "today_full" in row)
+    diffs = {row.split(" | ")[0]: row for row in lines if row.startswith("| gap(")}
+    assert set(diffs) == {"| gap(0.10, LoRA r=1) − gap(0.69, LoRA r=1)",
+                          "| gap(0.69, LoRA r=1) − gap(0.69, full fine-tuning)"}
+    for row in diffs.values():
+        assert "| 1 | +0.50 |" in row and row.endswith("| shown |")
 
 
 def test_withhold_flag_takes_object_types_and_verbs():

@@ -18,6 +18,8 @@ def test_readme_is_its_render():
     """Fails when code moved (line ranges, line counts) or a reference run changed without `python report.py`."""
     assert README == report.render_readme(README), "README.md differs from its render: run python report.py"
     assert open(os.path.join(ROOT, "docs", "results.md")).read() == report.results_doc(), "run python report.py"
+    premise = open(os.path.join(ROOT, "docs", "premise.md")).read()
+    assert premise == report.render_premise(premise), "docs/premise.md differs from its render: run python report.py"
 
 
 def test_eq2_is_a_minute_from_the_top():
