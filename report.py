@@ -683,23 +683,25 @@ def dose_response(cells: list[str], png: str | None) -> list[str]:
             continue  # neither drawn nor paired
         series.setdefault(adapt, []).append((round(100 * share), c["diff"], (c["hi"] - c["lo"]) / (2 * Z95)))
         S = [rep["R"] for rep in res["replicates"] if "R" in rep]  # per-item records (absent: no paired differences)
-        worlds = [stage_hash(res, r, "data") for r in range(len(res["replicates"]))]
-        gaps.append((round(share, 2), adapt, worlds, [[x - y for x, y in zip(*p)] for p in zip(*solved(S))]
-                     if S else None))
+        gaps.append({"share": round(share, 2), "adapt": adapt,  # gap: [replicate][item] DM solved - WM solved
+                     "worlds": [stage_hash(res, r, "data") for r in range(len(res["replicates"]))],
+                     "gap": [[x - y for x, y in zip(*p)] for p in zip(*solved(S))] if S else None})
     if png and series:
         curve_png({k: sorted(v) for k, v in series.items()}, png, "DM - WM solved", xlog=False,
                   title="finding 1: DM - WM solved (test) vs generation share of pre-training (%)")
-    pairs = [(a, b) for a in gaps for b in gaps if a[1] == b[1] and a[0] < b[0]
-             and not any(a[1] == c[1] and a[0] < c[0] < b[0] for c in gaps)]  # adjacent shares, one adaptation
-    pairs += [(a, b) for a in gaps for b in gaps if a[0] == b[0] and a[1] != b[1] and b[1] == "full fine-tuning"]
+    same = lambda a, b, c: a["adapt"] == c["adapt"] == b["adapt"]
+    pairs = [(a, b) for a in gaps for b in gaps if same(a, b, a) and a["share"] < b["share"]  # adjacent shares
+             and not any(same(a, b, c) and a["share"] < c["share"] < b["share"] for c in gaps)]
+    pairs += [(a, b) for a in gaps for b in gaps if a["share"] == b["share"] and a["adapt"] != b["adapt"]
+              and b["adapt"] == "full fine-tuning"]  # LoRA against full fine-tuning at one share
     diffs = []
     for a, b in pairs:
-        if a[3] is None or b[3] is None or a[2] != b[2] or None in a[2]:  # not on the same worlds' items
+        if not (a["gap"] and b["gap"]) or a["worlds"] != b["worlds"] or None in a["worlds"]:  # not the same items
             continue
-        iv = paired_interval(a[3], b[3])
-        diffs.append(f"| gap({a[0]:.2f}, {a[1]}) − gap({b[0]:.2f}, {b[1]}) | {len(a[3])} | {iv['diff']:+.2f} | "
-                     f"[{iv['lo']:+.2f}, {iv['hi']:+.2f}] | {POWER80 * (iv['hi'] - iv['lo']) / (2 * Z95):.2f} | "
-                     f"{verdict(iv)} |")
+        iv = paired_interval(a["gap"], b["gap"])
+        diffs.append(f"| gap({a['share']:.2f}, {a['adapt']}) − gap({b['share']:.2f}, {b['adapt']}) | {len(a['gap'])} | "
+                     f"{iv['diff']:+.2f} | [{iv['lo']:+.2f}, {iv['hi']:+.2f}] | "
+                     f"{POWER80 * (iv['hi'] - iv['lo']) / (2 * Z95):.2f} | {verdict(iv)} |")
     L = ["| cell | generation share | adaptation | replicates | DM solved | WM solved | DM − WM | 95% interval "
          "| verdict |", "|---|---|---|---|---|---|---|---|---|", *rows, ""]
     if diffs:
