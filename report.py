@@ -657,7 +657,7 @@ def stage_hash(res: dict, r: int, stage: str) -> str | None:
     return dict(zip(words[::2], words[1::2])).get(stage)
 
 
-def dose_response(cells: list[str], png: str | None) -> list[str]:
+def dose_response(cells: list[str], png: str | None, names: list[str] | None = None) -> list[str]:
     """Finding 1 as a dose-response (docs/experiments/premise_criteria.md): one reproduce.py run per cell (a
     generation share x an adaptation; its folder or results.json[.gz]). Returns Markdown: the DM - WM gap in solved
     test items per cell (paired interval, verdict, the measured generation share from the foundation cards), then the
@@ -665,12 +665,13 @@ def dose_response(cells: list[str], png: str | None) -> list[str]:
     next higher one; at a share, LoRA against full fine-tuning), paired item by item where the cells share their
     worlds (the same test items), with the smallest difference they could show (MDE). Draws the gap against the
     measured share, one line per adaptation, to `png` if given (bands: +- one standard error). A run made before the
-    card existed takes the generation share of a cell whose pre-trained model is the same file (the same sha256)."""
+    card existed takes the generation share of a cell whose pre-trained model is the same file (the same sha256).
+    `names`: how the table names the cells (default: as given)."""
     runs = [read_results(c) for c in cells]
     shares = {stage_hash(res, r, "pretrain"): rep["card"]["gen_share"] for res in runs
               for r, rep in enumerate(res["replicates"]) if rep.get("card")}
     rows, series, gaps = [], {}, []
-    for cell, res in zip(cells, runs):
+    for cell, res in zip(names or cells, runs):
         cfg, (c,) = res["config"], [c for c in res["findings"] if c["metric"] == "solved"][:1]
         share = statistics.fmean(rep["card"]["gen_share"] if rep.get("card") else
                                  shares.get(stage_hash(res, r, "pretrain"), math.nan)
@@ -689,9 +690,10 @@ def dose_response(cells: list[str], png: str | None) -> list[str]:
     if png and series:
         curve_png({k: sorted(v) for k, v in series.items()}, png, "DM - WM solved", xlog=False,
                   title="finding 1: DM - WM solved (test) vs generation share of pre-training (%)")
-    same = lambda a, b, c: a["adapt"] == c["adapt"] == b["adapt"]
-    pairs = [(a, b) for a in gaps for b in gaps if same(a, b, a) and a["share"] < b["share"]  # adjacent shares
-             and not any(same(a, b, c) and a["share"] < c["share"] < b["share"] for c in gaps)]
+    pairs = []
+    for adapt in dict.fromkeys(g["adapt"] for g in gaps):  # within an adaptation, each share against the next higher
+        ladder = sorted((g for g in gaps if g["adapt"] == adapt), key=lambda g: g["share"])
+        pairs += [(a, b) for a, b in zip(ladder, ladder[1:]) if a["share"] < b["share"]]
     pairs += [(a, b) for a in gaps for b in gaps if a["share"] == b["share"] and a["adapt"] != b["adapt"]
               and b["adapt"] == "full fine-tuning"]  # LoRA against full fine-tuning at one share
     diffs = []
@@ -973,12 +975,7 @@ def dose_lines(png: str | None = None) -> list[str]:
     cells = [c for c in DOSE_CELLS if os.path.exists(os.path.join(HERE, c))]
     if not cells:
         return ["No cell of the dose-response is committed yet."]
-    cwd = os.getcwd()
-    os.chdir(HERE)  # the table names each cell by its path in the repository
-    try:
-        L = dose_response(cells, png)
-    finally:
-        os.chdir(cwd)
+    L = dose_response([os.path.join(HERE, c) for c in cells], png, names=cells)  # named by the repository's paths
     drawn = os.path.exists(os.path.join(HERE, DOSE_PNG))
     return L + ([f"![dose-response]({os.path.relpath(DOSE_PNG, 'docs')})"] if drawn else [])
 
@@ -990,15 +987,17 @@ def render_premise(text: str, png: str | None = None) -> str:
 
 @dataclass
 class RenderConfig:
-    check: bool = False  # only compare README.md and docs/results.md with their render: exit 1 when they differ
+    check: bool = False  # only compare README.md, docs/results.md and docs/premise.md with their render: exit 1 when
+    # they differ
 
 
 def main(argv=None):
-    cfg = parse_config(RenderConfig, argv, description="Render the README's generated blocks and docs/results.md.")
+    cfg = parse_config(RenderConfig, argv, description="Render the README's generated blocks, docs/results.md and "
+                       "docs/premise.md's.")
     premise = os.path.join(HERE, "docs", "premise.md")
     targets = {os.path.join(HERE, "README.md"): render_readme(open(os.path.join(HERE, "README.md")).read()),
                os.path.join(HERE, "docs", "results.md"): results_doc(),
-               premise: render_premise(open(premise).read(), None if cfg.check else DOSE_PNG)}
+               premise: render_premise(open(premise).read(), None if cfg.check else os.path.join(HERE, DOSE_PNG))}
     stale = [p for p, new in targets.items() if not os.path.exists(p) or open(p).read() != new]
     if cfg.check:
         print("up to date" if not stale else "differs from its render: " + ", ".join(stale))
